@@ -29,6 +29,13 @@ import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
+# jaxlib 0.10.2 on CPU runs batched LAPACK calls (here: the QR of orthogonal initialisation, batched by
+# the vmap over seeds) as tasks on XLA's intra-op thread pool, whose size is the number of cores; when
+# every pool thread waits inside such a call the run deadlocks at 0% CPU (seen with 2 cores, 2 seeds and
+# the Brax networks). A pool of at least 16 threads leaves spare threads. Must be set before JAX starts
+# its CPU backend; it does nothing on GPU.
+os.environ.setdefault("NPROC", "16")
+
 import flax.linen as nn
 import flax.serialization
 import jax

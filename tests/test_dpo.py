@@ -135,8 +135,9 @@ def test_pendulum_learns_above_random():
     out, returns = train_and_evaluate(args)
     # Random torques on Pendulum-v1 return about -1200 on average; swinging up and holding is above -600.
     assert returns.mean() > -600, returns
-    curve = np.asarray(out.metrics["episodic_return"]).mean(0)
-    assert curve[-5:].mean() > curve[:5].mean() + 300
+    curve = np.asarray(out.metrics["episodic_return"]).mean(0)  # NaN until the first episodes end
+    finite = curve[np.isfinite(curve)]
+    assert finite[-5:].mean() > finite[:5].mean() + 300, finite
 
 
 def test_same_seed_gives_identical_numbers():
@@ -184,7 +185,7 @@ def check_run_dir(run_dir, env_id):
 
 @pytest.mark.parametrize("env_flags", [
     ("--env-id", "ant", "--backend", "spring", "--num-envs", "16", "--num-unrolls", "2", "--num-minibatches", "4",
-     "--total-timesteps", "480", "--episode-length", "50", "--actor-hidden", "16", "--critic-hidden", "16"),
+     "--total-timesteps", "480", "--episode-length", "50"),
     ("--env-id", "Breakout-MinAtar", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", "512"),
     ("--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "512"),
 ], ids=["brax-ant", "minatar-breakout", "pendulum"])
