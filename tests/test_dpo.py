@@ -68,11 +68,14 @@ def test_ppo_drift_makes_the_objective_ppo_clip():
 
 
 def test_dpo_objective_differs_from_ppo_where_the_paper_says():
-    # Rollback: for A < 0 and r < 1 - ε PPO's gradient in r is 0, DPO's pushes r back up (∂L/∂r < 0).
+    # Rollback: for A < 0 and r < 1 - ε PPO's loss is flat in r, DPO's pushes r back up towards 1:
+    # ∂L/∂r = -A + ∂f/∂r = 1 - 2·(1 - sech²(ln 2 / 0.6)) ≈ -0.34 < 0, so gradient descent raises r.
     grad_loss = jax.grad(lambda r, a, d: dpo.actor_loss(r[None], a[None], d))
     r, a = jnp.float32(0.5), jnp.float32(-1.0)
     assert float(grad_loss(r, a, dpo.ppo_drift)) == 0.0
-    assert float(grad_loss(r, a, dpo.dpo_drift)) > 0.0  # minimising the loss then raises r towards 1
+    expected = 1.0 - 2.0 * (1.0 - 1.0 / math.cosh(math.log(2.0) / 0.6) ** 2)
+    assert float(grad_loss(r, a, dpo.dpo_drift)) == pytest.approx(expected, abs=1e-5)
+    assert expected < 0.0
 
 
 # ---------------------------------------------------------------------------------------------
