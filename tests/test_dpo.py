@@ -251,3 +251,27 @@ def test_cli_error_has_no_traceback_and_comes_before_compiling():
     assert "Traceback" not in proc.stderr and "compiled" not in proc.stdout
     assert proc.stderr.strip().splitlines() == [
         "error: batch num_envs × num_steps × num_unrolls = 3 × 5 × 1 = 15 does not divide into --num-minibatches 2"]
+
+
+SHARDED_RUN = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np, dpo
+assert jax.device_count() == 2, jax.devices()
+args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
+keys, _ = dpo.seed_keys(args)
+out = dpo.over_devices(dpo.make_train(args), args.num_seeds)(keys)
+print(json.dumps(np.asarray(out.metrics["policy_loss"]).tolist()))
+"""
+
+
+def test_seeds_sharded_over_two_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN.format(root=ROOT)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
+    keys, _ = dpo.seed_keys(args)
+    single = np.asarray(jax.jit(jax.vmap(dpo.make_train(args)))(keys).metrics["policy_loss"])
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
