@@ -86,7 +86,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tensorboard: bool = False
-    """also write TensorBoard event files (tensorboardX) into the run directory"""
+    """also write TensorBoard event files (tensorboardX) into the run directory (per generation)"""
     num_eval_episodes: int = 10
     """episodes of the deterministic (mode-action) evaluation of a final policy (the fitness, and --eval-drift)"""
 
@@ -1065,6 +1065,18 @@ def run_meta_training(args: Args) -> str:
         plot_fitness_curve(os.path.join(run_dir, "fitness_curve.png"), rows, f"LPO on {args.env_id}")
         plot_drifts(os.path.join(run_dir, "drift.png"), named_drifts(args, best["net"], args.ppo_init, args.clip_coef))
 
+    writer = wandb_run = None
+    if args.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(run_dir)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise ArgsError("--track needs wandb: pip install wandb") from None
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
+                               name=os.path.basename(os.path.normpath(run_dir)), dir=run_dir, resume="allow")
     bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
                desc="generations", file=sys.stdout, mininterval=0)
     for g in bar:
@@ -1083,9 +1095,19 @@ def run_meta_training(args: Args) -> str:
             csv.writer(f).writerow([row[k] for k in GEN_FIELDS])
         bar.set_postfix(best=f"{row['best_fitness']:.1f}", mean=f"{row['mean_fitness']:.1f}", sigma=f"{sigma:.4f}",
                         sec=f"{row['seconds']:.1f}")
+        scalars = {f"es/{k}": row[k] for k in GEN_FIELDS[1:]}
+        if writer is not None:
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, g + 1)
+        if wandb_run is not None:
+            wandb_run.log(scalars, step=g + 1)
         if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
             checkpoint()
     bar.close()
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     summary = dict(env_id=args.env_id, drift="lpo" if args.ppo_init else "lpo-zero", num_generations=len(rows),
                    pop_size=args.pop_size, best_fitness=best["fitness"],
                    final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,

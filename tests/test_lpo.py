@@ -84,6 +84,15 @@ def test_meta_training_writes_run_dir_and_resume_reproduces_it(tmp_path):
         summary = json.load(f)
     assert summary["num_generations"] == 3 and summary["best_fitness"] == max(float(r["best_fitness"]) for r in rows)
 
+    # The learned drift transfers: fresh agents trained with it, with DPO and with PPO, in one run.
+    transfer = str(tmp_path / "transfer")
+    run_cli("--eval-drift", full, "--env-id", "CartPole-v1", "--total-timesteps", "4096", "--num-envs", "8",
+            "--num-seeds", "2", "--num-eval-episodes", "2", "--run-dir", transfer)
+    with open(os.path.join(transfer, "summary.json")) as f:
+        compared = json.load(f)
+    assert all(len(compared[name]["final_returns"]) == 2 for name in ("LPO", "DPO", "PPO"))
+    assert os.path.getsize(os.path.join(transfer, "learning_curves.png")) > 0
+
     run_cli(*TINY, "--num-generations", "1", "--run-dir", part)  # an interrupted run: one generation saved
     run_cli("--resume", part, "--num-generations", "3")
     assert read_generations(part) == rows  # bit-for-bit the uninterrupted run's fitnesses and σ
