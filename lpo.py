@@ -54,7 +54,7 @@ MINATAR_ENVS = (
 GYMNAX_ENVS = CLASSIC_ENVS + MINATAR_ENVS
 ENV_IDS = BRAX_ENVS + GYMNAX_ENVS
 BACKENDS = ("generalized", "positional", "spring", "mjx")
-DRIFTS = ("lpo", "dpo", "ppo")  # drift_id 0, 1, 2 in `drift_by_id`
+DRIFTS = ("lpo", "dpo", "ppo")  # DriftParams.drift_id 0, 1, 2 (see make_drift)
 FITNESS_SHAPINGS = ("centered_rank", "z_score")
 XI = 1e-6  # ξ of the LPO drift: the ReLU's margin that keeps f = 0 and ∂f/∂r = 0 at r = 1
 ACTIVATIONS = ("tanh", "relu", "swish")
@@ -70,7 +70,7 @@ class Args:
     num_seeds: int = 10
     """--eval-drift: training runs per drift, vmapped in one process (the paper reports 10)"""
     run_dir: Optional[str] = None
-    """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
+    """where to write results (default: runs/{env_id}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
     """continue meta-training from the last checkpoint of this run directory (its saved arguments are used;
     --num-generations may extend it)"""
@@ -104,8 +104,6 @@ class Args:
     """Brax: physics steps per agent step (default 1; reacher 4)"""
 
     # ---- the method ----
-    drift: str = "lpo"
-    """drift in the objective r·A - f(r, A) of the inner loop: lpo (the network), dpo (eq. 9) or ppo (eq. 6)"""
     ppo_init: bool = True
     """LPO: one hidden layer of 128 tanh units on top of PPO's drift (eq. 8); --no-ppo-init: LPO-Zero, two
     hidden layers of 256 ReLU units and no PPO term"""
@@ -225,7 +223,7 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check every value.
 
     Raises:
-        ArgsError: unknown env id, backend, drift or activation; a non-positive size; a batch
+        ArgsError: unknown env id, backend, fitness shaping or activation; a non-positive size; a batch
             (num_envs × num_steps × num_unrolls) that does not divide into --num-minibatches; fewer
             total timesteps than one batch; an odd population or one that does not divide over the devices.
     """
@@ -233,8 +231,6 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENV_IDS)}")
     if args.backend not in BACKENDS:
         raise ArgsError(f"unknown --backend {args.backend!r}; valid: {', '.join(BACKENDS)}")
-    if args.drift not in DRIFTS:
-        raise ArgsError(f"unknown --drift {args.drift!r}; valid: {', '.join(DRIFTS)}")
     if args.fitness_shaping not in FITNESS_SHAPINGS:
         raise ArgsError(f"unknown --fitness-shaping {args.fitness_shaping!r}; valid: {', '.join(FITNESS_SHAPINGS)}")
     if args.pop_size <= 0 or args.pop_size % 2:
@@ -1017,7 +1013,7 @@ def args_from_json(path: str) -> Args:
 
 
 def default_run_dir(args: Args) -> str:
-    return os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
+    return os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
 
 
 def run_meta_training(args: Args) -> str:
