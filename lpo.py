@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 # jaxlib 0.10.2 on CPU runs batched LAPACK calls (here: the QR of orthogonal initialisation, batched by
@@ -1153,7 +1154,9 @@ def run_eval_drift(args: Args) -> str:
     steps = (np.arange(curves.shape[-1]) + 1) * batch_size(args)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in zip(names, curves):
-        mean, std = np.nanmean(curve, axis=0), np.nanstd(curve, axis=0)
+        with warnings.catch_warnings():  # updates before any episode ended are NaN for every seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, std = np.nanmean(curve, axis=0), np.nanstd(curve, axis=0)
         ax.plot(steps, mean, label=name)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="environment steps (per seed)", ylabel="episodic return", title=f"{args.env_id}, {args.num_seeds} seeds")
