@@ -850,7 +850,7 @@ def make_member_fitness(args: Args) -> Callable:
 
 
 def make_generation(args: Args, es) -> Callable:
-    """generation(es_state, key) -> (es_state, fitness [pop_size]): ask, train every member, tell.
+    """generation(es_state, key) -> (es_state, population, fitness [pop_size]): ask, train every member, tell.
 
     The population axis is sharded over all JAX devices (jax.shard_map); each device trains its
     members, and only the fitnesses come back. Non-finite fitness (a diverged inner run) is ranked
@@ -870,7 +870,7 @@ def make_generation(args: Args, es) -> Callable:
         fitness = member_fitness(population, jax.random.split(key_runs, args.num_rollouts))
         loss = jnp.where(jnp.isfinite(fitness), -fitness, jnp.inf)
         es_state, _ = es.tell(key_tell, population, loss, es_state, es.default_params)
-        return es_state, fitness
+        return es_state, population, fitness
 
     return jax.jit(generation)
 
@@ -1079,8 +1079,7 @@ def run_meta_training(args: Args) -> str:
     for g in bar:
         t0 = time.time()
         sigma = float(es_state.std)
-        population = es.ask(jax.random.split(generation_key(args, g), 3)[0], es_state, es.default_params)[0]
-        es_state, fitness = generation(es_state, generation_key(args, g))
+        es_state, population, fitness = generation(es_state, generation_key(args, g))
         fitness = np.asarray(fitness)
         finite = np.where(np.isfinite(fitness), fitness, -np.inf)
         if finite.max() > best["fitness"]:

@@ -139,7 +139,7 @@ args = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", pop_size=4, num_generatio
                                  num_envs=8, num_eval_episodes=2))
 es = lpo.make_es(args)
 state = es.init(jax.random.PRNGKey(0), lpo.drift_template(args), es.default_params)
-_, fitness = lpo.make_generation(args, es)(state, lpo.generation_key(args, 0))
+_, _, fitness = lpo.make_generation(args, es)(state, lpo.generation_key(args, 0))
 print(json.dumps([jax.device_count()] + np.asarray(fitness).tolist()))
 """
 
@@ -165,7 +165,7 @@ def test_evolution_improves_the_drift_over_generation_zero():
     state = es.init(jax.random.PRNGKey(args.seed), lpo.drift_template(args), es.default_params)
     generation = lpo.make_generation(args, es)
     for g in range(args.num_generations):
-        state, _ = generation(state, lpo.generation_key(args, g))
+        state, _, _ = generation(state, lpo.generation_key(args, g))
     learned = es.get_mean(state)
 
     # Held-out inner-loop seeds (never used by the ES): the evolved mean drift against PPO, same seeds.
