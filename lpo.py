@@ -55,7 +55,6 @@ MINATAR_ENVS = (
 GYMNAX_ENVS = CLASSIC_ENVS + MINATAR_ENVS
 ENV_IDS = BRAX_ENVS + GYMNAX_ENVS
 BACKENDS = ("generalized", "positional", "spring", "mjx")
-DRIFTS = ("lpo", "dpo", "ppo")  # DriftParams.drift_id 0, 1, 2 (see make_drift)
 FITNESS_SHAPINGS = ("centered_rank", "z_score")
 XI = 1e-6  # ξ of the LPO drift: the ReLU's margin that keeps f = 0 and ∂f/∂r = 0 at r = 1
 ACTIVATIONS = ("tanh", "relu", "swish")
