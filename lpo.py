@@ -235,7 +235,7 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError(f"unknown --fitness-shaping {args.fitness_shaping!r}; valid: {', '.join(FITNESS_SHAPINGS)}")
     if args.pop_size <= 0 or args.pop_size % 2:
         raise ArgsError(f"--pop-size must be positive and even (antithetic pairs), got {args.pop_size}")
-    if args.pop_size % jax.device_count():
+    if args.eval_drift is None and args.pop_size % jax.device_count():  # only meta-training shards the population
         raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
     if args.num_generations is None:
         args = dataclasses.replace(args, num_generations=672)
