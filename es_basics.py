@@ -136,14 +136,14 @@ class Args:
 
 # Defaults for the None fields, by method and by kind of problem ("function" or "policy").
 FUNCTION_DEFAULTS = {
-    "cem": dict(pop_size=50, num_generations=200, sigma_init=1.0, elite_ratio=0.2, cem_noise=1e-8),
-    "cma-es": dict(pop_size=None, num_generations=200, sigma_init=1.0),  # pop None: 4 + ⌊3 ln n⌋ (Hansen)
-    "nes": dict(pop_size=50, num_generations=200, sigma_init=0.2, sigma_decay=0.98, sigma_limit=1e-3,
-                learning_rate=0.05, lr_decay=0.98),
-    "openai-es": dict(pop_size=50, num_generations=200, sigma_init=0.2, sigma_decay=0.98, sigma_limit=1e-3,
-                      learning_rate=0.1, lr_decay=0.98, weight_decay=0.0),
-    "map-elites": dict(pop_size=50, num_generations=200, sigma_init=0.3),
-    "evosax": dict(pop_size=50, num_generations=200, sigma_init=1.0, sigma_decay=0.98, sigma_limit=1e-3,
+    "cem": dict(pop_size=50, num_generations=400, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
+    "cma-es": dict(pop_size=None, num_generations=400, sigma_init=1.0),  # pop None: 4 + ⌊3 ln n⌋ (Hansen)
+    "nes": dict(pop_size=50, num_generations=400, sigma_init=0.5, sigma_decay=0.99, sigma_limit=1e-3,
+                learning_rate=0.1, lr_decay=0.98),
+    "openai-es": dict(pop_size=50, num_generations=400, sigma_init=0.2, sigma_decay=0.99, sigma_limit=1e-3,
+                      learning_rate=0.1, lr_decay=0.99, weight_decay=0.0),
+    "map-elites": dict(pop_size=50, num_generations=400, sigma_init=0.3),
+    "evosax": dict(pop_size=50, num_generations=400, sigma_init=1.0, sigma_decay=0.98, sigma_limit=1e-3,
                    learning_rate=0.1),
 }
 POLICY_DEFAULTS = {
