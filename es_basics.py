@@ -188,8 +188,9 @@ def resolve_args(args: Args) -> Args:
     if args.backend not in BACKENDS:
         raise ArgsError(f"unknown --backend {args.backend!r}; valid: {', '.join(BACKENDS)}")
     on_function = args.problem in TEST_FUNCTIONS
-    filled = {k: v for k, v in (FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS)[family].items()
-              if getattr(args, k) is None}
+    defaults = (FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS)[
+        "cma-es" if args.algo == "evosax:CMA_ES" else family]  # evosax's CMA-ES runs the written-out one's setting
+    filled = {k: v for k, v in defaults.items() if getattr(args, k) is None}
     if on_function and args.num_dims is None:
         filled["num_dims"] = 3 if args.problem == "quadratic" else 10
     if args.normalize_observations is None:
