@@ -126,20 +126,14 @@ def test_map_elites_on_cartpole_fills_more_cells_than_random_policies():
 
 DEVICES = """
 import json, sys
-sys.path.insert(0, {root!r})
-import jax, numpy as np, es_basics as eb
+sys.path.insert(0, {tests!r})
+import jax, numpy as np
+from test_es_basics import run_generations
 results = {{}}
 for flags in [dict(algo="openai-es", problem="CartPole-v1", pop_size=8), dict(algo="cma-es", problem="sphere"),
               dict(algo="map-elites", problem="sphere", pop_size=8)]:
-    args = eb.resolve_args(eb.Args(num_generations=3, **flags))
-    problem = eb.make_problem(args)
-    method = eb.make_method(args, problem)
-    loop = eb.init_loop_state(args, problem, method)
-    generation = eb.make_generation(args, problem, method)
-    numbers = []
-    for g in range(args.num_generations):
-        loop, out = generation(loop, eb.generation_key(args.seed, g))
-        numbers += np.asarray(out.fitness).tolist() + [float(out.center_fitness)]
+    args, problem, method, loop, outputs = run_generations(num_generations=3, **flags)
+    numbers = [x for out in outputs for x in np.asarray(out.fitness).tolist() + [float(out.center_fitness)]]
     results[args.algo] = numbers + np.asarray(method.center(loop.es)).tolist()
 print(json.dumps([jax.device_count(), results]))
 """
@@ -149,7 +143,8 @@ def test_two_forced_host_devices_reproduce_one_device_exactly():
     results = []
     for count in (1, 2):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        proc = subprocess.run([sys.executable, "-c", DEVICES.format(root=ROOT)], capture_output=True, text=True,
+        script = DEVICES.format(tests=os.path.join(ROOT, "tests"))
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
