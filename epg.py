@@ -20,6 +20,7 @@ Example:
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -89,8 +90,8 @@ class Args:
     """Brax: environment steps before a time-limit truncation (default 1000; goal-reacher 200)"""
 
     # ---- the inner loop: one agent's lifetime ----
-    lifetime: Optional[int] = None
-    """environment steps in one agent's lifetime, across episodes (default 8192 = 64 × 128, the reference's)"""
+    lifetime: int = 8192
+    """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
     """N: steps of recent experience the loss's temporal convolutions read"""
     update_every: int = 64
@@ -139,14 +140,7 @@ class Args:
     """write a checkpoint every this many generations, and at the end"""
 
 
-FAMILY_DEFAULTS = {
-    "random-pendulum": dict(lifetime=8192, num_generations=500),
-    "goal-ant": dict(lifetime=8192, num_generations=500, episode_length=1000),
-    "dir-hopper": dict(lifetime=8192, num_generations=500, episode_length=1000),
-    "dir-cheetah": dict(lifetime=8192, num_generations=500, episode_length=1000),
-    "random-hopper": dict(lifetime=8192, num_generations=500, episode_length=1000),
-    "goal-reacher": dict(lifetime=8192, num_generations=500, episode_length=200),
-}
+EPISODE_LENGTHS = {"goal-reacher": 200}  # Brax families not listed here: 1000
 
 
 class ArgsError(ValueError):
@@ -154,7 +148,7 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with the task family's defaults and check every value.
+    """Fill the None fields with their defaults (episode length per task family) and check every value.
 
     Raises:
         ArgsError: unknown task family or backend; a non-positive size; a lifetime shorter than the
@@ -166,9 +160,10 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError(f"unknown --task-family {args.task_family!r}; valid: {', '.join(TASK_FAMILIES)}")
     if args.backend not in BACKENDS:
         raise ArgsError(f"unknown --backend {args.backend!r}; valid: {', '.join(BACKENDS)}")
-    filled = {k: v for k, v in FAMILY_DEFAULTS[args.task_family].items() if getattr(args, k) is None}
-    filled.setdefault("episode_length", args.episode_length or 1000)
-    args = dataclasses.replace(args, **filled)
+    if args.num_generations is None:
+        args = dataclasses.replace(args, num_generations=500)
+    if args.episode_length is None:
+        args = dataclasses.replace(args, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
                  "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
                  "num_seeds", "episode_length"):
@@ -356,9 +351,14 @@ class BraxTaskEnv:
 
 
 def make_env(args: Args):
-    """The environment of args.task_family (PendulumTaskEnv or BraxTaskEnv)."""
-    if args.task_family in BRAX_FAMILIES:
-        return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
+    """The environment of args.task_family (PendulumTaskEnv or BraxTaskEnv), built once per setting."""
+    return cached_env(args.task_family, args.backend, args.episode_length)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_env(task_family: str, backend: str, episode_length: int):
+    if task_family in BRAX_FAMILIES:
+        return BraxTaskEnv(task_family, backend, episode_length)
     return PendulumTaskEnv()
 
 
@@ -614,7 +614,6 @@ class LifetimeState(NamedTuple):
 class LifetimeOutput(NamedTuple):
     final_return: jax.Array  # scalar: mean return of the final policy over --num-eval-episodes (the fitness)
     curve: jax.Array  # [lifetime / M]: return of the last finished episode at each policy update (NaN before)
-    epg_loss: jax.Array  # [lifetime / M]: mean learned-loss value over each update's minibatches
     agent: dict  # the final agent parameters (init_agent's structure)
 
 
@@ -639,19 +638,22 @@ def make_lifetime(args: Args) -> Callable:
     optimizer = optax.adam(args.inner_learning_rate)
     num_minibatches = m // args.minibatch_size
 
-    def env_step(carry, _):
-        state, loss_params, task = carry
+    def act(agent, obs_stats, obs, env_state, task, key_action, key_env):
+        """Sample a ~ π(·|obs) and step the env with a clipped to the action bounds: (a, env.step's outputs)."""
+        action = policy_distribution(args, agent, normalize(obs, obs_stats)).sample(key_action)
+        return action, env.step(key_env, env_state, jnp.clip(action, env.action_low, env.action_high), task)
+
+    def env_step(state: LifetimeState, task):
         key, key_action, key_env = jax.random.split(state.key, 3)
-        pi = policy_distribution(args, state.agent, normalize(state.obs, state.obs_stats))
-        action = pi.sample(key_action)
-        obs, env_state, reward, terminated, truncated, final_obs = env.step(
-            key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
+        action, (obs, env_state, reward, terminated, truncated, final_obs) = act(
+            state.agent, state.obs_stats, state.obs, state.env_state, task, key_action, key_env)
         done = jnp.maximum(terminated, truncated)
         episode_return = state.episode_return + reward
+        step = Step(state.obs, action, reward, done, terminated, final_obs)
         state = state._replace(
             env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done),
             last_return=jnp.where(done > 0, episode_return, state.last_return))
-        return (state, loss_params, task), Step(carry[0].obs, action, reward, done, terminated, final_obs)
+        return state, step
 
     def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
         recent = jax.tree.map(lambda x: x[n - m:], buffer)
@@ -671,35 +673,34 @@ def make_lifetime(args: Args) -> Callable:
         def total_loss(agent, index):
             epg = loss_net.apply(loss_params, loss_inputs(args, agent, state.buffer, state.obs_stats), n - m + index)
             ppo = ppo_loss(args, agent, jax.tree.map(lambda x: x[index], batch))
-            return (1.0 - alpha) * epg + alpha * ppo, epg
+            return (1.0 - alpha) * epg + alpha * ppo
 
         def minibatch_step(carry, index):
             agent, opt_state = carry
-            grads, epg = jax.grad(total_loss, has_aux=True)(agent, index)
+            grads = jax.grad(total_loss)(agent, index)
             finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
             grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
             updates, opt_state = optimizer.update(grads, opt_state, agent)
-            return (optax.apply_updates(agent, updates), opt_state), epg
+            return (optax.apply_updates(agent, updates), opt_state), None
 
         def epoch(carry, key):
             indices = jax.random.permutation(key, m).reshape(num_minibatches, args.minibatch_size)
             return jax.lax.scan(minibatch_step, carry, indices)
 
         key, key_epochs = jax.random.split(state.key)
-        (agent, opt_state), epg = jax.lax.scan(epoch, (state.agent, state.opt_state),
-                                               jax.random.split(key_epochs, args.update_epochs))
-        return state._replace(agent=agent, opt_state=opt_state, key=key), epg.mean()
+        (agent, opt_state), _ = jax.lax.scan(epoch, (state.agent, state.opt_state),
+                                             jax.random.split(key_epochs, args.update_epochs))
+        return state._replace(agent=agent, opt_state=opt_state, key=key)
 
-    def interval(carry, _):
-        """M environment steps, then one policy update."""
-        state, loss_params, task, alpha = carry
-        (state, _, _), steps = jax.lax.scan(env_step, (state, loss_params, task), None, m)
+    def interval(state: LifetimeState, loss_params, task, alpha):
+        """M environment steps, then one policy update; returns (state, last finished episode's return)."""
+        state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
         obs_stats = update_running_stats(state.obs_stats, steps.obs)
         roll = lambda old, new: jnp.concatenate([old[m:], new])
         buffer = Buffer(*(roll(getattr(state.buffer, f), getattr(steps, f)) for f in Step._fields),
                         valid=roll(state.buffer.valid, jnp.ones(m)))
-        state, epg = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
-        return (state, loss_params, task, alpha), (state.last_return, epg)
+        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
+        return state, state.last_return
 
     def evaluate(agent, obs_stats, task, key):
         """Mean return of --num-eval-episodes fresh episodes of the stochastic policy."""
@@ -709,10 +710,8 @@ def make_lifetime(args: Args) -> Callable:
 
             def step(carry, key):
                 obs, env_state, total, alive = carry
-                key_action, key_env = jax.random.split(key)
-                action = policy_distribution(args, agent, normalize(obs, obs_stats)).sample(key_action)
-                obs, env_state, reward, terminated, truncated, _ = env.step(
-                    key_env, env_state, jnp.clip(action, env.action_low, env.action_high), task)
+                _, (obs, env_state, reward, terminated, truncated, _) = act(agent, obs_stats, obs, env_state, task,
+                                                                            *jax.random.split(key))
                 total = total + alive * reward
                 return (obs, env_state, total, alive * (1.0 - jnp.maximum(terminated, truncated))), None
 
@@ -730,9 +729,9 @@ def make_lifetime(args: Args) -> Callable:
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
         state = LifetimeState(agent, optimizer.init(agent), init_running_stats(obs_dim), buffer, env_state, obs,
                               jnp.float32(0.0), jnp.float32(jnp.nan), key_run)
-        (state, _, _, _), (curve, epg) = jax.lax.scan(
-            interval, (state, loss_params, task, jnp.float32(alpha)), None, num_policy_updates(args))
-        return LifetimeOutput(evaluate(state.agent, state.obs_stats, task, key_eval), curve, epg, state.agent)
+        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, alpha), state, None,
+                                    num_policy_updates(args))
+        return LifetimeOutput(evaluate(state.agent, state.obs_stats, task, key_eval), curve, state.agent)
 
     return lifetime
 
