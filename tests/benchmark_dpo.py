@@ -1,14 +1,15 @@
 """Throughput benchmark of dpo.py (not collected by pytest: run it as a script).
 
 Prints, from one process, so every number is a ratio against a reference measured alongside it:
-  1. training env-steps per second of dpo.py's compiled loop;
-  2. the same environment stepped alone with random actions at the same batch shape (the ceiling
-     for on-policy training), and the ratio of 1 to 2;
-  3. the wall time of N seeds vmapped in one call against N sequential calls of one seed.
-All timings exclude compilation (each function is compiled first, then timed).
+  Brax envs: the ceiling, the same envs stepped alone with random actions through Brax's own training wrappers
+    (brax.envs.training.wrap: EpisodeWrapper + AutoResetWrapper), dpo.py's compiled training at the same shape,
+    and their ratio;
+  any env: N seeds vmapped in one call against N one-seed calls.
+Every function is compiled first and then timed; each timing is the fastest of --repeats runs.
 
+    python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
+        --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh --total-timesteps 256000
     python tests/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
-    python tests/benchmark_dpo.py --env-id ant --backend spring --total-timesteps 327680 --num-seeds 2
 """
 
 import dataclasses
@@ -24,60 +25,75 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpo  # noqa: E402
 
 
-def timed(compiled, *args):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    return time.perf_counter() - start
+@dataclasses.dataclass
+class Bench(dpo.Args):
+    repeats: int = 3
+    """timed runs of each function; the fastest counts"""
 
 
-def random_stepping(args: dpo.Args):
-    """step(rng): num_updates × rollout steps of num_envs envs with uniform random actions."""
-    env = dpo.make_env(args)
-    steps = dpo.num_updates(args) * args.num_steps * args.num_unrolls
-
-    def run(rng):
-        obs, state = jax.vmap(env.reset)(jax.random.split(rng, args.num_envs))
-
-        def step(carry, _):
-            state, rng, total = carry
-            rng, key_action, key_env = jax.random.split(rng, 3)
-            if env.discrete:
-                action = jax.random.randint(key_action, (args.num_envs,), 0, env.action_dim)
-            else:
-                action = jax.random.uniform(key_action, (args.num_envs, env.action_dim), minval=env.action_low,
-                                            maxval=env.action_high)
-            _, state, reward, *_ = jax.vmap(env.step)(jax.random.split(key_env, args.num_envs), state, action)
-            return (state, rng, total + reward.sum()), None
-
-        return jax.lax.scan(step, (state, rng, 0.0), None, steps)[0][2]
-
-    return run
+def fastest(fn, *args, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
-def main(args: dpo.Args):
-    args = dpo.resolve_args(args)
-    n, batch, updates = args.num_seeds, dpo.batch_size(args), dpo.num_updates(args)
-    total = updates * batch
-    print(f"{args.env_id}: {updates} updates × {batch} steps per seed, {n} seeds, "
-          f"{jax.device_count()} {jax.default_backend()} device(s) ({jax.devices()[0].device_kind})")
+def brax_ceiling(args: dpo.Args, steps: int):
+    """run(key): `steps` steps of num_envs Brax envs with uniform random actions, through Brax's own wrappers."""
+    from brax import envs
+    from brax.envs.wrappers import training
 
-    keys, _ = dpo.seed_keys(args)
-    train_many = jax.jit(jax.vmap(dpo.make_train(args))).lower(keys).compile()
-    train_sps = total * n / timed(train_many, keys)
-    stepper = jax.jit(jax.vmap(random_stepping(args))).lower(keys).compile()
-    env_sps = total * n / timed(stepper, keys)
-    print(f"training, {n} seeds vmapped:             {train_sps:12,.0f} env-steps/s")
-    print(f"random actions alone, same batch shape:  {env_sps:12,.0f} env-steps/s")
-    print(f"training / env-alone ratio:              {train_sps / env_sps:12.3f}")
+    env = training.wrap(envs.get_environment(args.env_id, backend=args.backend), args.episode_length,
+                        args.action_repeat)
 
-    one = dataclasses.replace(args, num_seeds=1)
-    one_keys, _ = dpo.seed_keys(one)
-    train_one = jax.jit(jax.vmap(dpo.make_train(one))).lower(one_keys).compile()
-    sequential = sum(timed(train_one, keys[i:i + 1]) for i in range(n))
-    vmapped = timed(train_many, keys)
-    print(f"{n} seeds vmapped: {vmapped:.2f}s; {n} × one seed: {sequential:.2f}s; "
-          f"ratio (vmapped / sequential) {vmapped / sequential:.3f}")
+    def run(key):
+        state = env.reset(jax.random.split(key, args.num_envs))
+
+        def step(carry, key):
+            state, total = carry
+            action = jax.random.uniform(key, (args.num_envs, env.action_size), minval=-1.0, maxval=1.0)
+            state = env.step(state, action)
+            return (state, total + state.reward.sum()), None
+
+        return jax.lax.scan(step, (state, 0.0), jax.random.split(key, steps))[0][1]
+
+    return jax.jit(run)
+
+
+def training_time(args: dpo.Args, repeats: int) -> float:
+    """Seconds of the compiled training of all seeds over the whole run (initialisation excluded)."""
+    init, train_chunk = dpo.make_train(args)
+    runners = dpo.init_seeds(args, init, dpo.seed_keys(args)[0])
+    n = dpo.num_updates(args)
+    chunk = dpo.over_seeds(lambda r: train_chunk(r, n), args.num_seeds, (0,)).lower(runners).compile()
+    return fastest(chunk, runners, repeats=repeats)
+
+
+def main(bench: Bench):
+    args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
+    args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args)
+                               * args.action_repeat)
+    steps = dpo.num_updates(args) * dpo.batch_size(args) * args.num_seeds  # agent steps over all seeds
+    print(f"{args.env_id}: {dpo.num_updates(args)} updates of {dpo.batch_size(args):,} steps, {args.num_seeds} seed(s),"
+          f" {jax.device_count()} {jax.default_backend()} device(s), fastest of {bench.repeats}")
+    train_sps = steps / training_time(args, bench.repeats)
+    print(f"dpo.py training:                     {train_sps:12,.0f} env-steps/s")
+    if args.env_id in dpo.BRAX_ENVS:
+        run = brax_ceiling(args, steps // args.num_envs)
+        key = jax.random.PRNGKey(0)
+        run(key).block_until_ready()
+        ceiling_sps = steps / fastest(run, key, repeats=bench.repeats)
+        print(f"Brax wrappers, random actions alone: {ceiling_sps:12,.0f} env-steps/s")
+        print(f"training / ceiling:                  {train_sps / ceiling_sps:12.3f}")
+    if args.num_seeds > 1:
+        one = dataclasses.replace(args, num_seeds=1)
+        sequential = args.num_seeds * training_time(one, bench.repeats)
+        vmapped = steps / train_sps
+        print(f"{args.num_seeds} seeds vmapped: {vmapped:.2f}s; {args.num_seeds} one-seed runs: {sequential:.2f}s;"
+              f" ratio {vmapped / sequential:.3f}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(dpo.Args))
+    main(tyro.cli(Bench))
