@@ -27,13 +27,6 @@ import time
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
-# jaxlib 0.10.2 on CPU runs batched LAPACK calls (here: the QR of orthogonal initialisation, batched by
-# the vmap over seeds) as tasks on XLA's intra-op thread pool, whose size is the number of cores; when
-# every pool thread waits inside such a call the run deadlocks at 0% CPU (seen with 2 cores, 2 seeds and
-# the Brax networks). A pool of at least 16 threads leaves spare threads. Must be set before JAX starts
-# its CPU backend; it does nothing on GPU.
-os.environ.setdefault("NPROC", "16")
-
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -423,6 +416,28 @@ class DiagGaussian(NamedTuple):
         return jnp.sum(self.log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e) * jnp.ones_like(self.mean), axis=-1)
 
 
+def orthogonal(scale: float):
+    """Flax's orthogonal initialiser with its QR written as Gram-Schmidt in plain jnp operations.
+
+    Here parameters are initialised inside the vmap over seeds and members, and jaxlib 0.10.2 on CPU can deadlock
+    when batched LAPACK calls (a vmapped QR) fill XLA's intra-op thread pool. Gram-Schmidt gives the Q of the QR
+    with a positive diagonal of R, which is the Q that flax returns after its sign correction.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        n_rows, n_cols = int(np.prod(shape[:-1])), shape[-1]
+        a = jax.random.normal(key, (max(n_rows, n_cols), min(n_rows, n_cols)), dtype)
+
+        def column(i, q):  # q's columns from i on are still zero; project twice for accuracy
+            v = a[:, i] - q @ (q.T @ a[:, i])
+            v = v - q @ (q.T @ v)
+            return q.at[:, i].set(v / jnp.linalg.norm(v))
+
+        q = jax.lax.fori_loop(0, a.shape[1], column, jnp.zeros_like(a))
+        return scale * (q.T if n_rows < n_cols else q).reshape(shape)
+
+    return init
+
+
 class MLP(nn.Module):
     hidden: Tuple[int, ...]
     out_dim: int
@@ -433,8 +448,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         act = {"tanh": nn.tanh, "relu": nn.relu, "swish": nn.swish}[self.activation]
         for width in self.hidden:
-            x = act(nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x))
-        return nn.Dense(self.out_dim, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
+            x = act(nn.Dense(width, kernel_init=orthogonal(np.sqrt(2)))(x))
+        return nn.Dense(self.out_dim, kernel_init=orthogonal(self.out_scale))(x)
 
 
 class ActorCritic(nn.Module):
