@@ -176,8 +176,8 @@ def train_and_evaluate(args):
 
 @pytest.mark.parametrize("drift", ["dpo", "ppo"])
 def test_cartpole_learns(drift):
-    args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", drift=drift, num_seeds=4, total_timesteps=250_000,
-                                     num_envs=8, learning_rate=5e-4, num_eval_envs=16))
+    args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", drift=drift, num_seeds=4, total_timesteps=300_000,
+                                     num_envs=8, num_steps=16, learning_rate=5e-4, num_eval_envs=16))
     _, _, returns = train_and_evaluate(args)
     # A random policy averages about 22 on CartPole-v1; 400 with sampled actions needs a policy that balances.
     assert returns["final_return_mean"] >= 400, returns
@@ -188,8 +188,7 @@ def test_pendulum_learns_with_the_squashed_policy():
     _, curve, returns = train_and_evaluate(args)
     # Random torques on Pendulum-v1 return about -1200; swinging up and holding is above -600.
     assert returns["final_return_mean"] > -600, returns
-    curve = np.nanmean(curve, axis=0)
-    finite = curve[np.isfinite(curve)]
+    finite = curve[:, np.all(np.isfinite(curve), axis=0)].mean(0)  # NaN until both seeds finished an episode
     assert finite[-5:].mean() > finite[:5].mean() + 300, finite
 
 
@@ -245,6 +244,8 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) * int(rows[0]["global_step"]) == summary["total_timesteps"]
+    if env_flags[1] == "ant":
+        return  # reloading is the same code for every family; compiling Brax again is the suite's slowest step
     eval_dir = str(tmp_path / "eval")
     run_cli("--load", run_dir, "--eval-only", "--num-eval-envs", "4", "--run-dir", eval_dir)
     for key in EVAL_KEYS:  # same parameters and evaluation keys: the same returns, seed by seed
@@ -252,7 +253,7 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
 
 
 def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
-    flags = ["--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "120000", "--num-eval-envs", "4"]
+    flags = ["--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "60000", "--num-eval-envs", "4"]
     whole = str(tmp_path / "whole")
     run_cli(*flags, "--run-dir", whole)
     killed = str(tmp_path / "killed")
@@ -316,11 +317,21 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_is_a_short_message_and_nonzero_exit_without_traceback(name):
+def test_bad_input_is_a_short_message_and_nonzero_exit(name, capsys):
+    import tyro
+
     flags, expected = BAD_INPUTS[name]
-    proc = run_cli(*flags, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "compiled" not in proc.stdout
-    assert expected in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        dpo.main(tyro.cli(dpo.Args, args=flags))
+    code = exit_info.value.code
+    message = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None) and expected in message, message
+
+
+def test_cli_error_has_no_traceback_and_comes_before_compiling():
+    for flags in (["--env-id", "Pong-v5"], ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-unrolls", "1"]):
+        proc = run_cli(*flags, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and "compiled" not in proc.stdout
 
 
 def test_damaged_checkpoint_is_refused(tmp_path):
