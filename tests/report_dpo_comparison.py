@@ -57,7 +57,7 @@ def main(report: Report):
             p = scipy.stats.ttest_ind(ppo["final_returns"], dpo["final_returns"], equal_var=False).pvalue
             print(f"| {env} | {ppo['total_timesteps']:,} | {ppo['num_seeds']} | {ppo['final_return_mean']:.1f} ± "
                   f"{ppo['final_return_std']:.1f} | {ppo['final_return_iqm']:.1f} | {dpo['final_return_mean']:.1f} ± "
-                  f"{dpo['final_return_std']:.1f} | {dpo['final_return_iqm']:.1f} | {p:.2f} |")
+                  f"{dpo['final_return_std']:.1f} | {dpo['final_return_iqm']:.1f} | {p:.2g} |")
     fig.tight_layout()
     fig.savefig(report.out, dpi=110)
     print(f"figure: {report.out}")
