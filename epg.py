@@ -46,9 +46,10 @@ MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 str
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
 # Independent streams of randomness: every key of a run is fold_in(PRNGKey(--seed), STREAM), refined further.
 GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3
+PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
 # The inner-loop settings a loss was evolved with: saved in its loss file and used again by --test.
 INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "inner_learning_rate",
-                "policy_hidden", "memory_units", "num_eval_episodes", "episode_length", "reward_blind")
+                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")
 
 
 @dataclasses.dataclass
@@ -61,20 +62,15 @@ class Args:
     run_dir: Optional[str] = None
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
-    """continue meta-training from the last checkpoint of this run directory (its saved arguments are used;
-    --num-generations may extend it)"""
-    tensorboard: bool = False
-    """also write TensorBoard event files (tensorboardX) into the run directory (per generation)"""
+    """continue meta-training from this run directory's checkpoint, with its saved arguments"""
 
     # ---- task family ----
     task_family: TaskFamily = "goal-point"
-    """goal-point (pure JAX, the CPU family), random-pendulum (gymnax), goal-ant, dir-hopper, dir-cheetah,
-    random-hopper, goal-reacher (Brax)"""
+    """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
-    """environment steps before a time-limit truncation (default: goal-point 50, random-pendulum and
-    goal-reacher 200, the other Brax families 1000)"""
+    """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
 
     # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
@@ -89,23 +85,12 @@ class Args:
     """passes over the M newest steps per policy update"""
     inner_learning_rate: float = 1e-3
     """Adam learning rate of the agent (policy, memory units, PPO value function)"""
-    policy_hidden: Tuple[int, ...] = (64, 64)
-    """policy (and PPO value) MLP hidden sizes, tanh"""
     memory_units: int = 32
     """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none)"""
     num_eval_episodes: int = 3
-    """episodes of the final policy averaged into a lifetime's return (the fitness)"""
+    """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
     reward_blind: bool = False
-    """zero the reward input of the learned loss: the control that tells learning from reward apart from an
-    imprinted behaviour (the auxiliary PPO term still sees rewards while α > 0)"""
-    gamma: float = 0.99
-    """discount factor γ of the PPO loss"""
-    gae_lambda: float = 0.95
-    """GAE λ of the PPO loss"""
-    clip_coef: float = 0.2
-    """PPO clipping ε"""
-    kl_coef: float = 1e-3
-    """weight of KL(π_old ‖ π) in the PPO loss"""
+    """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
 
     # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
@@ -131,11 +116,9 @@ class Args:
 
     # ---- --test: held-out tasks ----
     test: bool = False
-    """instead of meta-training: train --num-seeds fresh agents on held-out tasks with the evolved loss, tuned
-    PPO, a zero loss and (if given) a reward-blind loss; write curves and summary.json"""
+    """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
     load_loss: Optional[str] = None
-    """--test: the evolved loss, a run directory (meaning its best_loss.msgpack) or a loss .msgpack file; its
-    inner-loop settings (lifetime, buffer, memory, ...) replace the command line's"""
+    """--test: a loss .msgpack or a run directory (its best loss); the file's inner-loop settings are used"""
     load_reward_blind_loss: Optional[str] = None
     """--test: a loss meta-trained with --reward-blind, run as a fourth trainer"""
     num_seeds: int = 32
@@ -155,14 +138,10 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults and check every value that tyro cannot.
-
-    Raises:
-        ArgsError: a non-positive size or rate; a lifetime shorter than the buffer or not a multiple of
-            --update-every (or of a PPO rollout); M not a multiple of the minibatch; a buffer smaller than M or
-            than the convolutions need; an odd population or one that does not divide over the devices
-            (meta-training only); --test without --load-loss.
-    """
+    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError: a non-positive
+    size; a rollout that does not divide the lifetime or split into minibatches; a buffer shorter than M, than
+    the convolutions need or longer than the lifetime; an odd population or one that does not divide over the
+    devices (meta-training); --test without --load-loss."""
     if args.num_generations is None:
         args = dataclasses.replace(args, num_generations=500)
     if args.episode_length is None:
@@ -170,15 +149,13 @@ def resolve_args(args: Args) -> Args:
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
                  "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
                  "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
-                 "es_learning_rate", "clip_coef"):
+                 "es_learning_rate"):
         if not getattr(args, name) > 0:
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.memory_units < 0 or min(args.policy_hidden + args.ppo_rollouts + args.ppo_epochs, default=1) <= 0:
-        raise ArgsError("--memory-units must be >= 0 and --policy-hidden, --ppo-rollouts, --ppo-epochs positive")
-    if args.weight_decay < 0 or args.kl_coef < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--weight-decay and --kl-coef must be >= 0 and --ppo-anneal-frac in [0, 1]")
-    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        raise ArgsError(f"--gamma and --gae-lambda must lie in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if args.memory_units < 0 or min(args.ppo_rollouts + args.ppo_epochs, default=1) <= 0:
+        raise ArgsError("--memory-units must be >= 0 and --ppo-rollouts, --ppo-epochs positive")
+    if args.weight_decay < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--weight-decay must be >= 0 and --ppo-anneal-frac in [0, 1]")
     for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
         if rollout % args.minibatch_size or args.lifetime % rollout:
             raise ArgsError(f"a rollout of {rollout} steps must be a multiple of --minibatch-size "
@@ -197,18 +174,14 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
-# --------------------------------------------------------------------------------------------------
+# ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
 class EPGLoss(nn.Module):
     """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93).
 
-    __call__(inputs [N, D], index [B]) -> scalar. `inputs` holds one row per step of the buffer of the last
-    N steps, D features: normalised observation, action, reward, done, the policy's mean and log-std at that
-    observation, and the memory units. Context branch: the whole buffer, features as channels, through
-    Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, the mean over
-    time, Dense(32→32). Loss head, for the B steps of the minibatch `index`: [step features, context] →
-    Dense(16), leaky ReLU, Dense(1); the loss is the mean over the minibatch. Leaky ReLUs have slope 0.2
+    __call__(inputs [N, D], index [B]) -> scalar. `inputs`: one row per step of the buffer (loss_inputs).
+    Context: the whole buffer, features as channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU,
+    Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time, Dense(32). Head, for the B steps `index`:
+    [step features, context] → Dense(16), leaky ReLU, Dense(1); mean over the minibatch. Leaky slope 0.2
     (chainer's default, which the reference uses).
     """
 
@@ -221,11 +194,6 @@ class EPGLoss(nn.Module):
         steps = inputs[index]
         h = jnp.concatenate([steps, jnp.broadcast_to(context, (steps.shape[0], context.shape[0]))], axis=-1)
         return nn.Dense(1)(leaky(nn.Dense(16)(h))).mean()
-
-
-def loss_input_dim(obs_dim: int, action_dim: int, memory_units: int) -> int:
-    """D: observation, action, reward, done, policy mean and log-std, memory units."""
-    return obs_dim + action_dim + 2 + 2 * action_dim + memory_units
 
 
 class Buffer(NamedTuple):
@@ -247,13 +215,10 @@ def memory_vector(agent: dict) -> jax.Array:
 
 
 def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: "RunningStats") -> jax.Array:
-    """The learned loss's per-step inputs [N, D], zero on the buffer's unfilled rows.
-
-    The policy outputs are recomputed from `agent`, so the gradient of L_φ reaches the policy through them (in
-    every row, hence also through the context) and reaches the memory units. The reward column is the raw
-    reward, as in the reference (epg/agents.py:142), or zero with --reward-blind (the switch left commented
-    out at epg/agents.py:123).
-    """
+    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
+    units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
+    gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
+    the reference (agents.py:142), or zero with --reward-blind (the switch commented out at agents.py:123)."""
     obs = normalize(buffer.obs, obs_stats)
     pi = policy_distribution(args, agent, obs)
     reward = jnp.zeros_like(buffer.reward) if args.reward_blind else buffer.reward
@@ -265,16 +230,9 @@ def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: "RunningStat
 
 
 def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438, eq. 16), by reverse scan.
-
-        δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t)
-        A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}
-
-    s'_t is the true next state, so a time-limit truncation bootstraps from the value of the final
-    state, and only a real termination drops the bootstrap. `cut_t` is 1 where the trace stops: at
-    episode ends (terminated or truncated) and at the last step of the window.
-    Args: all arrays [T]. Returns (advantages, returns = advantages + values), both [T].
-    """
+    """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T]:
+    δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the true next
+    state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns (A, A + V)."""
     def backward(next_advantage, step):
         reward, value, next_value, term, cut = step
         delta = reward + gamma * (1.0 - term) * next_value - value
@@ -298,14 +256,14 @@ class PPOBatch(NamedTuple):
 
 def ppo_loss(args: Args, agent: dict, batch: PPOBatch) -> jax.Array:
     """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
-    -mean(min(r·A, clip(r, 1±ε)·A)) + kl_coef·mean(KL(π_old ‖ π)) + mean((V - V_target)²)
+    -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
     pi = policy_distribution(args, agent, batch.obs)
     ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
-    clipped = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
     policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
     value = jnp.mean((value_fn(args, agent, batch.obs) - batch.target) ** 2)
-    return policy + args.kl_coef * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
+    return policy + PPO_KL * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
@@ -324,25 +282,18 @@ def antithetic_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
 
 
 def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_decay: float) -> jax.Array:
-    """The ES ascent direction for the loss parameters θ [dim], as the reference computes it
-    (epg/evolution.py:216-217; Salimans et al. 2017, eq. 1 up to the constant 1/σ, which Adam removes):
-
-        g = 1/n Σ_i rank(F_i)·ε_i  -  weight_decay·θ
-
-    ε [n, dim] is the noise of the n members θ + σ·ε_i and F [n] their fitnesses (mean return over the tasks).
-    Without 1/σ the decay weighs 1/σ = 100 times more against the rank term than in the textbook form.
-    """
+    """The ES ascent direction [dim] for θ [dim], as the reference computes it (epg/evolution.py:216-217;
+    Salimans et al. 2017, eq. 1 without its 1/σ): g = 1/n Σ_i rank(F_i)·ε_i - weight_decay·θ, with ε [n, dim]
+    the members' noise and F [n] their fitnesses. Without 1/σ, the decay weighs 1/σ times more."""
     return centered_ranks(fitness) @ eps / eps.shape[0] - weight_decay * theta
 
 
-# --------------------------------------------------------------------------------------------------
 # Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
 # family's environment takes the task as an argument of reset and step:
 #   reset(key, task)               -> (obs, state)
 #   step(key, state, action, task) -> (obs, state, reward, terminated, truncated, final_obs)
 # `obs` is already the first observation of the next episode when the episode ended (auto-reset);
 # `final_obs` is the true last observation, from which a time-limit truncation is bootstrapped.
-# --------------------------------------------------------------------------------------------------
 # Ranges of the randomised families, from the reference's RandomWeightHopperEnv (epg/envs/mujoco/hopper.py:58-73):
 # body masses, geom frictions and geom thicknesses × U(0.5, 2) (the floor excluded), gravity g_z = -U(2, 20).
 # The pendulum takes the same multipliers on its mass and length and the same gravity range.
@@ -353,18 +304,12 @@ GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -
 
 
 def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0) -> dict:
-    """n tasks of a family as a dict of arrays with leading axis n.
-
-    goal-point, goal-ant, goal-reacher: {"goal": [n, 2]}, radius uniform in GOAL_RADIUS, angle within ±81° of +x
-        (the right half) for training, of -x (the left half) for `test`.
-    dir-hopper, dir-cheetah: {"direction": [n]}, +1 or -1 with equal probability (the reference's randint(0, 1),
-        epg/envs/mujoco/hopper.py:82, always gave -1; not reproduced).
-    random-hopper: {"mass_scale": [n, num_links], "friction_scale": [n, num_geoms, 3], "thickness_scale":
-        [n, num_geoms], "gravity": [n]}; geom 0, the floor, keeps scale 1.
-    random-pendulum: {"mass": [n], "length": [n], "gravity": [n]}.
-    The randomised and direction families have no train/test split: --test draws unseen tasks of the same
-    distribution. Raises ValueError for an unknown family.
-    """
+    """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
+    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally
+    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
+    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, the floor (geom 0) unscaled.
+    random-pendulum: {"mass", "length", "gravity": [n]}. The non-goal families' `test` tasks are unseen draws of
+    the same distribution. Raises ValueError for an unknown family."""
     keys = jax.random.split(key, 4)
     uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
     if family in GOAL_RADIUS:
@@ -392,14 +337,10 @@ def draw_tasks(env, key: jax.Array, n: int, test: bool) -> dict:
 
 
 class GoalPointEnv:
-    """goal-point: a 2-D point mass that must find a goal it cannot see, a miniature GoalAnt (this project's).
-
-    State: position p [2] (m), from U(-0.1, 0.1)², and velocity v [2] (m/s), from 0. Action: a force [2],
-    clipped to ±1. Dynamics per step, dt = 0.1 s: v ← (1 - DAMPING)·v + dt·force, p ← p + dt·v (top speed
-    1 m/s). Observation [4] = (p, v); the goal is not observed. Reward = progress towards the goal,
-    (|g - p_before| - |g - p_after|) / dt in m/s, goal-ant's reward; an episode's return is at most
-    10·|g - p_0| ≤ 16. Episodes end by a time limit (--episode-length, 50) only.
-    """
+    """goal-point, a miniature GoalAnt (this project's): a 2-D point mass, p [2] (m) from U(-0.1, 0.1)², v [2]
+    (m/s) from 0; action a force [2] clipped to ±1; per step (dt = 0.1 s) v ← 0.9·v + dt·force, p ← p + dt·v
+    (top speed 1 m/s). Observation (p, v) [4]: the goal is not observed. Reward: progress towards the goal,
+    (|g - p_before| - |g - p_after|)/dt (m/s), so a return is at most 10·|g - p_0|. Time limit only."""
 
     family, obs_dim, action_dim, action_low, action_high, num_links, num_geoms = "goal-point", 4, 2, -1.0, 1.0, 0, 0
     DT, DAMPING = 0.1, 0.1
@@ -436,7 +377,6 @@ class PendulumTaskEnv:
         self.env, params = gymnax.make("Pendulum-v1")
         self.params = params.replace(max_steps_in_episode=episode_length)
         self.action_low, self.action_high = -float(params.max_torque), float(params.max_torque)
-        self.max_episode_steps = episode_length
 
     def _params(self, task):
         return self.params.replace(m=task["mass"], l=task["length"], g=task["gravity"])
@@ -474,7 +414,6 @@ class BraxTaskEnv:
         self.env = EpisodeWrapper(self.base, episode_length, 1)
         self.obs_dim, self.action_dim = int(self.base.observation_size), int(self.base.action_size)
         self.action_low, self.action_high = -1.0, 1.0
-        self.max_episode_steps = episode_length
         self.sys = self.base.sys
         self.num_links = int(self.sys.link.inertia.mass.shape[0])
         self.num_geoms = int(np.asarray(self.sys.geom_friction).shape[0])
@@ -535,16 +474,14 @@ def make_env(args: Args):
     return GoalPointEnv(args.episode_length)
 
 
-# --------------------------------------------------------------------------------------------------
-# Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
-# --------------------------------------------------------------------------------------------------
+# ---- Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
 class RunningStats(NamedTuple):
     mean: jax.Array  # [obs_dim]
     var: jax.Array  # [obs_dim]
     count: jax.Array  # scalar
 
 
-def init_running_stats(obs_dim: int) -> RunningStats:
+def init_running_stats(obs_dim: int) -> RunningStats:  # mean 0, variance 1, a negligible count
     return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
 
 
@@ -565,9 +502,7 @@ def normalize(obs: jax.Array, stats: RunningStats) -> jax.Array:
     return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -10.0, 10.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# The agent: Gaussian policy, memory units, PPO's value function.
-# --------------------------------------------------------------------------------------------------
+# ---- The agent: Gaussian policy, memory units, PPO's value function.
 class DiagGaussian(NamedTuple):
     """Diagonal Gaussian policy; mean [..., action_dim], log_std [action_dim] (state-independent)."""
 
@@ -599,14 +534,13 @@ def normc(scale: float) -> Callable:
 
 
 class MLP(nn.Module):
-    """tanh MLP with normc(1) hidden layers and a normc(0.01) output layer (epg/networks.py:6-33)."""
+    """64-64 tanh MLP, normc(1) hidden layers, normc(0.01) output layer (epg/networks.py:6-33, agents.py:206)."""
 
-    hidden: Tuple[int, ...]
     out_dim: int
 
     @nn.compact
     def __call__(self, x):
-        for width in self.hidden:
+        for width in (64, 64):
             x = nn.tanh(nn.Dense(width, kernel_init=normc(1.0))(x))
         return nn.Dense(self.out_dim, kernel_init=normc(0.01))(x)
 
@@ -617,36 +551,25 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
     the PPO loss."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
-    return {"policy": MLP(tuple(args.policy_hidden), action_dim).init(key_pi, dummy),
+    return {"policy": MLP(action_dim).init(key_pi, dummy),
             "log_std": jnp.zeros(action_dim),
             "memory": {"kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
                        "bias": jnp.zeros(args.memory_units)},
-            "value": MLP(tuple(args.policy_hidden), 1).init(key_v, dummy)}
+            "value": MLP(1).init(key_v, dummy)}
 
 
 def policy_distribution(args: Args, agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
-    mean = MLP(tuple(args.policy_hidden), agent["log_std"].shape[0]).apply(agent["policy"], obs)
+    mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
     return DiagGaussian(mean, agent["log_std"])
 
 
 def value_fn(args: Args, agent: dict, obs: jax.Array) -> jax.Array:
     """V(obs) [...] for normalised observations [..., obs_dim]."""
-    return MLP(tuple(args.policy_hidden), 1).apply(agent["value"], obs)[..., 0]
+    return MLP(1).apply(agent["value"], obs)[..., 0]
 
 
-# --------------------------------------------------------------------------------------------------
-# The inner loop: make_lifetime(args, env) returns a pure lifetime(loss_params, task, key, alpha).
-# --------------------------------------------------------------------------------------------------
-class Step(NamedTuple):
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    done: jax.Array
-    terminated: jax.Array
-    final_obs: jax.Array
-
-
+# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(loss_params, task, key, alpha).
 class LifetimeState(NamedTuple):
     agent: dict
     opt_state: optax.OptState
@@ -655,47 +578,41 @@ class LifetimeState(NamedTuple):
     env_state: object
     obs: jax.Array
     episode_return: jax.Array  # return of the running episode so far
-    last_return: jax.Array  # return of the last finished episode (NaN before the first)
+    recent_returns: jax.Array  # [num_eval_episodes]: returns of the last finished episodes, newest last (NaN: none)
     key: jax.Array
 
 
 class LifetimeOutput(NamedTuple):
-    final_return: jax.Array  # scalar: mean return of the final policy over --num-eval-episodes (the fitness)
+    final_return: jax.Array  # scalar: mean return of the last --num-eval-episodes finished episodes (fitness)
     curve: jax.Array  # [lifetime / M]: return of the last finished episode at each policy update (NaN before)
     agent: dict  # the final agent parameters (init_agent's structure)
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1, inner loop).
+    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1).
 
-    A fresh agent acts for --lifetime steps in a single environment, across episodes (auto-reset on done).
-    Every M = --update-every steps, the buffer (last N steps) is refreshed and the agent takes
-    --update-epochs passes over the M newest steps in minibatches of --minibatch-size, each an Adam step on
-    (1 - α)·L_φ + α·L_PPO, where L_φ's context is computed from the whole buffer with the current policy
-    (epg/agents.py:119-199). A term whose weight is 0 is not computed. Non-finite gradients are skipped
-    (agents.py:190). The return: the final stochastic policy's mean episode return over --num-eval-episodes
-    fresh episodes. The whole lifetime is one lax.scan; jit and vmap freely (loss_params: the EPGLoss pytree;
-    task: one task of the family; alpha: scalar in [0, 1]).
+    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
+    steps the buffer (last N steps) is refreshed and the agent takes --update-epochs passes over the M newest
+    steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole
+    buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
+    (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
+    (epg/evolution.py:184). One lax.scan; jit and vmap freely (loss_params: EPGLoss pytree; alpha in [0, 1]).
     """
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     optimizer = optax.adam(args.inner_learning_rate)
     num_minibatches = m // args.minibatch_size
 
-    def act(agent, obs_stats, obs, env_state, task, key):
-        """Sample a ~ π(·|obs) and step the env with a clipped to the action bounds: (a, env.step's outputs)."""
-        key_action, key_env = jax.random.split(key)
-        action = policy_distribution(args, agent, normalize(obs, obs_stats)).sample(key_action)
-        return action, env.step(key_env, env_state, jnp.clip(action, env.action_low, env.action_high), task)
-
-    def env_step(state: LifetimeState, task):
-        key, key_step = jax.random.split(state.key)
-        action, (obs, env_state, reward, terminated, truncated, final_obs) = act(
-            state.agent, state.obs_stats, state.obs, state.env_state, task, key_step)
+    def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
+        key, key_action, key_env = jax.random.split(state.key, 3)
+        action = policy_distribution(args, state.agent, normalize(state.obs, state.obs_stats)).sample(key_action)
+        obs, env_state, reward, terminated, truncated, final_obs = env.step(
+            key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
         episode_return = state.episode_return + reward
-        step = Step(state.obs, action, reward, done, terminated, final_obs)
+        recent = jnp.where(done > 0, jnp.append(state.recent_returns[1:], episode_return), state.recent_returns)
+        step = Buffer(state.obs, action, reward, done, terminated, final_obs, jnp.float32(1.0))
         state = state._replace(env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done),
-                               last_return=jnp.where(done > 0, episode_return, state.last_return))
+                               recent_returns=recent)
         return state, step
 
     def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
@@ -704,7 +621,7 @@ def make_lifetime(args: Args, env) -> Callable:
         values, next_values = value_fn(args, agent, obs), value_fn(args, agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)
         advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
-                                        args.gamma, args.gae_lambda)
+                                        PPO_GAMMA, PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         pi = policy_distribution(args, agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
@@ -738,51 +655,31 @@ def make_lifetime(args: Args, env) -> Callable:
         return state._replace(agent=agent, opt_state=opt_state, key=key)
 
     def interval(state: LifetimeState, loss_params, task, alpha):
-        """M environment steps, then one policy update; returns (state, last finished episode's return)."""
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
         obs_stats = update_running_stats(state.obs_stats, steps.obs)
-        roll = lambda old, new: jnp.concatenate([old[m:], new])
-        buffer = Buffer(*(roll(getattr(state.buffer, f), getattr(steps, f)) for f in Step._fields),
-                        valid=roll(state.buffer.valid, jnp.ones(m)))
+        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
         state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
-        return state, state.last_return
-
-    def evaluate(agent, obs_stats, task, key):
-        """Mean return of --num-eval-episodes fresh episodes of the stochastic policy."""
-        def episode(key):
-            key_reset, key_run = jax.random.split(key)
-            obs, env_state = env.reset(key_reset, task)
-
-            def step(carry, key):
-                obs, env_state, total, alive = carry
-                _, (obs, env_state, reward, terminated, truncated, _) = act(agent, obs_stats, obs, env_state, task, key)
-                total = total + alive * reward
-                return (obs, env_state, total, alive * (1.0 - jnp.maximum(terminated, truncated))), None
-
-            (_, _, total, _), _ = jax.lax.scan(step, (obs, env_state, 0.0, 1.0),
-                                               jax.random.split(key_run, env.max_episode_steps))
-            return total
-
-        return jax.vmap(episode)(jax.random.split(key, args.num_eval_episodes)).mean()
+        return state, state.recent_returns[-1]
 
     def lifetime(loss_params, task, key, alpha):
-        key_agent, key_reset, key_run, key_eval = jax.random.split(key, 4)
+        key_agent, key_reset, key_run = jax.random.split(key, 3)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
         state = LifetimeState(agent, optimizer.init(agent), init_running_stats(obs_dim), buffer, env_state, obs,
-                              jnp.float32(0.0), jnp.float32(jnp.nan), key_run)
+                              jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
         state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, alpha), state, None,
                                     args.lifetime // m)
-        return LifetimeOutput(evaluate(state.agent, state.obs_stats, task, key_eval), curve, state.agent)
+        return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
 
     return lifetime
 
 
 def loss_template(args: Args, env) -> dict:
     """EPGLoss parameters for the environment's sizes (the generation-0 loss, flax default init from --seed)."""
-    inputs = jnp.zeros((args.buffer_size, loss_input_dim(env.obs_dim, env.action_dim, args.memory_units)))
+    dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
+    inputs = jnp.zeros((args.buffer_size, dim))
     return EPGLoss().init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
 
 
@@ -793,14 +690,10 @@ def ppo_alpha(args: Args, generation: int) -> float:
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
 
 
-def stream_key(args: Args, stream: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.PRNGKey(args.seed), stream)
-
-
 def generation_key(args: Args, generation: int) -> jax.Array:
     """The PRNG key of one generation, from --seed and the generation index alone (so --resume redraws
     exactly the noise, tasks and lifetimes an uninterrupted run would)."""
-    return jax.random.fold_in(stream_key(args, GENERATION_STREAM), generation)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
 
 
 def shard_leading(fn: Callable, n: int, mapped: Tuple[bool, ...]) -> Callable:
@@ -854,32 +747,22 @@ def make_generation(args: Args, env) -> Callable:
     return jax.jit(generation)
 
 
-def make_runner(args: Args, env) -> Callable:
-    """run(thetas [n, dim], tasks [n, ...], keys [n, 2], alpha) -> LifetimeOutput with leading axis n: n
-    independent lifetimes, loss i = thetas[i] (flattened), compiled once and sharded over the devices."""
+def make_runner(args: Args, env, n: int) -> Callable:
+    """run(theta [dim], tasks [n, ...], keys [n, 2], alpha) -> LifetimeOutput with leading axis n: n lifetimes
+    of one flattened loss θ, on their own tasks and seeds, jit compiled and sharded over the devices."""
     unravel = ravel_pytree(loss_template(args, env))[1]
     lifetime = make_lifetime(args, env)
-    many = jax.vmap(lambda theta, task, key, alpha: lifetime(unravel(theta), task, key, alpha), (0, 0, 0, None))
-    cache = {}
-
-    def run(thetas, tasks, keys, alpha):
-        n = thetas.shape[0]
-        if n not in cache:
-            cache[n] = jax.jit(shard_leading(many, n, (True, True, True, False)))
-        return cache[n](thetas, tasks, keys, alpha)
-
-    return run
+    many = jax.vmap(lambda theta, task, key, alpha: lifetime(unravel(theta), task, key, alpha), (None, 0, 0, None))
+    return jax.jit(shard_leading(many, n, (False, True, True, False)))
 
 
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
-    """(tasks [n, ...], lifetime keys [n, 2]) drawn once from a stream of --seed: the same on every call."""
-    key_tasks, key_lives = jax.random.split(stream_key(args, stream))
+    """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
+    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
     return draw_tasks(env, key_tasks, n, test), jax.random.split(key_lives, n)
 
 
-# --------------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, loss files, plots.
-# --------------------------------------------------------------------------------------------------
+# ---- Files: atomic writes, checkpoints, loss files, plots.
 def atomic_write(path: str, data: bytes):
     """Write bytes to path via a temporary file and a rename, so a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -898,13 +781,15 @@ GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitne
 
 
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack: loss parameters θ, Adam state, log rows, best evaluated loss so far (atomic)."""
+    """checkpoint.msgpack (θ, Adam state, log rows, best evaluated loss) and generations.csv, both atomic."""
     state = {"theta": np.asarray(theta), "opt_state": flax.serialization.to_state_dict(opt_state),
              "generation": len(rows),
              "rows": {k: np.array([r[k] for r in rows], dtype=np.float64) for k in GEN_FIELDS},
              "best_fitness": np.float64(best["fitness"]), "best_theta": np.asarray(best["theta"])}
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"),
                  flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+    lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
+    atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
 def load_checkpoint(run_dir: str, theta_template, opt_template):
@@ -921,23 +806,22 @@ def load_checkpoint(run_dir: str, theta_template, opt_template):
         opt_state = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(opt_template, state["opt_state"]))
         n = int(state["generation"])
         rows = [{k: (int if k == "generation" else float)(state["rows"][k][i]) for k in GEN_FIELDS} for i in range(n)]
-        best = {"fitness": float(state["best_fitness"]), "theta": best_theta}
     except Exception as e:
         raise ArgsError(f"--resume {run_dir}: damaged checkpoint.msgpack ({type(e).__name__}: {e})") from None
-    return theta, opt_state, rows, best
+    return theta, opt_state, rows, {"fitness": float(state["best_fitness"]), "theta": best_theta}
 
 
 def save_loss(path: str, theta, args: Args):
-    """A loss file (atomic msgpack): the flattened EPGLoss parameters, the family, and the INNER_FIELDS
-    settings the loss was evolved with (--test uses them again)."""
+    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS settings it was
+    evolved with, which --test uses again."""
     state = {"theta": np.asarray(theta), "task_family": args.task_family,
              "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS})}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
-    """(θ [dim], args with the loss file's inner-loop settings) of a loss file or a run directory's
-    best_loss.msgpack. Raises ArgsError when the file is missing or damaged."""
+def load_loss(path: str, args: Args, env=None) -> Tuple[jax.Array, Args]:
+    """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
+    Raises ArgsError when the file is missing or damaged, or (given env) θ does not fit env's family."""
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ArgsError(f"{path}: {file} not found (give a run directory of epg.py or a loss .msgpack)")
@@ -946,11 +830,12 @@ def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
             state = flax.serialization.msgpack_restore(f.read())
         theta = jnp.asarray(state["theta"], dtype=jnp.float32)
         inner = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state["inner"]).items()}
-        args = resolve_args(dataclasses.replace(args, **inner))
-    except ArgsError:
-        raise
     except Exception as e:
         raise ArgsError(f"{path}: damaged loss file {file} ({type(e).__name__}: {e})") from None
+    args = resolve_args(dataclasses.replace(args, **inner))
+    if env is not None and theta.shape != ravel_pytree(loss_template(args, env))[0].shape:
+        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {state['task_family']}, does not "
+                        f"fit --task-family {args.task_family}")
     return theta, args
 
 
@@ -976,13 +861,7 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     os.replace(path + ".tmp.png", path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Meta-training, test, main.
-# --------------------------------------------------------------------------------------------------
-def default_run_dir(args: Args) -> str:
-    return os.path.join("runs", f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}")
-
-
+# ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
     path = os.path.join(args.resume, "args.json")
@@ -999,10 +878,11 @@ def resumed_args(args: Args) -> Args:
 
 
 def run_meta_training(args: Args) -> str:
-    """ES over the loss; writes the run directory and checkpoints as it goes."""
+    """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
     from tqdm import tqdm
 
-    run_dir = args.resume or args.run_dir or default_run_dir(args)
+    name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or args.run_dir or os.path.join("runs", name)
     os.makedirs(run_dir, exist_ok=True)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
@@ -1011,11 +891,6 @@ def run_meta_training(args: Args) -> str:
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    csv_path = os.path.join(run_dir, "generations.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([GEN_FIELDS] + [[r[k] for k in GEN_FIELDS] for r in rows])
-    os.replace(csv_path + ".tmp", csv_path)
-
     lifetimes = args.pop_size * args.num_tasks
     print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
           f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
@@ -1024,28 +899,21 @@ def run_meta_training(args: Args) -> str:
     start = time.time()
     generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
     eval_tasks, eval_keys = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False)
-    runner = make_runner(args, env)
-    evaluate = lambda theta: runner(jnp.broadcast_to(theta, (args.num_eval_tasks,) + theta.shape), eval_tasks,
-                                    eval_keys, 0.0).final_return
+    evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
     def checkpoint():
         save_checkpoint(run_dir, theta, opt_state, rows, best)
         save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
         save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        g = np.array([r["generation"] for r in rows], dtype=float)
+        series = {k.replace("_", " "): ([r["generation"] for r in rows], [r[k] for r in rows])
+                  for k in ("mean_fitness", "best_fitness")}
         evaluated = [(r["generation"], r["eval_fitness"]) for r in rows if np.isfinite(r["eval_fitness"])]
-        series = {k.replace("_", " "): (g, np.array([r[k] for r in rows])) for k in ("mean_fitness", "best_fitness")}
         if evaluated:
-            series["current loss, α = 0, fixed evaluation tasks"] = tuple(np.array(v) for v in zip(*evaluated))
+            series["current loss, α = 0, fixed evaluation tasks"] = tuple(zip(*evaluated))
         save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
                   f"EPG on {args.task_family}")
 
-    writer = None
-    if args.tensorboard:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(run_dir)
     bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
                desc="generations", file=sys.stdout, mininterval=0)
     try:
@@ -1053,25 +921,19 @@ def run_meta_training(args: Args) -> str:
             t0 = time.time()
             alpha = ppo_alpha(args, g)
             new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-            fitness = np.asarray(fitness)
+            fitness = np.where(np.isfinite(fitness), fitness, np.nan)
             seconds = time.time() - t0  # the generation alone, without the evaluation below
             eval_fitness, new_best = float("nan"), best
             if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                eval_fitness = float(np.nanmean(np.asarray(evaluate(new_theta))))  # α = 0, as at test time
+                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, 0.0).final_return))
                 if eval_fitness > best["fitness"]:
                     new_best = {"fitness": eval_fitness, "theta": new_theta}
-            finite = np.where(np.isfinite(fitness), fitness, np.nan)
-            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(finite)),
-                       mean_fitness=float(np.nanmean(finite)), eval_fitness=eval_fitness, seconds=seconds)
+            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
+                       mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
             # commit the generation in one assignment, so an interruption sees it whole or not at all
             theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in GEN_FIELDS])
             bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
                             sec=f"{seconds:.1f}")
-            if writer is not None:
-                for k in GEN_FIELDS[1:]:
-                    writer.add_scalar(f"es/{k}", row[k], g + 1)
             if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
                 checkpoint()
     except KeyboardInterrupt:
@@ -1081,8 +943,6 @@ def run_meta_training(args: Args) -> str:
               f"{run_dir}", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    if writer is not None:
-        writer.close()
     seconds = [r["seconds"] for r in rows[-max(1, len(rows) // 2):]]
     summary = dict(task_family=args.task_family, reward_blind=args.reward_blind, num_generations=len(rows),
                    pop_size=args.pop_size, num_tasks=args.num_tasks, lifetime=args.lifetime,
@@ -1095,51 +955,45 @@ def run_meta_training(args: Args) -> str:
 
 
 def tune_ppo(args: Args, env) -> Tuple[Args, list]:
-    """The PPO setting (rollout length, epochs, learning rate from the --ppo-* grids) whose agents reach the best
-    mean final return on --num-sweep-tasks fixed training tasks, at --lifetime. Returns (args of that setting,
-    [{rollout, epochs, learning_rate, final_return_mean}] for every setting)."""
+    """The PPO setting from the grid --ppo-rollouts × --ppo-epochs × --ppo-learning-rates whose agents reach the
+    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score)."""
     tasks, keys = fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     table, best = [], None
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo_args = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
-                                       buffer_size=max(args.buffer_size, rollout), reward_blind=False)
-        zero = jnp.zeros((args.num_sweep_tasks, ravel_pytree(loss_template(ppo_args, env))[0].shape[0]))
-        score = float(np.mean(np.asarray(make_runner(ppo_args, env)(zero, tasks, keys, 1.0).final_return)))
+        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
+                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
+        zero = 0 * ravel_pytree(loss_template(ppo, env))[0]
+        score = float(np.mean(np.asarray(make_runner(ppo, env, args.num_sweep_tasks)(zero, tasks, keys, 1.0)
+                                         .final_return)))
         table.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
         print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
-        if best is None or score > best[0]:
-            best = (score, ppo_args)
+        best = (score, ppo) if best is None or score > best[0] else best
     return best[1], table
 
 
 def run_test(args: Args) -> str:
     """The paper's test: fresh agents on held-out tasks (left-half goals for the goal families), the same tasks
-    and seeds for every trainer: the evolved loss (α = 0), tuned PPO, a zero loss (the initial policy), and the
-    reward-blind loss if given. Writes summary.json, test_curves.csv and test_curves.png."""
-    theta, args = load_loss(args.load_loss, args)
+    and seeds for every trainer: the evolved loss (α = 0), tuned PPO (α = 1), a zero loss (the initial policy),
+    and the reward-blind loss if given. Writes summary.json, test_curves.csv and test_curves.png."""
+    args = load_loss(args.load_loss, args)[1]
     env = make_env(args)
-    expected = ravel_pytree(loss_template(args, env))[0].shape
-    if theta.shape != expected:
-        raise ArgsError(f"--load-loss {args.load_loss}: a loss of {theta.shape} parameters does not fit "
-                        f"--task-family {args.task_family}, which needs {expected}")
-    run_dir = args.run_dir or default_run_dir(dataclasses.replace(args, exp_name="epg_test"))
+    theta = load_loss(args.load_loss, args, env)[0]
+    run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks, keys = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    copies = lambda theta: jnp.broadcast_to(theta, (args.num_seeds,) + theta.shape)
-    runner = make_runner(args, env)
     start = time.time()
-    outputs = {"evolved": runner(copies(theta), tasks, keys, 0.0), "zero": runner(copies(0 * theta), tasks, keys, 0.0)}
+    run = make_runner(args, env, args.num_seeds)
+    outputs = {"evolved": run(theta, tasks, keys, 0.0), "zero": run(0 * theta, tasks, keys, 0.0)}
     if args.load_reward_blind_loss is not None:
-        blind_theta, blind_args = load_loss(args.load_reward_blind_loss, args)
-        if not blind_args.reward_blind or any(getattr(blind_args, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
+        blind_theta, blind = load_loss(args.load_reward_blind_loss, args, env)
+        if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
             raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
                             f"with the evolved loss's inner-loop settings")
-        outputs["reward-blind"] = make_runner(blind_args, env)(copies(blind_theta), tasks, keys, 0.0)
-    ppo_args, sweep = tune_ppo(args, env)
-    zero = ravel_pytree(loss_template(ppo_args, env))[0] * 0
-    outputs["ppo"] = make_runner(ppo_args, env)(copies(zero), tasks, keys, 1.0)
-
+        outputs["reward-blind"] = make_runner(blind, env, args.num_seeds)(blind_theta, tasks, keys, 0.0)
+    ppo, sweep = tune_ppo(args, env)
+    outputs["ppo"] = make_runner(ppo, env, args.num_seeds)(0 * ravel_pytree(loss_template(ppo, env))[0], tasks,
+                                                           keys, 1.0)
     trainers, series, columns = {}, {}, {}
     grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
     for name, out in outputs.items():
@@ -1148,23 +1002,20 @@ def run_test(args: Args) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
-            columns[name] = np.interp(grid, steps, np.nanmean(curve, axis=0))
+            columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
         trainers[name] = dict(final_return_mean=float(final.mean()), final_return_std=float(final.std()),
                               auc_mean=float(auc.mean()), auc_std=float(auc.std()), final_returns=final.tolist())
         series[name] = (steps, curve)
         print(f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± "
               f"{auc.std():.3f}")
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    summary = dict(task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime,
-                   num_seeds=args.num_seeds, trainers=trainers, loss_file=os.path.abspath(args.load_loss),
-                   ppo_choice={k: getattr(ppo_args, k) for k in ("update_every", "update_epochs",
-                                                                  "inner_learning_rate")},
-                   ppo_sweep=sweep, wall_seconds=time.time() - start,
-                   tasks={k: np.asarray(v).tolist() for k, v in tasks.items()})
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    write_json(os.path.join(run_dir, "summary.json"), dict(
+        task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
+        trainers=trainers, loss_file=os.path.abspath(args.load_loss), ppo_sweep=sweep,
+        ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
+        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks.items()}))
     with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
-        rows = np.column_stack([grid] + list(columns.values()))
-        csv.writer(f).writerows([["lifetime_step"] + [f"{n}_mean" for n in columns]] + rows.tolist())
+        csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
     save_plot(os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode",
               f"{args.task_family}, {split}, {args.num_seeds} agents per trainer")
     return run_dir

@@ -51,7 +51,8 @@ def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient():
     loss_params = loss_params_for(args)
     buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
     inputs = epg.loss_inputs(args, agent, buffer, epg.init_running_stats(OBS_DIM))
-    assert inputs.shape == (args.buffer_size, epg.loss_input_dim(OBS_DIM, ACTION_DIM, args.memory_units))
+    # observation, action, reward, done, policy mean and log-std, memory units
+    assert inputs.shape == (args.buffer_size, OBS_DIM + ACTION_DIM + 2 + 2 * ACTION_DIM + args.memory_units)
     value = loss_value(args, loss_params, agent, buffer, index)
     assert value.shape == () and np.isfinite(float(value))
     grads = jax.grad(loss_value, argnums=2)(args, loss_params, agent, buffer, index)
@@ -101,7 +102,7 @@ def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing():
     ppo, still = np.asarray(out.curve[0]), np.asarray(out.curve[1])  # [tasks, updates]: last finished episode
     assert np.nanmean(ppo[:, -8:]) > np.nanmean(still) + 2.0, (np.nanmean(ppo[:, -8:]), np.nanmean(still))
     assert float(out.final_return[0].mean()) > float(out.final_return[1].mean()) + 2.0
-    untouched = jax.vmap(lambda k: epg.init_agent(jax.random.split(k, 4)[0], args, OBS_DIM, ACTION_DIM))(keys)
+    untouched = jax.vmap(lambda k: epg.init_agent(jax.random.split(k, 3)[0], args, OBS_DIM, ACTION_DIM))(keys)
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], out.agent)), jax.tree.leaves(untouched)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)  # jit vs eager rounding
 
