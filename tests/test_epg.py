@@ -200,7 +200,7 @@ def test_es_gradient_follows_the_fitness():
 
 TINY = ["--task-family", "goal-point", "--lifetime", "256", "--buffer-size", "64", "--update-every", "32",
         "--minibatch-size", "16", "--pop-size", "4", "--num-tasks", "2", "--num-eval-episodes", "1",
-        "--eval-every", "1", "--num-eval-tasks", "2", "--save-every", "1", "--memory-units", "4"]
+        "--eval-every", "2", "--num-eval-tasks", "2", "--save-every", "1", "--memory-units", "4"]
 RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "loss.msgpack", "best_loss.msgpack",
              "fitness_curve.png", "summary.json")
 
@@ -223,7 +223,7 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
         assert os.path.isfile(os.path.join(full, name)), name
     rows = read_rows(full)
     assert [r["generation"] for r in rows] == [1, 2] and [r["alpha"] for r in rows] == [1.0, 0.0]
-    assert all(np.isfinite(r["mean_fitness"]) and np.isfinite(r["eval_fitness"]) for r in rows)
+    assert all(np.isfinite(r["mean_fitness"]) for r in rows) and np.isfinite(rows[-1]["eval_fitness"])
     with open(os.path.join(full, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_generations"] == 2 and summary["lifetimes_per_minute"] > 0
