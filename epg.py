@@ -1,11 +1,10 @@
 """Evolved Policy Gradients (EPG): evolve a loss function with which a fresh agent learns a new task.
 
-A freshly initialised Gaussian policy learns one task, sampled from a family of tasks, by gradient descent
-on a learned loss L_φ: a temporal-convolution network that reads the agent's recent experience (a buffer of
-its last N steps) together with the policy's own outputs, and returns a scalar. Evolution strategies search
-φ, where the fitness of a candidate loss is the return its agent reaches at the end of a whole learning
-"lifetime"; the evolved loss then trains fresh agents on tasks it never saw, with no reward shaping or value
-function of its own.
+A freshly initialised Gaussian policy learns one task, drawn from a family of tasks, by gradient descent on a
+learned loss L_φ: a temporal-convolution network that reads the agent's last N steps of experience and the
+policy's own outputs and returns a scalar. Evolution strategies search φ; the fitness of a candidate loss is
+the return its agent reaches at the end of a whole learning lifetime, and the evolved loss then trains fresh
+agents on tasks it never saw, with no value function or advantage estimate of its own.
 
 Paper: Rein Houthooft, Richard Y. Chen, Phillip Isola, Bradly C. Stadie, Filip Wolski, Jonathan Ho,
 Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (sections 3-4, Algorithm 1).
@@ -13,27 +12,21 @@ Relative to a policy-gradient method, the hand-written surrogate objective is re
 first part of meta-training it is mixed with a PPO loss, (1 - α)·L_φ + α·L_PPO, α annealed from 1 to 0.
 
 Example:
-    python epg.py --task-family goal-ant                                  # the paper's GoalAnt (GPU)
-    python epg.py --task-family random-pendulum --num-generations 50      # CPU-sized
-    python epg.py --test --load-loss runs/<run> --task-family goal-ant    # left-half goals: EPG vs PPO
+    python epg.py --task-family goal-point --num-generations 200        # meta-train on the CPU family
+    python epg.py --task-family goal-point --test --load-loss losses/goal_point.msgpack   # left-half goals
+    python epg.py --task-family goal-ant                                 # the paper's GoalAnt (GPU)
 """
 
 import csv
 import dataclasses
-import functools
+import itertools
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from typing import Callable, NamedTuple, Optional, Tuple
-
-# jaxlib 0.10.2 on CPU runs batched LAPACK calls (here: the QR of orthogonal initialisation, batched by
-# the vmap over lifetimes) as tasks on XLA's intra-op thread pool, whose size is the number of cores; when
-# every pool thread waits inside such a call the run deadlocks at 0% CPU. A pool of at least 16 threads
-# leaves spare threads. Must be set before JAX starts its CPU backend; it does nothing on GPU.
-os.environ.setdefault("NPROC", "16")
+from typing import Callable, Literal, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import flax.serialization
@@ -44,18 +37,19 @@ import optax
 import tyro
 from jax.flatten_util import ravel_pytree
 
-# task family -> the environment it is built on
-TASK_FAMILIES = {
-    "random-pendulum": "Pendulum-v1",  # gymnax
-    "goal-ant": "ant",  # Brax from here on
-    "dir-hopper": "hopper",
-    "dir-cheetah": "halfcheetah",
-    "random-hopper": "hopper",
-    "goal-reacher": "reacher",
-}
-BRAX_FAMILIES = ("goal-ant", "dir-hopper", "dir-cheetah", "random-hopper", "goal-reacher")
-BACKENDS = ("generalized", "positional", "spring", "mjx")
+TaskFamily = Literal["goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper",
+                     "goal-reacher"]
+BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfcheetah", "random-hopper": "hopper",
+             "goal-reacher": "reacher"}  # Brax family -> the Brax environment it changes
+EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
+MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
+# Independent streams of randomness: every key of a run is fold_in(PRNGKey(--seed), STREAM), refined further.
+GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3
+PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
+# The inner-loop settings a loss was evolved with: saved in its loss file and used again by --test.
+INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "inner_learning_rate",
+                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")
 
 
 @dataclasses.dataclass
@@ -68,26 +62,15 @@ class Args:
     run_dir: Optional[str] = None
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
-    """continue meta-training from the last checkpoint of this run directory (its saved arguments are used;
-    --num-generations may extend it)"""
-    test: bool = False
-    """instead of meta-training: train fresh agents on test-distribution tasks with the loss of --load-loss
-    (α = 0) and, same seeds, tasks and steps, with PPO; write both learning curves and summary.json"""
-    load_loss: Optional[str] = None
-    """--test: the evolved loss, a run directory (meaning its best loss) or a loss .msgpack file"""
-    num_seeds: int = 8
-    """--test: agents (each on its own test task) per method, vmapped in one run"""
-    tensorboard: bool = False
-    """also write TensorBoard event files (tensorboardX) into the run directory (per generation)"""
+    """continue meta-training from this run directory's checkpoint, with its saved arguments"""
 
     # ---- task family ----
-    task_family: str = "goal-ant"
-    """random-pendulum (gymnax Pendulum-v1, random mass, length, gravity; CPU-sized), goal-ant, dir-hopper,
-    dir-cheetah, random-hopper, goal-reacher (Brax)"""
-    backend: str = "positional"
-    """Brax physics backend: generalized, positional, spring or mjx (ignored for gymnax families)"""
+    task_family: TaskFamily = "goal-point"
+    """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
+    backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
+    """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
-    """Brax: environment steps before a time-limit truncation (default 1000; goal-reacher 200)"""
+    """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
 
     # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
@@ -102,45 +85,52 @@ class Args:
     """passes over the M newest steps per policy update"""
     inner_learning_rate: float = 1e-3
     """Adam learning rate of the agent (policy, memory units, PPO value function)"""
-    policy_hidden: Tuple[int, ...] = (64, 64)
-    """policy (and PPO value) MLP hidden sizes, tanh"""
     memory_units: int = 32
-    """size of the memory vector: trainable agent parameters that the loss reads and moves (0: none)"""
+    """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none)"""
     num_eval_episodes: int = 3
-    """episodes of the final policy averaged into a lifetime's return (the fitness)"""
-    gamma: float = 0.99
-    """discount factor γ of the PPO auxiliary loss"""
-    gae_lambda: float = 0.95
-    """GAE λ of the PPO auxiliary loss"""
-    clip_coef: float = 0.2
-    """PPO clipping ε of the auxiliary loss"""
-    kl_coef: float = 1e-3
-    """weight of KL(π_old ‖ π) in the auxiliary PPO loss"""
+    """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
+    reward_blind: bool = False
+    """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
 
     # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
-    """tasks each noise vector is evaluated on; its fitness is the mean return over them"""
+    """tasks of a generation, the same for every member; a member's fitness is its mean return over them"""
     num_generations: Optional[int] = None
     """ES generations (default 500; on --resume, the saved run's unless given)"""
     sigma: float = 0.01
     """ES noise standard deviation σ"""
     es_learning_rate: float = 1e-2
-    """Adam learning rate of the ES update (divided by 10 after half of the generations, as the reference)"""
+    """Adam (β1 = 0) learning rate of the ES update, divided by 10 after half of the generations"""
     weight_decay: float = 1e-3
-    """L2 penalty on the loss parameters in the ES update"""
+    """L2 coefficient subtracted in the ES gradient, on the scale of the rank term ranks·ε / n (no 1/σ)"""
     ppo_anneal_frac: float = 0.125
     """α of (1-α)·L_EPG + α·L_PPO falls linearly from 1 to 0 over this fraction of the generations (0: α = 0)"""
     eval_every: int = 10
-    """evaluate the current loss (mean of the search distribution, α = 0) every this many generations"""
+    """evaluate the current loss (ES mean, α = 0) every this many generations on the fixed evaluation tasks"""
     num_eval_tasks: int = 8
-    """training-distribution tasks in that evaluation; the best evaluated loss is saved as best_loss.msgpack"""
+    """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
 
-
-EPISODE_LENGTHS = {"goal-reacher": 200}  # Brax families not listed here: 1000
+    # ---- --test: held-out tasks ----
+    test: bool = False
+    """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
+    load_loss: Optional[str] = None
+    """--test: a loss .msgpack or a run directory (its best loss); the file's inner-loop settings are used"""
+    load_reward_blind_loss: Optional[str] = None
+    """--test: a loss meta-trained with --reward-blind, run as a fourth trainer"""
+    num_seeds: int = 32
+    """--test: agents per trainer, each on its own held-out task; every trainer gets the same tasks and seeds"""
+    ppo_rollouts: Tuple[int, ...] = (64, 256)
+    """--test: PPO sweep, rollout lengths (steps between updates)"""
+    ppo_epochs: Tuple[int, ...] = (1, 4)
+    """--test: PPO sweep, epochs per update"""
+    ppo_learning_rates: Tuple[float, ...] = (1e-3, 3e-3)
+    """--test: PPO sweep, Adam learning rates"""
+    num_sweep_tasks: int = 8
+    """--test: training-distribution tasks (one agent each) on which each PPO setting is scored"""
 
 
 class ArgsError(ValueError):
@@ -148,120 +138,245 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults (episode length per task family) and check every value.
-
-    Raises:
-        ArgsError: unknown task family or backend; a non-positive size; a lifetime shorter than the
-            buffer or not a multiple of --update-every; M not a multiple of the minibatch; a buffer smaller
-            than M or than the convolutions need; an odd population or one that does not divide over the
-            devices (meta-training only); --test without --load-loss.
-    """
-    if args.task_family not in TASK_FAMILIES:
-        raise ArgsError(f"unknown --task-family {args.task_family!r}; valid: {', '.join(TASK_FAMILIES)}")
-    if args.backend not in BACKENDS:
-        raise ArgsError(f"unknown --backend {args.backend!r}; valid: {', '.join(BACKENDS)}")
+    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError: a non-positive
+    size; a rollout that does not divide the lifetime or split into minibatches; a buffer shorter than M, than
+    the convolutions need or longer than the lifetime; an odd population or one that does not divide over the
+    devices (meta-training); --test without --load-loss."""
     if args.num_generations is None:
         args = dataclasses.replace(args, num_generations=500)
     if args.episode_length is None:
         args = dataclasses.replace(args, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
                  "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
-                 "num_seeds", "episode_length"):
-        if getattr(args, name) <= 0:
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.memory_units < 0 or any(h <= 0 for h in args.policy_hidden):
-        raise ArgsError("--memory-units must be non-negative and --policy-hidden sizes positive")
-    for name in ("inner_learning_rate", "sigma", "es_learning_rate", "clip_coef"):
+                 "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
+                 "es_learning_rate"):
         if not getattr(args, name) > 0:
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.weight_decay < 0 or args.kl_coef < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--weight-decay and --kl-coef must be >= 0 and --ppo-anneal-frac in [0, 1]")
-    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        raise ArgsError(f"--gamma and --gae-lambda must lie in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    if args.update_every % args.minibatch_size:
-        raise ArgsError(f"--update-every {args.update_every} is not a multiple of --minibatch-size {args.minibatch_size}")
+    if args.memory_units < 0 or min(args.ppo_rollouts + args.ppo_epochs, default=1) <= 0:
+        raise ArgsError("--memory-units must be >= 0 and --ppo-rollouts, --ppo-epochs positive")
+    if args.weight_decay < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--weight-decay must be >= 0 and --ppo-anneal-frac in [0, 1]")
+    for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
+        if rollout % args.minibatch_size or args.lifetime % rollout:
+            raise ArgsError(f"a rollout of {rollout} steps must be a multiple of --minibatch-size "
+                            f"{args.minibatch_size} and divide --lifetime {args.lifetime}")
     if args.buffer_size < max(args.update_every, MIN_BUFFER):
         raise ArgsError(f"--buffer-size {args.buffer_size} is smaller than --update-every {args.update_every} "
                         f"or than the {MIN_BUFFER} steps the loss's convolutions need")
     if args.lifetime < args.buffer_size:
         raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
-    if args.lifetime % args.update_every:
-        raise ArgsError(f"--lifetime {args.lifetime} is not a multiple of --update-every {args.update_every}")
-    if args.test:
-        if args.load_loss is None:
-            raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
-    else:
-        if args.pop_size % 2:
-            raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
-        if args.pop_size % jax.device_count():
-            raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
+    if args.test and args.load_loss is None:
+        raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
+    if not args.test and args.pop_size % 2:
+        raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
+    if not args.test and args.pop_size % jax.device_count():
+        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# Task families. A task is a small pytree of arrays; `sample_tasks(family, key, n, test)` draws n of them
-# (a pure function, so tasks vmap like anything else), and the family's environment takes the task as an
-# argument of reset and step:
+# ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
+class EPGLoss(nn.Module):
+    """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93).
+
+    __call__(inputs [N, D], index [B]) -> scalar. `inputs`: one row per step of the buffer (loss_inputs).
+    Context: the whole buffer, features as channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU,
+    Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time, Dense(32). Head, for the B steps `index`:
+    [step features, context] → Dense(16), leaky ReLU, Dense(1); mean over the minibatch. Leaky slope 0.2
+    (chainer's default, which the reference uses).
+    """
+
+    @nn.compact
+    def __call__(self, inputs, index):
+        leaky = lambda x: nn.leaky_relu(x, negative_slope=0.2)
+        x = leaky(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
+        x = leaky(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
+        context = nn.Dense(32)(x.mean(axis=0))
+        steps = inputs[index]
+        h = jnp.concatenate([steps, jnp.broadcast_to(context, (steps.shape[0], context.shape[0]))], axis=-1)
+        return nn.Dense(1)(leaky(nn.Dense(16)(h))).mean()
+
+
+class Buffer(NamedTuple):
+    """The last N steps of experience, oldest first; rows not yet filled are zero and `valid` 0."""
+
+    obs: jax.Array  # [N, obs_dim], raw
+    action: jax.Array  # [N, action_dim], as sampled (before clipping to the action bounds)
+    reward: jax.Array  # [N]
+    done: jax.Array  # [N], 1 where the episode ended (terminated or truncated) at this step
+    terminated: jax.Array  # [N]
+    final_obs: jax.Array  # [N, obs_dim], the true next observation (for bootstrapping)
+    valid: jax.Array  # [N]
+
+
+def memory_vector(agent: dict) -> jax.Array:
+    """The memory units [memory_units] = tanh(W·1 + b) (reference epg/networks.py:51-70): W and b are agent
+    parameters that only the learned loss reads and, through its gradient, moves (paper section 3.2)."""
+    return jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
+
+
+def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: "RunningStats") -> jax.Array:
+    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
+    units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
+    gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
+    the reference (agents.py:142), or zero with --reward-blind (the switch commented out at agents.py:123)."""
+    obs = normalize(buffer.obs, obs_stats)
+    pi = policy_distribution(args, agent, obs)
+    reward = jnp.zeros_like(buffer.reward) if args.reward_blind else buffer.reward
+    n = obs.shape[0]
+    x = jnp.concatenate([obs, buffer.action, reward[:, None], buffer.done[:, None], pi.mean,
+                         jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                         jnp.broadcast_to(memory_vector(agent), (n, args.memory_units))], axis=-1)
+    return x * buffer.valid[:, None]
+
+
+def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
+    """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T]:
+    δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the true next
+    state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns (A, A + V)."""
+    def backward(next_advantage, step):
+        reward, value, next_value, term, cut = step
+        delta = reward + gamma * (1.0 - term) * next_value - value
+        advantage = delta + gamma * gae_lambda * (1.0 - cut) * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]),
+                                 (rewards, values, next_values, terminated, cuts), reverse=True)
+    return advantages, advantages + values
+
+
+class PPOBatch(NamedTuple):
+    """The M newest steps, prepared for the PPO loss before the update starts: [M, ...]."""
+
+    obs: jax.Array  # normalised
+    action: jax.Array
+    old_pi: "DiagGaussian"
+    advantage: jax.Array  # normalised over the M steps
+    target: jax.Array  # value target (GAE return)
+
+
+def ppo_loss(args: Args, agent: dict, batch: PPOBatch) -> jax.Array:
+    """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
+    -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
+    (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
+    pi = policy_distribution(args, agent, batch.obs)
+    ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
+    clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
+    policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
+    value = jnp.mean((value_fn(args, agent, batch.obs) - batch.target) ** 2)
+    return policy + PPO_KL * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
+
+
+def centered_ranks(fitness: jax.Array) -> jax.Array:
+    """Centered-rank fitness shaping (Salimans et al. 2017, arXiv:1703.03864, section 2.2; the reference's
+    relative_ranks, epg/utils.py:55-62): [pop] -> [pop]. The member of rank k (0 = lowest fitness) gets
+    k / (pop - 1) - 0.5, in [-0.5, 0.5]; non-finite fitness counts as the lowest."""
+    fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
+    ranks = jnp.argsort(jnp.argsort(fitness))
+    return ranks / (fitness.shape[0] - 1) - 0.5
+
+
+def antithetic_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
+    """ε [pop_size, dim]: pop_size/2 standard normal vectors followed by their negatives."""
+    eps = jax.random.normal(key, (pop_size // 2, dim))
+    return jnp.concatenate([eps, -eps])
+
+
+def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_decay: float) -> jax.Array:
+    """The ES ascent direction [dim] for θ [dim], as the reference computes it (epg/evolution.py:216-217;
+    Salimans et al. 2017, eq. 1 without its 1/σ): g = 1/n Σ_i rank(F_i)·ε_i - weight_decay·θ, with ε [n, dim]
+    the members' noise and F [n] their fitnesses. Without 1/σ, the decay weighs 1/σ times more."""
+    return centered_ranks(fitness) @ eps / eps.shape[0] - weight_decay * theta
+
+
+# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
+# family's environment takes the task as an argument of reset and step:
 #   reset(key, task)               -> (obs, state)
 #   step(key, state, action, task) -> (obs, state, reward, terminated, truncated, final_obs)
 # `obs` is already the first observation of the next episode when the episode ended (auto-reset);
 # `final_obs` is the true last observation, from which a time-limit truncation is bootstrapped.
-# --------------------------------------------------------------------------------------------------
-# Ranges of the randomised families, from the reference code's RandomWeightHopperEnv (epg/envs/mujoco/hopper.py):
-# every body mass and geom friction scaled by U(0.5, 2), gravity g_z ~ -U(2, 20). The pendulum takes the
-# same multipliers on its mass and length and the same gravity range.
+# Ranges of the randomised families, from the reference's RandomWeightHopperEnv (epg/envs/mujoco/hopper.py:58-73):
+# body masses, geom frictions and geom thicknesses × U(0.5, 2) (the floor excluded), gravity g_z = -U(2, 20).
+# The pendulum takes the same multipliers on its mass and length and the same gravity range.
 SCALE_RANGE = (0.5, 2.0)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²
-GOAL_RADIUS = {"goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres from the origin
+GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
 GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -x (--test): strictly one half
 
 
-def sample_goal(key: jax.Array, n: int, radius: Tuple[float, float], test: bool) -> jax.Array:
-    """n goal positions [n, 2] on the right half-plane (x > 0), or the left (x < 0) when test."""
-    key_r, key_a = jax.random.split(key)
-    r = jax.random.uniform(key_r, (n,), minval=radius[0], maxval=radius[1])
-    angle = jax.random.uniform(key_a, (n,), minval=-GOAL_HALF_ANGLE, maxval=GOAL_HALF_ANGLE) + (math.pi if test else 0.0)
-    return jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)
-
-
 def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0) -> dict:
-    """n tasks of a family as a dict of arrays with leading axis n.
-
-    goal-ant, goal-reacher: {"goal": [n, 2]}, right half for training, left half for `test`.
-    dir-hopper, dir-cheetah: {"direction": [n]}, +1 or -1 with equal probability (the reference's
-        randint(0, 1) always gave -1; not reproduced).
-    random-hopper: {"mass_scale": [n, num_links], "friction_scale": [n, num_geoms, 3], "gravity": [n]}.
-    random-pendulum: {"mass": [n], "length": [n], "gravity": [n]}.
-    The randomised and direction families have no train/test split: --test draws unseen tasks of the
-    same distribution.
-    """
+    """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
+    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally
+    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
+    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, the floor (geom 0) unscaled.
+    random-pendulum: {"mass", "length", "gravity": [n]}. The non-goal families' `test` tasks are unseen draws of
+    the same distribution. Raises ValueError for an unknown family."""
+    keys = jax.random.split(key, 4)
+    uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
     if family in GOAL_RADIUS:
-        return {"goal": sample_goal(key, n, GOAL_RADIUS[family], test)}
+        angle = uniform(keys[1], (n,), (-GOAL_HALF_ANGLE, GOAL_HALF_ANGLE)) + (math.pi if test else 0.0)
+        r = uniform(keys[0], (n,), GOAL_RADIUS[family])
+        return {"goal": jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)}
     if family in ("dir-hopper", "dir-cheetah"):
         return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
-    keys = jax.random.split(key, 3)
-    uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
     if family == "random-hopper":
+        not_floor = (jnp.arange(num_geoms) > 0)
+        scale = lambda k, shape: jnp.where(not_floor.reshape((1, num_geoms) + (1,) * (len(shape) - 2)),
+                                           uniform(k, shape, SCALE_RANGE), 1.0)
         return {"mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
-                "friction_scale": uniform(keys[1], (n, num_geoms, 3), SCALE_RANGE),
-                "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
+                "friction_scale": scale(keys[1], (n, num_geoms, 3)),
+                "thickness_scale": scale(keys[3], (n, num_geoms)), "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
     if family == "random-pendulum":
         return {"mass": uniform(keys[0], (n,), SCALE_RANGE), "length": uniform(keys[1], (n,), SCALE_RANGE),
                 "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
     raise ValueError(f"unknown task family {family!r}")
 
 
+def draw_tasks(env, key: jax.Array, n: int, test: bool) -> dict:
+    """n tasks of the environment's family (sample_tasks with the environment's sizes)."""
+    return sample_tasks(env.family, key, n, test, env.num_links, env.num_geoms)
+
+
+class GoalPointEnv:
+    """goal-point, a miniature GoalAnt (this project's): a 2-D point mass, p [2] (m) from U(-0.1, 0.1)², v [2]
+    (m/s) from 0; action a force [2] clipped to ±1; per step (dt = 0.1 s) v ← 0.9·v + dt·force, p ← p + dt·v
+    (top speed 1 m/s). Observation (p, v) [4]: the goal is not observed. Reward: progress towards the goal,
+    (|g - p_before| - |g - p_after|)/dt (m/s), so a return is at most 10·|g - p_0|. Time limit only."""
+
+    family, obs_dim, action_dim, action_low, action_high, num_links, num_geoms = "goal-point", 4, 2, -1.0, 1.0, 0, 0
+    DT, DAMPING = 0.1, 0.1
+
+    def __init__(self, episode_length: int):
+        self.max_episode_steps = episode_length
+
+    def reset(self, key, task):
+        state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2),
+                 "t": jnp.int32(0)}
+        return jnp.concatenate([state["pos"], state["vel"]]), state
+
+    def step(self, key, state, action, task):
+        vel = (1.0 - self.DAMPING) * state["vel"] + self.DT * jnp.clip(action, -1.0, 1.0)
+        pos = state["pos"] + self.DT * vel
+        distance = lambda p: jnp.linalg.norm(task["goal"] - p)
+        reward = (distance(state["pos"]) - distance(pos)) / self.DT
+        truncated = (state["t"] + 1 >= self.max_episode_steps).astype(jnp.float32)
+        final_obs = jnp.concatenate([pos, vel])
+        reset_obs, reset_state = self.reset(key, task)
+        state = jax.tree.map(lambda r, s: jnp.where(truncated > 0, r, s), reset_state,
+                             {"pos": pos, "vel": vel, "t": state["t"] + 1})
+        return jnp.where(truncated > 0, reset_obs, final_obs), state, reward, jnp.float32(0.0), truncated, final_obs
+
+
 class PendulumTaskEnv:
     """random-pendulum: gymnax Pendulum-v1 whose mass, length and gravity are the task's."""
 
-    def __init__(self):
+    family, obs_dim, action_dim, num_links, num_geoms = "random-pendulum", 3, 1, 0, 0
+
+    def __init__(self, episode_length: int):
         import gymnax
 
-        self.env, self.params = gymnax.make("Pendulum-v1")
-        self.obs_dim, self.action_dim = 3, 1
-        self.action_low, self.action_high = -float(self.params.max_torque), float(self.params.max_torque)
-        self.max_episode_steps = int(self.params.max_steps_in_episode)
-        self.num_links = self.num_geoms = 0
+        self.env, params = gymnax.make("Pendulum-v1")
+        self.params = params.replace(max_steps_in_episode=episode_length)
+        self.action_low, self.action_high = -float(params.max_torque), float(params.max_torque)
 
     def _params(self, task):
         return self.params.replace(m=task["mass"], l=task["length"], g=task["gravity"])
@@ -272,18 +387,22 @@ class PendulumTaskEnv:
 
     def step(self, key, state, action, task):
         obs, state, reward, terminated, truncated, info = self.env.step(key, state, action, self._params(task))
-        return (obs.astype(jnp.float32), state, jnp.squeeze(reward).astype(jnp.float32), terminated.astype(jnp.float32),
-                truncated.astype(jnp.float32), info["final_observation"].astype(jnp.float32))
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        final_obs = info["final_observation"]
+        return f32(obs), state, f32(jnp.squeeze(reward)), f32(terminated), f32(truncated), f32(final_obs)
 
 
 class BraxTaskEnv:
-    """A Brax family: the base env with a time limit, its reward or physics changed by the task.
+    """A Brax family: the base environment with a time limit, its reward or physics set by the task.
 
-    goal-ant: the forward reward is replaced by progress towards the goal, (|g - p_before| - |g - p_after|)/dt
-    of the torso's (x, y); the goal is not in the observation (Brax's ant already hides x, y), only the
-    reward reveals it. dir-hopper / dir-cheetah: the forward reward is multiplied by the direction.
-    random-hopper: link masses, geom frictions and gravity of the physics system are the task's.
-    goal-reacher: the target is placed at the task's goal at every reset, instead of at random.
+    Rewards follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), which reward the forward velocity
+    (x_after - x_before)/dt alone, with no alive bonus and no control cost:
+    dir-hopper: direction × forward velocity (hopper.py:89); dir-cheetah: the same for halfcheetah (the paper's
+    DirCheetah; no reference code). random-hopper: forward velocity (hopper.py:51, whose direction is always +1,
+    hopper.py:34); link masses, geom frictions, geom thicknesses (size[0]) and gravity are the task's
+    (hopper.py:58-73). goal-ant: progress towards the goal, (|g - p_before| - |g - p_after|)/dt of the torso's
+    (x, y), the goal unobserved (Brax's ant hides x, y): the paper's GoalAnt (no reference code).
+    goal-reacher: Brax's reacher reward, its target placed at the task's goal at every reset (this project's).
     """
 
     def __init__(self, family: str, backend: str, episode_length: int):
@@ -291,11 +410,10 @@ class BraxTaskEnv:
         from brax.envs.wrappers.training import EpisodeWrapper
 
         self.family = family
-        self.base = envs.get_environment(TASK_FAMILIES[family], backend=backend)
+        self.base = envs.get_environment(BRAX_BASE[family], backend=backend)
         self.env = EpisodeWrapper(self.base, episode_length, 1)
         self.obs_dim, self.action_dim = int(self.base.observation_size), int(self.base.action_size)
         self.action_low, self.action_high = -1.0, 1.0
-        self.max_episode_steps = episode_length
         self.sys = self.base.sys
         self.num_links = int(self.sys.link.inertia.mass.shape[0])
         self.num_geoms = int(np.asarray(self.sys.geom_friction).shape[0])
@@ -304,12 +422,12 @@ class BraxTaskEnv:
         """Run fn() with the physics system of the task (random-hopper) swapped into the env."""
         if self.family != "random-hopper":
             return fn()
-        sys = self.sys.tree_replace({
+        size = jnp.asarray(self.sys.geom_size)
+        self.base.sys = self.sys.tree_replace({
             "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
             "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
-            "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"],
-        })
-        self.base.sys = sys
+            "geom_size": size.at[:, 0].multiply(task["thickness_scale"]),
+            "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"]})
         try:
             return fn()
         finally:
@@ -327,14 +445,11 @@ class BraxTaskEnv:
         m = state.metrics
         if self.family == "goal-ant":
             position = jnp.stack([m["x_position"], m["y_position"]])
-            velocity = jnp.stack([m["x_velocity"], m["y_velocity"]])
-            before = position - velocity * self.base.dt
-            progress = (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
-            return state.reward - m["forward_reward"] + progress
+            before = position - jnp.stack([m["x_velocity"], m["y_velocity"]]) * self.base.dt
+            return (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
         if self.family in ("dir-hopper", "dir-cheetah"):
-            forward = m["reward_forward"] if self.family == "dir-hopper" else m["reward_run"]
-            return state.reward + (task["direction"] - 1.0) * forward
-        return state.reward
+            return task["direction"] * m["x_velocity"]
+        return m["x_velocity"] if self.family == "random-hopper" else state.reward
 
     def reset(self, key, task):
         state = self._reset_state(key, task)
@@ -351,27 +466,22 @@ class BraxTaskEnv:
 
 
 def make_env(args: Args):
-    """The environment of args.task_family (PendulumTaskEnv or BraxTaskEnv), built once per setting."""
-    return cached_env(args.task_family, args.backend, args.episode_length)
+    """The environment of args.task_family; build it once and pass it to the functions that need it."""
+    if args.task_family in BRAX_BASE:
+        return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
+    if args.task_family == "random-pendulum":
+        return PendulumTaskEnv(args.episode_length)
+    return GoalPointEnv(args.episode_length)
 
 
-@functools.lru_cache(maxsize=None)
-def cached_env(task_family: str, backend: str, episode_length: int):
-    if task_family in BRAX_FAMILIES:
-        return BraxTaskEnv(task_family, backend, episode_length)
-    return PendulumTaskEnv()
-
-
-# --------------------------------------------------------------------------------------------------
-# Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
-# --------------------------------------------------------------------------------------------------
+# ---- Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
 class RunningStats(NamedTuple):
     mean: jax.Array  # [obs_dim]
     var: jax.Array  # [obs_dim]
     count: jax.Array  # scalar
 
 
-def init_running_stats(obs_dim: int) -> RunningStats:
+def init_running_stats(obs_dim: int) -> RunningStats:  # mean 0, variance 1, a negligible count
     return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
 
 
@@ -392,9 +502,7 @@ def normalize(obs: jax.Array, stats: RunningStats) -> jax.Array:
     return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -10.0, 10.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# Networks: the agent (Gaussian policy, memory units, PPO's value function) and the learned loss.
-# --------------------------------------------------------------------------------------------------
+# ---- The agent: Gaussian policy, memory units, PPO's value function.
 class DiagGaussian(NamedTuple):
     """Diagonal Gaussian policy; mean [..., action_dim], log_std [action_dim] (state-independent)."""
 
@@ -415,190 +523,53 @@ def gaussian_kl(p: DiagGaussian, q: DiagGaussian) -> jax.Array:
     return jnp.sum(q.log_std - p.log_std + (var_p + (p.mean - q.mean) ** 2) / (2 * var_q) - 0.5, axis=-1)
 
 
+def normc(scale: float) -> Callable:
+    """The reference's weight initialisation (epg/networks.py:20-22): a normal matrix [in, out] whose entries
+    from each input have norm `scale`. It needs no QR decomposition, unlike orthogonal initialisation, whose
+    batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool."""
+    def init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, dtype)
+        return w * scale / jnp.sqrt(jnp.sum(w**2, axis=-1, keepdims=True))
+    return init
+
+
 class MLP(nn.Module):
-    hidden: Tuple[int, ...]
+    """64-64 tanh MLP, normc(1) hidden layers, normc(0.01) output layer (epg/networks.py:6-33, agents.py:206)."""
+
     out_dim: int
-    out_scale: float
 
     @nn.compact
     def __call__(self, x):
-        for width in self.hidden:
-            x = nn.tanh(nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x))
-        return nn.Dense(self.out_dim, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
+        for width in (64, 64):
+            x = nn.tanh(nn.Dense(width, kernel_init=normc(1.0))(x))
+        return nn.Dense(self.out_dim, kernel_init=normc(0.01))(x)
 
 
 def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dict:
-    """A fresh agent: {"policy": MLP params, "log_std": [action_dim], "memory": [memory_units], "value": MLP params}.
-
-    The policy maps a normalised observation to the Gaussian's mean (64-64 tanh in the reference); the
-    memory units are parameters the policy does not use: only the learned loss reads them and, through its
-    gradient, moves them, which lets it keep state across updates (paper section 3.2). The value function
-    serves only the auxiliary PPO loss.
-    """
-    key_pi, key_v = jax.random.split(key)
+    """A fresh agent: {"policy": MLP params, "log_std": [action_dim] zeros, "memory": {"kernel": [64, memory_units],
+    "bias": [memory_units]}, "value": MLP params} (epg/agents.py:28, 39, 206-207). The value function serves only
+    the PPO loss."""
+    key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
-    return {"policy": MLP(tuple(args.policy_hidden), action_dim, 0.01).init(key_pi, dummy),
-            "log_std": jnp.zeros(action_dim), "memory": jnp.zeros(args.memory_units),
-            "value": MLP(tuple(args.policy_hidden), 1, 1.0).init(key_v, dummy)}
+    return {"policy": MLP(action_dim).init(key_pi, dummy),
+            "log_std": jnp.zeros(action_dim),
+            "memory": {"kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
+                       "bias": jnp.zeros(args.memory_units)},
+            "value": MLP(1).init(key_v, dummy)}
 
 
 def policy_distribution(args: Args, agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
-    mean = MLP(tuple(args.policy_hidden), agent["log_std"].shape[0], 0.01).apply(agent["policy"], obs)
+    mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
     return DiagGaussian(mean, agent["log_std"])
 
 
 def value_fn(args: Args, agent: dict, obs: jax.Array) -> jax.Array:
     """V(obs) [...] for normalised observations [..., obs_dim]."""
-    return MLP(tuple(args.policy_hidden), 1, 1.0).apply(agent["value"], obs)[..., 0]
+    return MLP(1).apply(agent["value"], obs)[..., 0]
 
 
-class EPGLoss(nn.Module):
-    """The learned loss L_φ (paper Fig. 2; reference code's Conv1DLoss).
-
-    __call__(inputs [N, D], index [B]) -> scalar. `inputs` holds one row per step of the buffer of the last
-    N steps, D features: normalised observation, action, reward, done, the policy's mean and log-std at that
-    observation, and the memory units. Context branch: the whole buffer, features as channels, through
-    Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, the mean over
-    time, Dense(32→32). Loss head, for the B steps of the minibatch `index`: [step features, context] →
-    Dense(16), leaky ReLU, Dense(1); the loss is the mean over the minibatch.
-    """
-
-    @nn.compact
-    def __call__(self, inputs, index):
-        x = nn.leaky_relu(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
-        x = nn.leaky_relu(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
-        context = nn.Dense(32)(x.mean(axis=0))
-        steps = inputs[index]
-        h = jnp.concatenate([steps, jnp.broadcast_to(context, (steps.shape[0], context.shape[0]))], axis=-1)
-        return nn.Dense(1)(nn.leaky_relu(nn.Dense(16)(h))).mean()
-
-
-def loss_input_dim(obs_dim: int, action_dim: int, memory_units: int) -> int:
-    """D: observation, action, reward, done, policy mean and log-std, memory units."""
-    return obs_dim + action_dim + 2 + 2 * action_dim + memory_units
-
-
-def init_loss_params(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dict:
-    """Parameters φ of EPGLoss for this task family's dimensions (flax default initialisation)."""
-    n = args.buffer_size
-    return EPGLoss().init(key, jnp.zeros((n, loss_input_dim(obs_dim, action_dim, args.memory_units))),
-                          jnp.arange(args.minibatch_size))
-
-
-# --------------------------------------------------------------------------------------------------
-# The method's pure functions: the loss inputs, the two inner losses, GAE, and the ES update.
-# --------------------------------------------------------------------------------------------------
-class Buffer(NamedTuple):
-    """The last N steps of experience, oldest first; rows not yet filled are zero and `valid` 0."""
-
-    obs: jax.Array  # [N, obs_dim], raw
-    action: jax.Array  # [N, action_dim], as sampled (before clipping to the action bounds)
-    reward: jax.Array  # [N]
-    done: jax.Array  # [N], 1 where the episode ended (terminated or truncated) at this step
-    terminated: jax.Array  # [N]
-    final_obs: jax.Array  # [N, obs_dim], the true next observation (for bootstrapping)
-    valid: jax.Array  # [N]
-
-
-def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: RunningStats) -> jax.Array:
-    """The learned loss's per-step inputs [N, D], zero on the buffer's unfilled rows.
-
-    The policy outputs are recomputed from `agent`, so the gradient of L_φ reaches the policy through
-    them (in every row, hence also through the context) and reaches the memory units directly.
-    """
-    obs = normalize(buffer.obs, obs_stats)
-    pi = policy_distribution(args, agent, obs)
-    n = obs.shape[0]
-    x = jnp.concatenate([obs, buffer.action, buffer.reward[:, None], buffer.done[:, None], pi.mean,
-                         jnp.broadcast_to(pi.log_std, pi.mean.shape), jnp.broadcast_to(agent["memory"], (n, args.memory_units))],
-                        axis=-1)
-    return x * buffer.valid[:, None]
-
-
-def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438, eq. 16), by reverse scan.
-
-        δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t)
-        A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}
-
-    s'_t is the true next state, so a time-limit truncation bootstraps from the value of the final
-    state, and only a real termination drops the bootstrap. `cut_t` is 1 where the trace stops: at
-    episode ends (terminated or truncated) and at the last step of the window.
-    Args: all arrays [T]. Returns (advantages, returns = advantages + values), both [T].
-    """
-    def backward(next_advantage, step):
-        reward, value, next_value, term, cut = step
-        delta = reward + gamma * (1.0 - term) * next_value - value
-        advantage = delta + gamma * gae_lambda * (1.0 - cut) * next_advantage
-        return advantage, advantage
-
-    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]),
-                                 (rewards, values, next_values, terminated, cuts), reverse=True)
-    return advantages, advantages + values
-
-
-class PPOBatch(NamedTuple):
-    """The M newest steps, prepared for the auxiliary PPO loss before the update starts: [M, ...]."""
-
-    obs: jax.Array  # normalised
-    action: jax.Array
-    old_pi: DiagGaussian
-    advantage: jax.Array  # normalised over the M steps
-    target: jax.Array  # value target (GAE return)
-
-
-def ppo_loss(args: Args, agent: dict, batch: PPOBatch) -> jax.Array:
-    """The reference's auxiliary PPO loss on a minibatch [B, ...]:
-    -mean(min(r·A, clip(r, 1±ε)·A)) + kl_coef·mean(KL(π_old ‖ π)) + mean((V - V_target)²)
-    (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
-    pi = policy_distribution(args, agent, batch.obs)
-    ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
-    clipped = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
-    value = jnp.mean((value_fn(args, agent, batch.obs) - batch.target) ** 2)
-    return policy + args.kl_coef * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
-
-
-def centered_ranks(fitness: jax.Array) -> jax.Array:
-    """Centered-rank fitness shaping (Salimans et al. 2017, arXiv:1703.03864, section 2.2): [pop] -> [pop].
-
-    The member of rank k (0 = lowest fitness) gets k / (pop - 1) - 0.5, in [-0.5, 0.5]; non-finite
-    fitness counts as the lowest.
-    """
-    fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
-    ranks = jnp.argsort(jnp.argsort(fitness))
-    return ranks / (fitness.shape[0] - 1) - 0.5
-
-
-def antithetic_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
-    """ε [pop_size, dim]: pop_size/2 standard normal vectors followed by their negatives."""
-    eps = jax.random.normal(key, (pop_size // 2, dim))
-    return jnp.concatenate([eps, -eps])
-
-
-def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, sigma: float, weight_decay: float) -> jax.Array:
-    """The ES ascent direction for the loss parameters θ [dim] (Salimans et al. 2017, eq. 1 with section 2.2):
-
-        g = 1/(n·σ) Σ_i rank(F_i)·ε_i  -  weight_decay·θ
-
-    ε [n, dim] is the noise of the n members θ + σ·ε_i and F [n] their fitnesses (mean return over their tasks).
-    """
-    return centered_ranks(fitness) @ eps / (eps.shape[0] * sigma) - weight_decay * theta
-
-
-# --------------------------------------------------------------------------------------------------
-# The inner loop: make_lifetime(args) returns a pure lifetime(loss_params, task, key, alpha).
-# --------------------------------------------------------------------------------------------------
-class Step(NamedTuple):
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    done: jax.Array
-    terminated: jax.Array
-    final_obs: jax.Array
-
-
+# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(loss_params, task, key, alpha).
 class LifetimeState(NamedTuple):
     agent: dict
     opt_state: optax.OptState
@@ -607,52 +578,41 @@ class LifetimeState(NamedTuple):
     env_state: object
     obs: jax.Array
     episode_return: jax.Array  # return of the running episode so far
-    last_return: jax.Array  # return of the last finished episode (NaN before the first)
+    recent_returns: jax.Array  # [num_eval_episodes]: returns of the last finished episodes, newest last (NaN: none)
     key: jax.Array
 
 
 class LifetimeOutput(NamedTuple):
-    final_return: jax.Array  # scalar: mean return of the final policy over --num-eval-episodes (the fitness)
+    final_return: jax.Array  # scalar: mean return of the last --num-eval-episodes finished episodes (fitness)
     curve: jax.Array  # [lifetime / M]: return of the last finished episode at each policy update (NaN before)
     agent: dict  # the final agent parameters (init_agent's structure)
 
 
-def num_policy_updates(args: Args) -> int:
-    return args.lifetime // args.update_every
+def make_lifetime(args: Args, env) -> Callable:
+    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1).
 
-
-def make_lifetime(args: Args) -> Callable:
-    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1, inner loop).
-
-    A fresh agent acts for --lifetime steps in a single environment, across episodes (auto-reset on done).
-    Every M = --update-every steps, the buffer (last N steps) is refreshed and the agent takes
-    --update-epochs passes over the M newest steps in minibatches of --minibatch-size, each an Adam step on
-    (1 - α)·L_φ + α·L_PPO, where L_φ's context is computed from the whole buffer with the current policy.
-    Non-finite gradients are skipped. The return: the final stochastic policy's mean episode return over
-    --num-eval-episodes fresh episodes. The whole lifetime is one lax.scan; jit and vmap freely
-    (loss_params: the EPGLoss pytree; task: one task of the family; alpha: scalar in [0, 1]).
+    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
+    steps the buffer (last N steps) is refreshed and the agent takes --update-epochs passes over the M newest
+    steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole
+    buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
+    (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
+    (epg/evolution.py:184). One lax.scan; jit and vmap freely (loss_params: EPGLoss pytree; alpha in [0, 1]).
     """
-    env = make_env(args)
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
-    loss_net = EPGLoss()
     optimizer = optax.adam(args.inner_learning_rate)
     num_minibatches = m // args.minibatch_size
 
-    def act(agent, obs_stats, obs, env_state, task, key_action, key_env):
-        """Sample a ~ π(·|obs) and step the env with a clipped to the action bounds: (a, env.step's outputs)."""
-        action = policy_distribution(args, agent, normalize(obs, obs_stats)).sample(key_action)
-        return action, env.step(key_env, env_state, jnp.clip(action, env.action_low, env.action_high), task)
-
-    def env_step(state: LifetimeState, task):
+    def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
         key, key_action, key_env = jax.random.split(state.key, 3)
-        action, (obs, env_state, reward, terminated, truncated, final_obs) = act(
-            state.agent, state.obs_stats, state.obs, state.env_state, task, key_action, key_env)
+        action = policy_distribution(args, state.agent, normalize(state.obs, state.obs_stats)).sample(key_action)
+        obs, env_state, reward, terminated, truncated, final_obs = env.step(
+            key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
         episode_return = state.episode_return + reward
-        step = Step(state.obs, action, reward, done, terminated, final_obs)
-        state = state._replace(
-            env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done),
-            last_return=jnp.where(done > 0, episode_return, state.last_return))
+        recent = jnp.where(done > 0, jnp.append(state.recent_returns[1:], episode_return), state.recent_returns)
+        step = Buffer(state.obs, action, reward, done, terminated, final_obs, jnp.float32(1.0))
+        state = state._replace(env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done),
+                               recent_returns=recent)
         return state, step
 
     def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
@@ -661,7 +621,7 @@ def make_lifetime(args: Args) -> Callable:
         values, next_values = value_fn(args, agent, obs), value_fn(args, agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)
         advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
-                                        args.gamma, args.gae_lambda)
+                                        PPO_GAMMA, PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         pi = policy_distribution(args, agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
@@ -671,9 +631,11 @@ def make_lifetime(args: Args) -> Callable:
         batch = prepare_ppo(state.agent, state.buffer, state.obs_stats)
 
         def total_loss(agent, index):
-            epg = loss_net.apply(loss_params, loss_inputs(args, agent, state.buffer, state.obs_stats), n - m + index)
-            ppo = ppo_loss(args, agent, jax.tree.map(lambda x: x[index], batch))
-            return (1.0 - alpha) * epg + alpha * ppo
+            epg = lambda: EPGLoss().apply(loss_params, loss_inputs(args, agent, state.buffer, state.obs_stats),
+                                          n - m + index)
+            ppo = lambda: ppo_loss(args, agent, jax.tree.map(lambda x: x[index], batch))
+            zero = lambda: jnp.float32(0.0)
+            return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
         def minibatch_step(carry, index):
             agent, opt_state = carry
@@ -693,160 +655,114 @@ def make_lifetime(args: Args) -> Callable:
         return state._replace(agent=agent, opt_state=opt_state, key=key)
 
     def interval(state: LifetimeState, loss_params, task, alpha):
-        """M environment steps, then one policy update; returns (state, last finished episode's return)."""
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
         obs_stats = update_running_stats(state.obs_stats, steps.obs)
-        roll = lambda old, new: jnp.concatenate([old[m:], new])
-        buffer = Buffer(*(roll(getattr(state.buffer, f), getattr(steps, f)) for f in Step._fields),
-                        valid=roll(state.buffer.valid, jnp.ones(m)))
+        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
         state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
-        return state, state.last_return
-
-    def evaluate(agent, obs_stats, task, key):
-        """Mean return of --num-eval-episodes fresh episodes of the stochastic policy."""
-        def episode(key):
-            key_reset, key_run = jax.random.split(key)
-            obs, env_state = env.reset(key_reset, task)
-
-            def step(carry, key):
-                obs, env_state, total, alive = carry
-                _, (obs, env_state, reward, terminated, truncated, _) = act(agent, obs_stats, obs, env_state, task,
-                                                                            *jax.random.split(key))
-                total = total + alive * reward
-                return (obs, env_state, total, alive * (1.0 - jnp.maximum(terminated, truncated))), None
-
-            (_, _, total, _), _ = jax.lax.scan(step, (obs, env_state, 0.0, 1.0),
-                                               jax.random.split(key_run, env.max_episode_steps))
-            return total
-
-        return jax.vmap(episode)(jax.random.split(key, args.num_eval_episodes)).mean()
+        return state, state.recent_returns[-1]
 
     def lifetime(loss_params, task, key, alpha):
-        key_agent, key_reset, key_run, key_eval = jax.random.split(key, 4)
+        key_agent, key_reset, key_run = jax.random.split(key, 3)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
         state = LifetimeState(agent, optimizer.init(agent), init_running_stats(obs_dim), buffer, env_state, obs,
-                              jnp.float32(0.0), jnp.float32(jnp.nan), key_run)
+                              jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
         state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, alpha), state, None,
-                                    num_policy_updates(args))
-        return LifetimeOutput(evaluate(state.agent, state.obs_stats, task, key_eval), curve, state.agent)
+                                    args.lifetime // m)
+        return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
 
     return lifetime
 
 
-def loss_template(args: Args) -> dict:
-    """EPGLoss parameters for args' task family (the generation-0 loss, flax default init from --seed)."""
-    env = make_env(args)
-    return init_loss_params(jax.random.PRNGKey(args.seed), args, env.obs_dim, env.action_dim)
-
-
-def env_sizes(args: Args) -> Tuple[int, int]:
-    """(num_links, num_geoms) that random-hopper tasks need; (0, 0) for the other families."""
-    if args.task_family != "random-hopper":
-        return 0, 0
-    env = make_env(args)
-    return env.num_links, env.num_geoms
+def loss_template(args: Args, env) -> dict:
+    """EPGLoss parameters for the environment's sizes (the generation-0 loss, flax default init from --seed)."""
+    dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
+    inputs = jnp.zeros((args.buffer_size, dim))
+    return EPGLoss().init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
 
 
 def ppo_alpha(args: Args, generation: int) -> float:
-    """α of generation g (0-based): linear from 1 at g = 0 to 0 at g = ppo_anneal_frac·num_generations, then 0."""
+    """α of generation g (0-based): linear from 1 at g = 0 to 0 at g = ppo_anneal_frac·num_generations, then 0
+    (the reference's PiecewiseSchedule, epg/evolution.py:119)."""
     horizon = args.ppo_anneal_frac * args.num_generations
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
 
 
-# --------------------------------------------------------------------------------------------------
-# The outer loop: one compiled ES generation, sharded over the devices.
-# --------------------------------------------------------------------------------------------------
 def generation_key(args: Args, generation: int) -> jax.Array:
     """The PRNG key of one generation, from --seed and the generation index alone (so --resume redraws
     exactly the noise, tasks and lifetimes an uninterrupted run would)."""
-    return jax.random.fold_in(jax.random.PRNGKey(args.seed), generation)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
+
+
+def shard_leading(fn: Callable, n: int, mapped: Tuple[bool, ...]) -> Callable:
+    """fn with axis 0 (of size n) of the arguments flagged in `mapped`, and of every output, split over the
+    largest number of JAX devices that divides n (shard_map); the other arguments are copied to every device."""
+    k = math.gcd(n, jax.device_count())
+    if k == 1:
+        return fn
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:k]), ("d",))
+    specs = tuple(jax.sharding.PartitionSpec("d") if m else jax.sharding.PartitionSpec() for m in mapped)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec("d"), check_vma=False)
 
 
 def make_es_optimizer(args: Args) -> optax.GradientTransformation:
-    """Adam on the negated ES direction; learning rate ÷10 after half of the generations (the reference's)."""
+    """Adam with β1 = 0 on the negated ES direction, learning rate ÷10 after half of the generations
+    (epg/evolution.py:122-123, 147)."""
     schedule = optax.piecewise_constant_schedule(args.es_learning_rate, {args.num_generations // 2: 0.1})
-    return optax.adam(schedule)
+    return optax.adam(schedule, b1=0.0)
 
 
-def make_generation(args: Args) -> Callable:
-    """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], task_returns [pop, num_tasks]).
+def make_generation(args: Args, env) -> Callable:
+    """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
 
-    θ [dim] is the flattened loss; members are θ + σ·ε_i with antithetic ε. Each antithetic pair shares
-    its --num-tasks tasks and lifetime seeds (common random numbers); a member's fitness is its mean
-    final return over them, so an easy task cannot favour one vector. The member axis is sharded over all
-    JAX devices (shard_map): each device runs its members' lifetimes and only returns come back.
+    θ [dim] is the flattened loss; members are θ + σ·ε_i with antithetic ε. Every member meets the same
+    --num-tasks tasks and lifetime seeds (common random numbers across the population), so ranks compare
+    losses, not the luck of the tasks; a member's fitness is its mean final return over them. The member axis
+    is sharded over all JAX devices: each device runs its members' lifetimes and only returns come back.
     """
-    unravel = ravel_pytree(loss_template(args))[1]
-    lifetime = make_lifetime(args)
-    num_links, num_geoms = env_sizes(args)
+    unravel = ravel_pytree(loss_template(args, env))[1]
+    lifetime = make_lifetime(args, env)
     optimizer = make_es_optimizer(args)
-    half, t = args.pop_size // 2, args.num_tasks
 
     def member_returns(theta, tasks, keys, alpha):
         """theta [dim], tasks [t, ...], keys [t, 2] -> final returns [t]."""
-        run = lambda task, key: lifetime(unravel(theta), task, key, alpha).final_return
-        return jax.vmap(run)(tasks, keys)
+        return jax.vmap(lambda task, key: lifetime(unravel(theta), task, key, alpha).final_return)(tasks, keys)
 
-    population_returns = jax.vmap(member_returns, in_axes=(0, 0, 0, None))
-    devices = jax.devices()
-    if len(devices) > 1:
-        mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
-        P = jax.sharding.PartitionSpec
-        population_returns = jax.shard_map(population_returns, mesh=mesh, in_specs=(P("pop"), P("pop"), P("pop"), P()),
-                                           out_specs=P("pop"), check_vma=False)
+    population_returns = shard_leading(jax.vmap(member_returns, in_axes=(0, None, None, None)), args.pop_size,
+                                       (True, False, False, False))
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
-        pair_tasks = sample_tasks(args.task_family, key_tasks, half * t, False, num_links, num_geoms)
-        pair_tasks = jax.tree.map(lambda x: x.reshape((half, t) + x.shape[1:]), pair_tasks)
-        tasks = jax.tree.map(lambda x: jnp.concatenate([x, x]), pair_tasks)
-        keys = jax.random.split(key_lives, half * t).reshape(half, t, -1)
-        returns = population_returns(theta + args.sigma * eps, tasks, jnp.concatenate([keys, keys]), alpha)
+        tasks = draw_tasks(env, key_tasks, args.num_tasks, False)
+        returns = population_returns(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
+                                     alpha)
         fitness = returns.mean(axis=1)
-        grad = es_gradient(theta, eps, fitness, args.sigma, args.weight_decay)
+        grad = es_gradient(theta, eps, fitness, args.weight_decay)
         updates, opt_state = optimizer.update(-grad, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
     return jax.jit(generation)
 
 
-def over_devices(fn: Callable, n: int) -> Callable:
-    """jit(vmap(fn)) with axis 0 of every argument and output sharded over the largest number of JAX
-    devices that divides n."""
-    devices = jax.devices()
-    k = math.gcd(n, len(devices))
-    if k == 1:
-        return jax.jit(jax.vmap(fn))
-    mesh = jax.sharding.Mesh(np.array(devices[:k]), ("run",))
-    spec = jax.sharding.PartitionSpec("run")
-    return jax.jit(jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+def make_runner(args: Args, env, n: int) -> Callable:
+    """run(theta [dim], tasks [n, ...], keys [n, 2], alpha) -> LifetimeOutput with leading axis n: n lifetimes
+    of one flattened loss θ, on their own tasks and seeds, jit compiled and sharded over the devices."""
+    unravel = ravel_pytree(loss_template(args, env))[1]
+    lifetime = make_lifetime(args, env)
+    many = jax.vmap(lambda theta, task, key, alpha: lifetime(unravel(theta), task, key, alpha), (None, 0, 0, None))
+    return jax.jit(shard_leading(many, n, (False, True, True, False)))
 
 
-def make_evaluate_loss(args: Args) -> Callable:
-    """evaluate(theta, key) -> final returns [num_eval_tasks]: the loss θ alone (α = 0) on fresh
-    training-distribution tasks, one lifetime each."""
-    unravel = ravel_pytree(loss_template(args))[1]
-    lifetime = make_lifetime(args)
-    num_links, num_geoms = env_sizes(args)
-    runs = over_devices(lambda theta, task, key: lifetime(unravel(theta), task, key, 0.0).final_return,
-                        args.num_eval_tasks)
-
-    def evaluate(theta, key):
-        key_tasks, key_lives = jax.random.split(key)
-        tasks = sample_tasks(args.task_family, key_tasks, args.num_eval_tasks, False, num_links, num_geoms)
-        thetas = jnp.broadcast_to(theta, (args.num_eval_tasks,) + theta.shape)
-        return runs(thetas, tasks, jax.random.split(key_lives, args.num_eval_tasks))
-
-    return evaluate
+def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
+    """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
+    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
+    return draw_tasks(env, key_tasks, n, test), jax.random.split(key_lives, n)
 
 
-# --------------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, loss files, plots.
-# --------------------------------------------------------------------------------------------------
+# ---- Files: atomic writes, checkpoints, loss files, plots.
 def atomic_write(path: str, data: bytes):
     """Write bytes to path via a temporary file and a rename, so a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -865,13 +781,15 @@ GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitne
 
 
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack: loss parameters θ, Adam state, log rows, best evaluated loss so far (atomic)."""
+    """checkpoint.msgpack (θ, Adam state, log rows, best evaluated loss) and generations.csv, both atomic."""
     state = {"theta": np.asarray(theta), "opt_state": flax.serialization.to_state_dict(opt_state),
              "generation": len(rows),
              "rows": {k: np.array([r[k] for r in rows], dtype=np.float64) for k in GEN_FIELDS},
              "best_fitness": np.float64(best["fitness"]), "best_theta": np.asarray(best["theta"])}
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"),
                  flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+    lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
+    atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
 def load_checkpoint(run_dir: str, theta_template, opt_template):
@@ -888,157 +806,114 @@ def load_checkpoint(run_dir: str, theta_template, opt_template):
         opt_state = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(opt_template, state["opt_state"]))
         n = int(state["generation"])
         rows = [{k: (int if k == "generation" else float)(state["rows"][k][i]) for k in GEN_FIELDS} for i in range(n)]
-        best = {"fitness": float(state["best_fitness"]), "theta": best_theta}
     except Exception as e:
         raise ArgsError(f"--resume {run_dir}: damaged checkpoint.msgpack ({type(e).__name__}: {e})") from None
-    return theta, opt_state, rows, best
+    return theta, opt_state, rows, {"fitness": float(state["best_fitness"]), "theta": best_theta}
 
 
 def save_loss(path: str, theta, args: Args):
-    """A loss file: the flattened EPGLoss parameters and the settings that fix their shapes (atomic msgpack)."""
-    state = {"theta": np.asarray(theta), "task_family": args.task_family, "buffer_size": args.buffer_size,
-             "memory_units": args.memory_units, "minibatch_size": args.minibatch_size}
+    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS settings it was
+    evolved with, which --test uses again."""
+    state = {"theta": np.asarray(theta), "task_family": args.task_family,
+             "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS})}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_loss(path: str, args: Args) -> Tuple[jax.Array, int]:
-    """(θ [dim], memory_units) of a loss file, or of a run directory's best_loss.msgpack.
-
-    Raises: ArgsError when the file is missing, damaged, or its size does not fit args' task family.
-    """
+def load_loss(path: str, args: Args, env=None) -> Tuple[jax.Array, Args]:
+    """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
+    Raises ArgsError when the file is missing or damaged, or (given env) θ does not fit env's family."""
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise ArgsError(f"--load-loss {path}: {file} not found (give a run directory of epg.py or a loss .msgpack)")
+        raise ArgsError(f"{path}: {file} not found (give a run directory of epg.py or a loss .msgpack)")
     try:
         with open(file, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
         theta = jnp.asarray(state["theta"], dtype=jnp.float32)
-        memory_units = int(state["memory_units"])
+        inner = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state["inner"]).items()}
     except Exception as e:
-        raise ArgsError(f"--load-loss {path}: damaged loss file {file} ({type(e).__name__}: {e})") from None
-    expected = ravel_pytree(loss_template(dataclasses.replace(args, memory_units=memory_units)))[0].shape
-    if theta.shape != expected:
-        raise ArgsError(f"--load-loss {path}: a loss of {theta.shape} parameters (trained on {state['task_family']}) "
-                        f"does not fit --task-family {args.task_family}, which needs {expected}")
-    if memory_units != args.memory_units:
-        print(f"using the loss file's --memory-units {memory_units}")
-    return theta, memory_units
+        raise ArgsError(f"{path}: damaged loss file {file} ({type(e).__name__}: {e})") from None
+    args = resolve_args(dataclasses.replace(args, **inner))
+    if env is not None and theta.shape != ravel_pytree(loss_template(args, env))[0].shape:
+        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {state['task_family']}, does not "
+                        f"fit --task-family {args.task_family}")
+    return theta, args
 
 
-def plot_fitness_curve(path: str, rows: list, title: str):
-    """PNG of the mean and best member fitness per generation, the evaluated loss, and α."""
+def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
+    """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = [r["generation"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(g, [r["mean_fitness"] for r in rows], label="population mean")
-    ax.plot(g, [r["best_fitness"] for r in rows], label="best member", alpha=0.6)
-    evaluated = [(r["generation"], r["eval_fitness"]) for r in rows if np.isfinite(r["eval_fitness"])]
-    if evaluated:
-        ax.plot(*zip(*evaluated), "o-", label="current loss, α = 0")
-    ax.set(xlabel="generation", ylabel="final return (mean over tasks)", title=title)
-    twin = ax.twinx()
-    twin.plot(g, [r["alpha"] for r in rows], color="grey", ls=":", label="α (PPO weight)")
-    twin.set(ylabel="α", ylim=(-0.02, 1.02))
-    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
-def plot_test_curves(path: str, steps: np.ndarray, curves: dict, title: str):
-    """PNG of return against lifetime step, mean ± std over agents, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        with warnings.catch_warnings():  # updates before any episode ended are NaN for every agent
+    for name, (x, y) in series.items():
+        with warnings.catch_warnings():  # points before any episode ended are NaN for every agent
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean, std = np.nanmean(curve, axis=0), np.nanstd(curve, axis=0)
-        ax.plot(steps, mean, label=name)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="lifetime step", ylabel="return of the last finished episode", title=title)
-    ax.legend()
+            mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
+        ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Meta-training, test, main.
-# --------------------------------------------------------------------------------------------------
-def args_from_json(path: str) -> Args:
-    with open(path) as f:
-        saved = json.load(f)
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-    return Args(**saved)
-
-
-def default_run_dir(args: Args) -> str:
-    return os.path.join("runs", f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}")
+# ---- Meta-training, test, main.
+def resumed_args(args: Args) -> Args:
+    """The saved arguments of the --resume run directory, --num-generations extended if given."""
+    path = os.path.join(args.resume, "args.json")
+    if not os.path.isfile(path):
+        raise ArgsError(f"--resume {args.resume}: args.json not found (expected a run directory written by epg.py)")
+    try:
+        with open(path) as f:
+            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+        saved = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ArgsError(f"--resume {args.resume}: damaged args.json ({e})") from None
+    extend = args.num_generations if args.num_generations is not None else saved.num_generations
+    return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
 
 
 def run_meta_training(args: Args) -> str:
-    """ES over the loss; writes the run directory and checkpoints as it goes."""
+    """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
     from tqdm import tqdm
 
-    if args.resume is not None:
-        run_dir = args.resume
-        if not os.path.isfile(os.path.join(run_dir, "args.json")):
-            raise ArgsError(f"--resume {run_dir}: args.json not found (expected a run directory written by epg.py)")
-        try:
-            saved = args_from_json(os.path.join(run_dir, "args.json"))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ArgsError(f"--resume {run_dir}: damaged args.json ({e})") from None
-        extend = args.num_generations if args.num_generations is not None else saved.num_generations
-        args = resolve_args(dataclasses.replace(saved, resume=run_dir, num_generations=extend))
-    else:
-        run_dir = args.run_dir or default_run_dir(args)
-        os.makedirs(run_dir, exist_ok=True)
-    theta = ravel_pytree(loss_template(args))[0]
-    optimizer = make_es_optimizer(args)
-    opt_state = optimizer.init(theta)
+    name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or args.run_dir or os.path.join("runs", name)
+    os.makedirs(run_dir, exist_ok=True)
+    env = make_env(args)
+    theta = ravel_pytree(loss_template(args, env))[0]
+    opt_state = make_es_optimizer(args).init(theta)
     rows, best = [], {"fitness": -np.inf, "theta": theta}
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    csv_path = os.path.join(run_dir, "generations.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(GEN_FIELDS)
-        writer.writerows([[r[k] for k in GEN_FIELDS] for r in rows])
-    os.replace(csv_path + ".tmp", csv_path)
-
     lifetimes = args.pop_size * args.num_tasks
-    print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}: population {args.pop_size} × "
-          f"{args.num_tasks} task(s) = {lifetimes} lifetimes of {args.lifetime:,} steps per generation on "
-          f"{jax.device_count()} {jax.default_backend()} device(s), generations {len(rows)}..{args.num_generations}")
+    print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
+          f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
+          f"task(s) = {lifetimes} lifetimes of {args.lifetime:,} steps per generation on {jax.device_count()} "
+          f"{jax.default_backend()} device(s), generations {len(rows)}..{args.num_generations}")
     start = time.time()
-    generation = make_generation(args).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
-    evaluate = jax.jit(make_evaluate_loss(args))  # compiled at its first use, outside the timed generation
+    generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
+    eval_tasks, eval_keys = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False)
+    evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
     def checkpoint():
         save_checkpoint(run_dir, theta, opt_state, rows, best)
         save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
         save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        plot_fitness_curve(os.path.join(run_dir, "fitness_curve.png"), rows, f"EPG on {args.task_family}")
+        series = {k.replace("_", " "): ([r["generation"] for r in rows], [r[k] for r in rows])
+                  for k in ("mean_fitness", "best_fitness")}
+        evaluated = [(r["generation"], r["eval_fitness"]) for r in rows if np.isfinite(r["eval_fitness"])]
+        if evaluated:
+            series["current loss, α = 0, fixed evaluation tasks"] = tuple(zip(*evaluated))
+        save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
+                  f"EPG on {args.task_family}")
 
-    writer = None
-    if args.tensorboard:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(run_dir)
     bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
                desc="generations", file=sys.stdout, mininterval=0)
     try:
@@ -1046,43 +921,32 @@ def run_meta_training(args: Args) -> str:
             t0 = time.time()
             alpha = ppo_alpha(args, g)
             new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-            fitness = np.asarray(fitness)
+            fitness = np.where(np.isfinite(fitness), fitness, np.nan)
             seconds = time.time() - t0  # the generation alone, without the evaluation below
             eval_fitness, new_best = float("nan"), best
             if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                # the loss as it will be used at test time: α = 0, fresh tasks and agents
-                key = jax.random.fold_in(generation_key(args, g), 1_000_003)
-                eval_fitness = float(np.nanmean(np.asarray(evaluate(new_theta, key))))
+                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, 0.0).final_return))
                 if eval_fitness > best["fitness"]:
                     new_best = {"fitness": eval_fitness, "theta": new_theta}
-            finite = np.where(np.isfinite(fitness), fitness, -np.inf)
-            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(finite.max()),
-                       mean_fitness=float(np.nanmean(np.where(np.isfinite(fitness), fitness, np.nan))),
-                       eval_fitness=eval_fitness, seconds=seconds)
+            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
+                       mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
             # commit the generation in one assignment, so an interruption sees it whole or not at all
             theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in GEN_FIELDS])
-            bar.set_postfix(mean=f"{row['mean_fitness']:.1f}", best=f"{row['best_fitness']:.1f}", alpha=f"{alpha:.2f}",
-                            sec=f"{row['seconds']:.1f}")
-            if writer is not None:
-                for k in GEN_FIELDS[1:]:
-                    writer.add_scalar(f"es/{k}", row[k], g + 1)
+            bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
+                            sec=f"{seconds:.1f}")
             if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
         checkpoint()
-        print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py --resume {run_dir}",
-              file=sys.stderr)
+        print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py --resume "
+              f"{run_dir}", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    if writer is not None:
-        writer.close()
     seconds = [r["seconds"] for r in rows[-max(1, len(rows) // 2):]]
-    summary = dict(task_family=args.task_family, num_generations=len(rows), pop_size=args.pop_size,
-                   num_tasks=args.num_tasks, lifetime=args.lifetime, best_eval_fitness=best["fitness"],
-                   final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,
+    summary = dict(task_family=args.task_family, reward_blind=args.reward_blind, num_generations=len(rows),
+                   pop_size=args.pop_size, num_tasks=args.num_tasks, lifetime=args.lifetime,
+                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,
                    lifetimes_per_minute=60.0 * lifetimes / float(np.median(seconds)) if rows else None,
                    wall_seconds=time.time() - start, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     write_json(os.path.join(run_dir, "summary.json"), summary)
@@ -1090,52 +954,77 @@ def run_meta_training(args: Args) -> str:
     return run_dir
 
 
+def tune_ppo(args: Args, env) -> Tuple[Args, list]:
+    """The PPO setting from the grid --ppo-rollouts × --ppo-epochs × --ppo-learning-rates whose agents reach the
+    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score)."""
+    tasks, keys = fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    table, best = [], None
+    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
+        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
+                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
+        zero = 0 * ravel_pytree(loss_template(ppo, env))[0]
+        score = float(np.mean(np.asarray(make_runner(ppo, env, args.num_sweep_tasks)(zero, tasks, keys, 1.0)
+                                         .final_return)))
+        table.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
+        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
+        best = (score, ppo) if best is None or score > best[0] else best
+    return best[1], table
+
+
 def run_test(args: Args) -> str:
-    """The paper's test: fresh agents on test-distribution tasks, with the evolved loss (α = 0) and with PPO
-    (α = 1), same tasks, seeds and steps, in one vmapped run; curves, CSV and summary.json."""
-    theta, memory_units = load_loss(args.load_loss, args)
-    args = dataclasses.replace(args, memory_units=memory_units)
-    run_dir = args.run_dir or default_run_dir(dataclasses.replace(args, exp_name="epg_test"))
+    """The paper's test: fresh agents on held-out tasks (left-half goals for the goal families), the same tasks
+    and seeds for every trainer: the evolved loss (α = 0), tuned PPO (α = 1), a zero loss (the initial policy),
+    and the reward-blind loss if given. Writes summary.json, test_curves.csv and test_curves.png."""
+    args = load_loss(args.load_loss, args)[1]
+    env = make_env(args)
+    theta = load_loss(args.load_loss, args, env)[0]
+    run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    unravel = ravel_pytree(loss_template(args))[1]
-    lifetime = make_lifetime(args)
-    num_links, num_geoms = env_sizes(args)
-    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), 2**20))
-    tasks = sample_tasks(args.task_family, key_tasks, args.num_seeds, True, num_links, num_geoms)
-    keys = jax.random.split(key_lives, args.num_seeds)
-    one = lambda alpha, task, key: lifetime(unravel(theta), task, key, alpha)
-    # methods × agents in one compiled run; both methods see the same tasks and seeds
-    run_all = over_devices(lambda alpha: jax.vmap(one, in_axes=(None, 0, 0))(alpha, tasks, keys), 2)
-    print(f"training {args.num_seeds} agent(s) on test tasks of {args.task_family} with the evolved loss and with "
-          f"PPO, {args.lifetime:,} steps each", flush=True)
+    tasks, keys = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
-    out = jax.block_until_ready(run_all(jnp.array([0.0, 1.0])))
-    returns, curves = np.asarray(out.final_return), np.asarray(out.curve)
-    names = ["EPG", "PPO"]
-    summary = dict(task_family=args.task_family, loss_file=os.path.abspath(args.load_loss), num_seeds=args.num_seeds,
-                   lifetime=args.lifetime, wall_seconds=time.time() - start,
-                   tasks={k: np.asarray(v).tolist() for k, v in tasks.items()})
-    steps = (np.arange(curves.shape[-1]) + 1) * args.update_every
-    with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lifetime_step"] + [f"{name}_mean" for name in names])
+    run = make_runner(args, env, args.num_seeds)
+    outputs = {"evolved": run(theta, tasks, keys, 0.0), "zero": run(0 * theta, tasks, keys, 0.0)}
+    if args.load_reward_blind_loss is not None:
+        blind_theta, blind = load_loss(args.load_reward_blind_loss, args, env)
+        if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
+            raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
+                            f"with the evolved loss's inner-loop settings")
+        outputs["reward-blind"] = make_runner(blind, env, args.num_seeds)(blind_theta, tasks, keys, 0.0)
+    ppo, sweep = tune_ppo(args, env)
+    outputs["ppo"] = make_runner(ppo, env, args.num_seeds)(0 * ravel_pytree(loss_template(ppo, env))[0], tasks,
+                                                           keys, 1.0)
+    trainers, series, columns = {}, {}, {}
+    grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
+    for name, out in outputs.items():
+        final, curve = np.asarray(out.final_return), np.asarray(out.curve)
+        steps = (np.arange(curve.shape[1]) + 1) * args.lifetime / curve.shape[1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            writer.writerows(np.column_stack([steps] + [np.nanmean(c, axis=0) for c in curves]).tolist())
-    for name, r in zip(names, returns):
-        summary[name] = dict(final_return_mean=float(r.mean()), final_return_std=float(r.std()), final_returns=r.tolist())
-        print(f"{name:4s} {r.mean():10.2f} ± {r.std():.2f}")
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    plot_test_curves(os.path.join(run_dir, "test_curves.png"), steps, dict(zip(names, curves)),
-                     f"{args.task_family} test tasks, {args.num_seeds} agents")
+            auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
+            columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
+        trainers[name] = dict(final_return_mean=float(final.mean()), final_return_std=float(final.std()),
+                              auc_mean=float(auc.mean()), auc_std=float(auc.std()), final_returns=final.tolist())
+        series[name] = (steps, curve)
+        print(f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± "
+              f"{auc.std():.3f}")
+    split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
+    write_json(os.path.join(run_dir, "summary.json"), dict(
+        task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
+        trainers=trainers, loss_file=os.path.abspath(args.load_loss), ppo_sweep=sweep,
+        ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
+        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks.items()}))
+    with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
+    save_plot(os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode",
+              f"{args.task_family}, {split}, {args.num_seeds} agents per trainer")
     return run_dir
 
 
 def main(args: Args) -> str:
     """Meta-train (default), --resume, or --test; returns the run directory."""
     try:
-        args = resolve_args(args) if args.resume is None else args
+        args = resolve_args(args) if args.resume is None else resumed_args(args)
         run_dir = run_test(args) if args.test else run_meta_training(args)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ Compiles one generation (population × tasks lifetimes, then the ES update) for 
 times it after compilation (best of --repeats), and prints lifetimes per minute and the speed-up over a
 generation of 2 lifetimes in the same process (the vmapped batch against the smallest one).
 
-    python tests/benchmark_epg.py --task-family random-pendulum --lifetime 8192
+    python tests/benchmark_epg.py --task-family goal-point --lifetime 2048
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ import epg  # noqa: E402
 
 @dataclasses.dataclass
 class Bench:
-    task_family: str = "random-pendulum"
+    task_family: str = "goal-point"
     """task family to time"""
     lifetime: int = 8192
     """environment steps per lifetime"""
@@ -32,10 +32,11 @@ class Bench:
 
 def lifetimes_per_minute(bench: Bench, pop_size: int) -> float:
     args = epg.resolve_args(epg.Args(task_family=bench.task_family, lifetime=bench.lifetime, pop_size=pop_size,
-                                     num_tasks=1, num_generations=10))
-    theta = jax.flatten_util.ravel_pytree(epg.loss_template(args))[0]
+                                     num_tasks=1, num_generations=10, buffer_size=min(512, bench.lifetime)))
+    env = epg.make_env(args)
+    theta = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))[0]
     opt_state = epg.make_es_optimizer(args).init(theta)
-    generation = epg.make_generation(args).lower(theta, opt_state, epg.generation_key(args, 0), 0.0).compile()
+    generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0).compile()
     best = float("inf")
     for g in range(bench.repeats):
         start = time.perf_counter()

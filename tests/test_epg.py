@@ -1,4 +1,5 @@
-"""Tests of epg.py: the learned loss, the inner loop, task samplers, meta-training, resume, devices."""
+"""Tests of epg.py: the learned loss, the inner loop, task samplers, the ES generation, meta-training, resume,
+devices, --test."""
 
 import csv
 import dataclasses
@@ -17,14 +18,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import epg  # noqa: E402
 
-OBS_DIM, ACTION_DIM = 3, 1  # Pendulum-v1
+OBS_DIM, ACTION_DIM = 4, 2  # goal-point
 
 
 def small_args(**kw) -> epg.Args:
-    """CPU-sized settings on the cheap family: buffer 128, an update every 32 steps, minibatches of 16."""
-    base = dict(task_family="random-pendulum", lifetime=512, buffer_size=128, update_every=32, minibatch_size=16,
+    """CPU-sized settings on goal-point: buffer 128, an update every 32 steps, minibatches of 16."""
+    base = dict(task_family="goal-point", lifetime=512, buffer_size=128, update_every=32, minibatch_size=16,
                 num_eval_episodes=2, memory_units=8)
     return epg.resolve_args(epg.Args(**{**base, **kw}))
+
+
+def loss_params_for(args):
+    return epg.loss_template(args, epg.make_env(args))
 
 
 def random_buffer(args: epg.Args, key) -> epg.Buffer:
@@ -43,10 +48,11 @@ def loss_value(args, loss_params, agent, buffer, index):
 def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient():
     args = small_args()
     agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = epg.init_loss_params(jax.random.PRNGKey(1), args, OBS_DIM, ACTION_DIM)
+    loss_params = loss_params_for(args)
     buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
     inputs = epg.loss_inputs(args, agent, buffer, epg.init_running_stats(OBS_DIM))
-    assert inputs.shape == (args.buffer_size, epg.loss_input_dim(OBS_DIM, ACTION_DIM, args.memory_units))
+    # observation, action, reward, done, policy mean and log-std, memory units
+    assert inputs.shape == (args.buffer_size, OBS_DIM + ACTION_DIM + 2 + 2 * ACTION_DIM + args.memory_units)
     value = loss_value(args, loss_params, agent, buffer, index)
     assert value.shape == () and np.isfinite(float(value))
     grads = jax.grad(loss_value, argnums=2)(args, loss_params, agent, buffer, index)
@@ -59,7 +65,7 @@ def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient():
 def test_context_sees_the_whole_buffer():
     args = small_args()
     agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = epg.init_loss_params(jax.random.PRNGKey(1), args, OBS_DIM, ACTION_DIM)
+    loss_params = loss_params_for(args)
     buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(112, 128)  # the newest steps only
     base = float(loss_value(args, loss_params, agent, buffer, index))
     for row in (0, args.buffer_size // 2):  # the oldest step, and one in the middle: neither is in the minibatch
@@ -71,7 +77,7 @@ def test_gradient_reaches_the_policy_through_the_context_alone():
     """Cut the head's direct connection to the per-step policy outputs: the policy still gets a gradient."""
     args = small_args()
     agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = epg.init_loss_params(jax.random.PRNGKey(1), args, OBS_DIM, ACTION_DIM)
+    loss_params = loss_params_for(args)
     first = OBS_DIM + ACTION_DIM + 2  # columns of the policy's mean and log-std in the step features
     head = loss_params["params"]["Dense_1"]["kernel"]  # [D + 32, 16]: step features then context
     cut = jax.tree.map(lambda x: x, loss_params)
@@ -82,25 +88,73 @@ def test_gradient_reaches_the_policy_through_the_context_alone():
     assert float(jnp.abs(grads["log_std"]).sum()) > 0.0
 
 
-def test_ppo_term_alone_trains_the_agent_and_a_zero_loss_moves_nothing():
-    """α = 1 is PPO: over a 32k-step lifetime the return improves. α = 0 with a zero loss: no parameter moves."""
-    args = epg.resolve_args(epg.Args(task_family="random-pendulum", lifetime=32768, num_eval_episodes=2))
-    zero_loss = jax.tree.map(jnp.zeros_like, epg.loss_template(args))
-    tasks = epg.sample_tasks(args.task_family, jax.random.PRNGKey(0), 4, False)
+def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing():
+    """α = 1 is PPO: in a 2,048-step goal-point lifetime the return rises above any the initial policy gets.
+    α = 0 with a zero loss: no parameter moves."""
+    args = small_args(lifetime=2048, buffer_size=64, update_every=64, minibatch_size=32)
+    env = epg.make_env(args)
+    zero_loss = jax.tree.map(jnp.zeros_like, epg.loss_template(args, env))
+    tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), 4, False)
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    run = jax.jit(jax.vmap(jax.vmap(epg.make_lifetime(args), in_axes=(None, 0, 0, None)), in_axes=(None, None, None, 0)))
+    run = jax.jit(jax.vmap(jax.vmap(epg.make_lifetime(args, env), in_axes=(None, 0, 0, None)),
+                           in_axes=(None, None, None, 0)))
     out = run(zero_loss, tasks, keys, jnp.array([1.0, 0.0]))
-    curve = np.asarray(out.curve[0])  # [tasks, updates]: return of the last finished episode
-    quarter = curve.shape[1] // 4
-    early, late = np.nanmean(curve[:, :quarter]), np.nanmean(curve[:, -quarter:])
-    assert late > early + 150.0, (early, late)
-    # α = 0: the final agent is the initial one, which a 512-step lifetime with the same keys also returns
-    short = epg.make_lifetime(dataclasses.replace(args, lifetime=512))
-    untouched = jax.vmap(short, in_axes=(None, 0, 0, None))(zero_loss, tasks, keys, 0.0).agent
+    ppo, still = np.asarray(out.curve[0]), np.asarray(out.curve[1])  # [tasks, updates]: last finished episode
+    assert np.nanmean(ppo[:, -8:]) > np.nanmean(still) + 2.0, (np.nanmean(ppo[:, -8:]), np.nanmean(still))
+    assert float(out.final_return[0].mean()) > float(out.final_return[1].mean()) + 2.0
+    untouched = jax.vmap(lambda k: epg.init_agent(jax.random.split(k, 3)[0], args, OBS_DIM, ACTION_DIM))(keys)
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], out.agent)), jax.tree.leaves(untouched)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    moved = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.abs(x[0] - y).max(), out.agent, untouched))
-    assert max(float(m) for m in moved) > 1e-3
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)  # jit vs eager rounding
+
+
+def test_goal_point_reward_is_progress_towards_the_goal():
+    env = epg.GoalPointEnv(50)
+    task = {"goal": jnp.array([1.0, 0.0])}
+    obs, state = env.reset(jax.random.PRNGKey(0), task)
+    total = 0.0
+    for _ in range(49):
+        obs, state, reward, terminated, truncated, _ = env.step(jax.random.PRNGKey(1), state, jnp.array([5.0, 0.0]),
+                                                                 task)
+        total += float(reward)
+        assert float(truncated) == 0.0 and float(terminated) == 0.0
+    assert abs(float(obs[2]) - 1.0) < 0.01  # the force is clipped to 1: top speed 1 m/s
+    start = np.asarray(env.reset(jax.random.PRNGKey(0), task)[0][:2])
+    progress = np.linalg.norm([1.0, 0.0] - start) - np.linalg.norm([1.0, 0.0] - np.asarray(obs[:2]))
+    np.testing.assert_allclose(total, progress / env.DT, rtol=1e-4, atol=1e-3)
+    obs, state, reward, terminated, truncated, final_obs = env.step(jax.random.PRNGKey(1), state, jnp.zeros(2), task)
+    assert float(truncated) == 1.0 and float(jnp.abs(obs[2:]).sum()) == 0.0 and float(final_obs[2]) > 0.5
+
+
+def test_generation_shares_tasks_and_seeds_across_the_population():
+    """At α = 1 the loss is unused, so members meeting the same tasks and seeds get identical returns; at α = 0
+    the perturbed losses differ, and so do the returns."""
+    args = small_args(lifetime=256, buffer_size=64, update_every=32, pop_size=6, num_tasks=2, memory_units=4,
+                      num_eval_episodes=1)
+    env = epg.make_env(args)
+    theta = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))[0]
+    generation = epg.make_generation(args, env)
+    opt_state = epg.make_es_optimizer(args).init(theta)
+    _, _, _, ppo_returns = generation(theta, opt_state, epg.generation_key(args, 0), 1.0)
+    ppo_returns = np.asarray(ppo_returns)
+    assert ppo_returns.shape == (6, 2) and ppo_returns[0, 0] != ppo_returns[0, 1]  # two different tasks
+    np.testing.assert_array_equal(ppo_returns, np.broadcast_to(ppo_returns[0], ppo_returns.shape))
+    _, _, _, epg_returns = generation(theta, opt_state, epg.generation_key(args, 0), 0.0)
+    assert len(np.unique(np.asarray(epg_returns)[:, 0])) > 1
+
+
+def test_reward_blind_loss_ignores_the_reward():
+    args, blind = small_args(), small_args(reward_blind=True)
+    agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    loss_params = loss_params_for(args)
+    buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
+    changed = buffer._replace(reward=buffer.reward + 3.0)
+    column = OBS_DIM + ACTION_DIM
+    inputs = epg.loss_inputs(blind, agent, buffer, epg.init_running_stats(OBS_DIM))
+    assert float(jnp.abs(inputs[:, column]).max()) == 0.0
+    assert float(loss_value(blind, loss_params, agent, buffer, index)) == float(
+        loss_value(blind, loss_params, agent, changed, index))
+    assert float(loss_value(args, loss_params, agent, buffer, index)) != float(
+        loss_value(args, loss_params, agent, changed, index))
 
 
 def test_goal_samplers_split_the_plane_by_halves():
@@ -121,7 +175,10 @@ def test_directions_cover_both_signs_and_random_parameters_stay_in_range():
     hopper = epg.sample_tasks("random-hopper", jax.random.PRNGKey(4), 500, False, num_links=4, num_geoms=5)
     pendulum = epg.sample_tasks("random-pendulum", jax.random.PRNGKey(5), 500, False)
     assert hopper["mass_scale"].shape == (500, 4) and hopper["friction_scale"].shape == (500, 5, 3)
-    for name, values in [("mass_scale", hopper["mass_scale"]), ("friction_scale", hopper["friction_scale"]),
+    for name in ("friction_scale", "thickness_scale"):  # the floor (geom 0) keeps its friction and size
+        assert float(jnp.abs(hopper[name][:, 0] - 1.0).max()) == 0.0, name
+    for name, values in [("mass_scale", hopper["mass_scale"]), ("friction_scale", hopper["friction_scale"][:, 1:]),
+                         ("thickness_scale", hopper["thickness_scale"][:, 1:]),
                          ("mass", pendulum["mass"]), ("length", pendulum["length"])]:
         v = np.asarray(values)
         assert v.min() >= epg.SCALE_RANGE[0] and v.max() <= epg.SCALE_RANGE[1] and v.std() > 0.2, name
@@ -135,15 +192,15 @@ def test_es_gradient_follows_the_fitness():
     w = jax.random.normal(jax.random.PRNGKey(0), (50,))
     eps = epg.antithetic_noise(jax.random.PRNGKey(1), 2000, 50)
     np.testing.assert_array_equal(np.asarray(eps[:1000]), -np.asarray(eps[1000:]))
-    g = epg.es_gradient(jnp.zeros(50), eps, eps @ w, sigma=0.1, weight_decay=0.0)
+    g = epg.es_gradient(jnp.zeros(50), eps, eps @ w, weight_decay=0.0)
     assert float(g @ w / (jnp.linalg.norm(g) * jnp.linalg.norm(w))) > 0.9
     shaped = epg.centered_ranks(jnp.array([3.0, jnp.nan, -1.0, jnp.inf * -1, 10.0]))
     assert float(shaped[4]) == 0.5 and float(shaped.min()) == -0.5 and float(shaped[1]) < float(shaped[2])
 
 
-TINY = ["--task-family", "random-pendulum", "--lifetime", "256", "--buffer-size", "64", "--update-every", "32",
+TINY = ["--task-family", "goal-point", "--lifetime", "256", "--buffer-size", "64", "--update-every", "32",
         "--minibatch-size", "16", "--pop-size", "4", "--num-tasks", "2", "--num-eval-episodes", "1",
-        "--eval-every", "1", "--num-eval-tasks", "2", "--save-every", "1", "--memory-units", "4"]
+        "--eval-every", "2", "--num-eval-tasks", "2", "--save-every", "1", "--memory-units", "4"]
 RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "loss.msgpack", "best_loss.msgpack",
              "fitness_curve.png", "summary.json")
 
@@ -166,7 +223,7 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
         assert os.path.isfile(os.path.join(full, name)), name
     rows = read_rows(full)
     assert [r["generation"] for r in rows] == [1, 2] and [r["alpha"] for r in rows] == [1.0, 0.0]
-    assert all(np.isfinite(r["mean_fitness"]) and np.isfinite(r["eval_fitness"]) for r in rows)
+    assert all(np.isfinite(r["mean_fitness"]) for r in rows) and np.isfinite(rows[-1]["eval_fitness"])
     with open(os.path.join(full, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_generations"] == 2 and summary["lifetimes_per_minute"] > 0
@@ -185,7 +242,7 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
     assert stop.value.code == 130 and len(read_rows(interrupted)) == 1
     monkeypatch.setattr(epg, "generation_key", original)
     epg.main(epg_args(["--resume", interrupted]))
-    assert read_rows(interrupted) == rows
+    np.testing.assert_equal(read_rows(interrupted), rows)  # exactly; NaN (not evaluated) equals NaN
 
     # the population sharded over 2 devices (shard_map) gives the single device's numbers
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -197,31 +254,38 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
 
 
-def test_test_mode_compares_evolved_loss_with_ppo(tmp_path):
-    loss_file = str(tmp_path / "loss.msgpack")
-    args = epg.resolve_args(epg.Args(task_family="random-pendulum", lifetime=256, buffer_size=64, update_every=32,
-                                     minibatch_size=16, memory_units=4))
-    epg.save_loss(loss_file, jax.flatten_util.ravel_pytree(epg.loss_template(args))[0], args)
+def test_test_mode_writes_every_trainer_to_the_summary(tmp_path):
+    """--test: evolved, tuned PPO (a sweep of two settings), zero and reward-blind losses on the same left-half goals."""
+    args = small_args(lifetime=256, buffer_size=64, update_every=32, memory_units=4, num_eval_episodes=1)
+    theta = jax.flatten_util.ravel_pytree(loss_params_for(args))[0]
+    evolved, blind = str(tmp_path / "evolved.msgpack"), str(tmp_path / "blind.msgpack")
+    epg.save_loss(evolved, theta + 0.01, args)
+    epg.save_loss(blind, theta, dataclasses.replace(args, reward_blind=True))
     run_dir = str(tmp_path / "test")
-    result = run_cli(["--test", "--load-loss", loss_file, "--num-seeds", "2", "--run-dir", run_dir] + TINY[:10]
-                     + ["--num-eval-episodes", "1"])
+    result = run_cli(["--test", "--load-loss", evolved, "--load-reward-blind-loss", blind, "--num-seeds", "2",
+                      "--run-dir", run_dir, "--ppo-rollouts", "32", "64", "--ppo-epochs", "1",
+                      "--ppo-learning-rates", "0.001", "--num-sweep-tasks", "2"])
     assert result.returncode == 0, result.stderr
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    for name in ("EPG", "PPO"):
-        assert len(summary[name]["final_returns"]) == 2 and np.isfinite(summary[name]["final_return_mean"])
+    assert set(summary["trainers"]) == {"evolved", "ppo", "zero", "reward-blind"}
+    for stats in summary["trainers"].values():
+        for key in ("final_return_mean", "final_return_std", "auc_mean", "auc_std"):
+            assert np.isfinite(stats[key]), key
+    assert summary["task_family"] == "goal-point" and "left-half" in summary["split"] and summary["lifetime"] == 256
+    assert len(summary["ppo_sweep"]) == 2 and summary["ppo_choice"]["update_every"] in (32, 64)
+    assert (np.asarray(summary["tasks"]["goal"])[:, 0] < 0).all()
     assert os.path.isfile(os.path.join(run_dir, "test_curves.png"))
-    assert np.asarray(summary["tasks"]["mass"]).shape == (2,)  # one held-out task per agent, shared by both methods
 
 
 def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "args.json").write_text(json.dumps({"task_family": "random-pendulum"}))
+    (run_dir / "args.json").write_text(json.dumps({"task_family": "goal-point"}))
     (run_dir / "checkpoint.msgpack").write_bytes(b"\x00not a checkpoint")
     (run_dir / "best_loss.msgpack").write_bytes(b"garbage")
     for flags, expected in [(["--resume", str(run_dir)], "damaged checkpoint"),
-                            (["--test", "--load-loss", str(run_dir), "--task-family", "random-pendulum"], "damaged loss file")]:
+                            (["--test", "--load-loss", str(run_dir)], "damaged loss file")]:
         with pytest.raises(SystemExit) as stop:
             epg.main(epg_args(flags))
         err = capsys.readouterr().err.strip()
@@ -233,13 +297,12 @@ def epg_args(flags):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--task-family", "goal-spider"], "unknown --task-family"),
-    (["--task-family", "random-pendulum", "--lifetime", "256"], "shorter than the buffer"),
-    (["--task-family", "random-pendulum", "--lifetime", "1000"], "not a multiple of --update-every"),
-    (["--task-family", "random-pendulum", "--pop-size", "7"], "must be even"),
-    (["--task-family", "random-pendulum", "--update-every", "48"], "not a multiple of --minibatch-size"),
-    (["--task-family", "random-pendulum", "--test"], "--test needs --load-loss"),
-    (["--task-family", "random-pendulum", "--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
+    (["--lifetime", "256"], "shorter than the buffer"),
+    (["--lifetime", "1000"], "divide --lifetime"),
+    (["--pop-size", "7"], "must be even"),
+    (["--update-every", "48"], "multiple of --minibatch-size"),
+    (["--test"], "--test needs --load-loss"),
+    (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
     (["--resume", "/nonexistent/run"], "args.json not found"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
@@ -247,3 +310,9 @@ def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
         epg.main(epg_args(flags))
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_unknown_task_family_is_refused_by_tyro(capsys):
+    with pytest.raises(SystemExit) as stop:
+        epg_args(["--task-family", "goal-spider"])
+    assert stop.value.code == 2 and "goal-point" in capsys.readouterr().err
