@@ -1,24 +1,16 @@
-"""Evolution strategies for policy search, written out from the equations and run beside evosax.
+"""Evolution strategies written out from their equations, run beside evosax on test functions and policies.
 
-An evolution strategy treats the return of a policy (or any black-box objective) as a function F(θ) of
-a flat parameter vector and improves a search distribution over θ from sampled fitnesses alone: the
-cross-entropy method refits a Gaussian to the elite, CMA-ES adapts a full covariance and a step size,
-plain ES and OpenAI-ES follow the Monte-Carlo gradient (1/σ)·E[F(μ + σε)·ε], SNES follows the natural
-gradient of a separable Gaussian, and MAP-Elites keeps the best solution found in each cell of a
-behaviour grid. Every method is three pure functions with one signature, `init(key, mean, args)`,
-`ask(key, state, args)` and `tell(key, state, population, fitness, descriptors, args)`, listed in
-METHODS; evosax's implementations (`--algo evosax:CMA_ES`) run behind the same three.
+From sampled fitnesses alone, CEM refits a Gaussian to the elite, CMA-ES adapts a full covariance and a step
+size, plain ES and OpenAI-ES follow the Monte-Carlo gradient (1/σ)·E[F(μ + σε)·ε], SNES follows the natural
+gradient of a separable Gaussian, and MAP-Elites keeps the best solution per cell of a behaviour grid. Each
+method is `init`, `ask` and `tell` with one signature (METHODS); evosax's strategies run behind the same three.
 
-Sources: CMU 10-403 (Deep Reinforcement Learning) lecture on evolutionary methods; Tim Salimans, Jonathan
-Ho, Xi Chen, Szymon Sidor, Ilya Sutskever, "Evolution Strategies as a Scalable Alternative to
-Reinforcement Learning", arXiv:1703.03864 (Algorithms 1 and 2) and its code (openai/evolution-strategies-
-starter); Nikolaus Hansen, "The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772; Tom Schaul, Tobias
-Glasmachers, Jürgen Schmidhuber, "High Dimensions and Heavy Tails for Natural Evolution Strategies",
-GECCO 2011 (SNES); Jean-Baptiste Mouret, Jeff Clune, "Illuminating search spaces by mapping elites",
-arXiv:1504.04909. This is the outer loop that lpo.py and epg.py run around their inner loops.
-
-Convention: every problem returns a fitness to MAXIMISE (mean episodic return, or -f(x) for the test
-functions, whose optimum is 0). evosax minimises: it is told -fitness. A NaN or -inf fitness ranks last.
+Sources: CMU 10-403 lecture on evolutionary methods; Salimans et al., "Evolution Strategies as a Scalable
+Alternative to Reinforcement Learning", arXiv:1703.03864, and its code; Hansen, "The CMA Evolution Strategy:
+A Tutorial", arXiv:1604.00772; Schaul et al., "High Dimensions and Heavy Tails for Natural Evolution
+Strategies", GECCO 2011 (SNES); Mouret and Clune, "Illuminating search spaces by mapping elites",
+arXiv:1504.04909. Every problem returns a fitness to MAXIMISE (mean return, or -f(x) for test functions);
+evosax minimises and is told -fitness. A NaN or -inf fitness ranks last.
 
 Example:
     python es_basics.py --algo cma-es --problem rosenbrock --num-dims 10 --num-generations 2000
@@ -26,7 +18,6 @@ Example:
 
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -42,12 +33,12 @@ from jax.flatten_util import ravel_pytree
 
 Algo = Literal["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites",
                "evosax:CMA_ES", "evosax:Sep_CMA_ES", "evosax:SNES", "evosax:xNES", "evosax:Open_ES"]
-ProblemName = Literal["quadratic", "sphere", "rosenbrock", "rastrigin",
+ProblemName = Literal["sphere", "rosenbrock", "rastrigin",
                       "CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0",
                       "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
                       "Seaquest-MinAtar", "ant", "halfcheetah", "hopper", "humanoid", "humanoidstandup",
                       "inverted_pendulum", "inverted_double_pendulum", "pusher", "reacher", "swimmer", "walker2d"]
-TEST_FUNCTIONS, BRAX_ENVS = get_args(ProblemName)[:4], get_args(ProblemName)[14:]  # the rest are gymnax envs
+TEST_FUNCTIONS, BRAX_ENVS = get_args(ProblemName)[:3], get_args(ProblemName)[13:]  # the rest are gymnax envs
 
 
 @dataclasses.dataclass
@@ -61,15 +52,12 @@ class Args:
     """where to write results (default: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time})"""
     distributed: bool = False
     """call jax.distributed.initialize() first, so that the devices of several hosts share the population"""
-    generations_per_call: Optional[int] = None
-    """generations compiled into one call (a lax.scan) between progress reports (default: 100 on test
-    functions, 1 on policies)"""
 
     # ---- problem ----
     problem: ProblemName = "sphere"
     """test function, gymnax env id or Brax env name"""
     num_dims: Optional[int] = None
-    """test functions: dimension of x (default 3 for quadratic, 10 otherwise); policies: set by the network"""
+    """test functions: dimension of x (default 10); policies: set by the network"""
     num_rollouts: int = 1
     """policies: episodes per member, fitness = their mean return; every member gets the same reset keys"""
     num_eval_episodes: int = 10
@@ -137,7 +125,7 @@ POLICY_DEFAULTS = {
     "map-elites": dict(pop_size=64, num_generations=50, sigma_init=0.1),
 }
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
-TARGETS = {"quadratic": -1e-3, "sphere": -1e-3, "rosenbrock": -1e-3, "rastrigin": -1.0, "CartPole-v1": 475.0,
+TARGETS = {"sphere": -1e-3, "rosenbrock": -1e-3, "rastrigin": -1.0, "CartPole-v1": 475.0,
            "Acrobot-v1": -100.0, "MountainCar-v0": -110.0, "Pendulum-v1": -200.0}
 
 
@@ -158,21 +146,18 @@ def resolve_args(args: Args) -> Args:
     filled = {k: v for k, v in (FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS)[twin].items()
               if getattr(args, k) is None}
     if on_function and args.num_dims is None:
-        filled["num_dims"] = 3 if args.problem == "quadratic" else 10
+        filled["num_dims"] = 10
     if args.normalize_observations is None:
         filled["normalize_observations"] = twin == "openai-es" and not on_function
     if args.target is None and args.problem in TARGETS:
         filled["target"] = TARGETS[args.problem]
-    if args.generations_per_call is None:
-        filled["generations_per_call"] = 100 if on_function else 1
     args = dataclasses.replace(args, **filled)
     if on_function and not args.num_dims > 0:
         raise ArgsError(f"--num-dims must be positive, got {args.num_dims}")
     if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
         args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
     for name in ("pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "num_bins", "episode_length",
-                 "generations_per_call", "sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay",
-                 "elite_ratio"):
+                 "sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -198,13 +183,10 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# The methods. Every state has `mean` [dim] (the centre the loop evaluates) and `sigma` (scalar or
-# [dim]). ask(key, state, args) -> (population [pop, dim], state); tell(key, state, population,
-# fitness [pop], descriptors [pop, 2], args) -> (state, stop), stop an int32 code (0: go on, see
-# STOP_REASONS). Member i's noise comes from fold_in(key, i) alone, so any device can rebuild any
-# member from the generation's key: Salimans et al.'s shared random seeds (Algorithm 2).
-# --------------------------------------------------------------------------------------------------
+# ---- The methods. Every state has `mean` [dim] (the centre) and `sigma` (scalar or [dim]). init(key, mean, args)
+# -> state; ask(key, state, args) -> (population [pop, dim], state); tell(key, state, population, fitness [pop],
+# descriptors [pop, 2], args) -> (state, stop), stop an int32 index of STOP_REASONS (0: go on). Member i's noise
+# comes from fold_in(key, i) alone, so any device can rebuild any member: shared seeds (Salimans et al. Alg. 2).
 STOP_REASONS = ("", "tolfun", "tolx", "condition", "sigma-underflow")
 GO_ON = jnp.int32(0)
 
@@ -239,7 +221,6 @@ def es_gradient(fitness: jax.Array, noise: jax.Array, sigma) -> jax.Array:
 # ---- CEM: cross-entropy method with a diagonal Gaussian ----
 class DiagonalGaussian(NamedTuple):
     """The search distribution of CEM and SNES: N(μ, diag σ²)."""
-
     mean: jax.Array  # μ [dim]
     sigma: jax.Array  # per-coordinate std [dim]
 
@@ -256,11 +237,6 @@ def cem_tell(key, state: DiagonalGaussian, population, fitness, descriptors, arg
 
 
 # ---- CMA-ES: full covariance, evolution paths, cumulative step-size adaptation, termination ----
-def cma_history(n: int, pop_size: int) -> int:
-    """Generations of best fitness that TolFun looks back over: 10 + ⌈30n/λ⌉ (tutorial, section B.3)."""
-    return 10 + math.ceil(30 * n / pop_size)
-
-
 class CMAState(NamedTuple):
     mean: jax.Array  # m [n]
     sigma: jax.Array  # step size σ
@@ -280,7 +256,7 @@ TOL_FUN, TOL_X, MAX_CONDITION = 1e-12, 1e-12, 1e14
 def cma_init(key, mean, args) -> CMAState:
     n = mean.shape[0]
     eye = jnp.eye(n)
-    history = jnp.full(cma_history(n, args.pop_size), jnp.nan)
+    history = jnp.full(10 + math.ceil(30 * n / args.pop_size), jnp.nan)  # TolFun looks back 10 + ⌈30n/λ⌉
     return CMAState(mean, jnp.asarray(args.sigma_init, jnp.float32), eye, jnp.zeros(n), jnp.zeros(n), eye,
                     jnp.ones(n), jnp.array(0), history)
 
@@ -335,7 +311,7 @@ def cma_tell(key, state: CMAState, population, fitness, descriptors, args):
     history = jnp.roll(state.best_history, 1).at[0].set(fitness[best_first(fitness)[0]])
     recent = jnp.concatenate([history, fitness])
     stops = jnp.array([
-        (state.generation + 1 >= cma_history(n, lam)) & (jnp.max(recent) - jnp.min(recent) < TOL_FUN),
+        (state.generation + 1 >= history.shape[0]) & (jnp.max(recent) - jnp.min(recent) < TOL_FUN),
         jnp.all(sigma * jnp.maximum(jnp.abs(p_c), jnp.sqrt(jnp.diag(C))) < TOL_X * args.sigma_init),
         jnp.max(D) ** 2 > MAX_CONDITION * jnp.min(D) ** 2,
         jnp.any(mean + 0.2 * sigma * jnp.sqrt(jnp.diag(C)) == mean) | ~jnp.isfinite(sigma),
@@ -347,7 +323,6 @@ def cma_tell(key, state: CMAState, population, fitness, descriptors, args):
 # ---- plain ES: the lecture's Algorithm 1 (Salimans et al. Algorithm 1) with z-scored fitness ----
 class GradientESState(NamedTuple):
     """Plain ES and OpenAI-ES: N(μ, σ²I) moved by an estimated gradient (plain ES leaves Adam's fields at 0)."""
-
     mean: jax.Array  # μ [dim]
     sigma: jax.Array  # σ
     learning_rate: jax.Array  # α
@@ -492,21 +467,18 @@ class EvosaxState(NamedTuple):
 def evosax_strategy(args: Args, num_dims: int):
     """(strategy, params) for --algo evosax:<Name>, with the written-out twin's hyperparameters where evosax has
     them: std_init = --sigma-init; Open_ES: Adam(--learning-rate decayed by --lr-decay) and σ decayed by
-    --sigma-decay to --sigma-limit (applied one generation later than openai-es; no weight decay; its gradient
-    keeps the 1/σ, which Adam's scale invariance makes irrelevant). Others keep their own learning rates."""
+    --sigma-decay to --sigma-limit (one generation later than openai-es), no weight decay, and a gradient with
+    1/σ (Adam divides it by its running RMS). The others keep their own learning rates."""
     import optax
     from evosax.algorithms import algorithms
-
     name, kwargs = args.algo[7:], {}
     if name == "Open_ES":
         kwargs = dict(optimizer=optax.adam(optax.exponential_decay(args.learning_rate, 1, args.lr_decay)),
                       std_schedule=optax.exponential_decay(args.sigma_init, 1, args.sigma_decay,
                                                            end_value=args.sigma_limit))
     es = algorithms[name](population_size=args.pop_size, solution=jnp.zeros(num_dims), **kwargs)
-    params = es.default_params
-    if hasattr(params, "std_init"):
-        params = params.replace(std_init=jnp.asarray(args.sigma_init, jnp.float32))
-    return es, params
+    params = es.default_params  # Open_ES has no parameters: its σ comes from the schedule
+    return es, params if name == "Open_ES" else params.replace(std_init=jnp.asarray(args.sigma_init, jnp.float32))
 
 
 def evosax_init(key, mean, args) -> EvosaxState:
@@ -538,42 +510,19 @@ METHODS = {  # algo: (init, ask, tell)
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Problems. Every problem maps a flat parameter vector x [num_dims] to a fitness to MAXIMISE.
-# --------------------------------------------------------------------------------------------------
-QUADRATIC_SOLUTION = (0.5, 0.1, -0.3)  # Karpathy's NES example: w* of the quadratic toy
-
-
-def quadratic(x: jax.Array) -> jax.Array:
-    """Karpathy's toy: F(x) = -‖x - w*‖², w* = (0.5, 0.1, -0.3) repeated to len(x). x [n] -> scalar."""
-    return -jnp.sum((x - jnp.resize(jnp.array(QUADRATIC_SOLUTION, x.dtype), x.shape)) ** 2)
-
-
-def sphere(x: jax.Array) -> jax.Array:
-    """F(x) = -Σ x_i²; optimum 0 at x = 0. x [n] -> scalar."""
-    return -jnp.sum(x**2)
-
-
-def rosenbrock(x: jax.Array) -> jax.Array:
-    """F(x) = -Σ_{i<n} [100 (x_{i+1} - x_i²)² + (1 - x_i)²]; optimum 0 at x = 1. x [n ≥ 2] -> scalar."""
-    return -jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
-
-
-def rastrigin(x: jax.Array) -> jax.Array:
-    """F(x) = -(10 n + Σ [x_i² - 10 cos(2π x_i)]); optimum 0 at x = 0, local optima near integers."""
-    return -(10.0 * x.shape[0] + jnp.sum(x**2 - 10.0 * jnp.cos(2.0 * jnp.pi * x)))
-
-
-FUNCTIONS = {"quadratic": quadratic, "sphere": sphere, "rosenbrock": rosenbrock, "rastrigin": rastrigin}
+# ---- Problems. Every problem maps a flat parameter vector x [num_dims] to a fitness to MAXIMISE. ----
+FUNCTIONS = {  # fitness F(x) = -f(x) of x [n], optimum 0
+    "sphere": lambda x: -jnp.sum(x**2),  # at x = 0
+    "rosenbrock": lambda x: -jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2),  # at x = 1, n ≥ 2
+    "rastrigin": lambda x: -(10.0 * x.shape[0] + jnp.sum(x**2 - 10.0 * jnp.cos(2.0 * jnp.pi * x))),  # at x = 0
+}
 # Starting mean x₀ = c·1 of the search, and the domain [low, high] that bounds MAP-Elites' descriptor (x₀, x₁).
-FUNCTION_START = {"quadratic": 0.0, "sphere": 3.0, "rosenbrock": 0.0, "rastrigin": 3.0}
-FUNCTION_DOMAIN = {"quadratic": (-5.0, 5.0), "sphere": (-5.12, 5.12), "rosenbrock": (-2.048, 2.048),
-                   "rastrigin": (-5.12, 5.12)}
+FUNCTION_START = {"sphere": 3.0, "rosenbrock": 0.0, "rastrigin": 3.0}
+FUNCTION_DOMAIN = {"sphere": (-5.12, 5.12), "rosenbrock": (-2.048, 2.048), "rastrigin": (-5.12, 5.12)}
 
 
 class ObsStats(NamedTuple):
     """Observation statistics as sums, initialised like Salimans et al.'s RunningStat (eps = 1e-2)."""
-
     total: jax.Array  # Σo [obs_dim]
     total_sq: jax.Array  # Σo² [obs_dim]
     count: jax.Array  # number of observations, scalar
@@ -594,7 +543,6 @@ class GymnaxEnv:
     def __init__(self, env_id: str):
         import gymnax
         from gymnax.environments import spaces
-
         self.env, self.params = gymnax.make(env_id)
         self.obs_dim = int(np.prod(self.env.observation_space(self.params).shape))
         space = self.env.action_space(self.params)
@@ -620,7 +568,6 @@ class BraxEnv:
 
     def __init__(self, env_id: str, backend: str, episode_length: int):
         from brax import envs
-
         self.env = envs.get_environment(env_id, backend=backend)
         self.obs_dim, self.action_dim = int(self.env.observation_size), int(self.env.action_size)
         self.discrete, self.action_low, self.action_high = False, -1.0, 1.0
@@ -656,7 +603,6 @@ def policy_action(params: list, obs: jax.Array, env) -> jax.Array:
 
 class Episode(NamedTuple):
     """What one episode of a policy returns; the sums run over the steps before the episode ended."""
-
     ret: jax.Array  # scalar, undiscounted return
     last_obs: jax.Array  # [obs_dim], the last observation the policy acted on
     obs_sum: jax.Array  # [obs_dim], raw observations
@@ -682,26 +628,12 @@ def descriptor_bounds(args: Args):
 
 class Problem(NamedTuple):
     """A problem as the generation loop sees it (see make_problem)."""
-
     num_dims: int
     init_mean: jax.Array  # [num_dims], the search's starting mean
     # evaluate(x [num_dims], key, obs_stats) -> (fitness, descriptor [2], (Σo [obs_dim], Σo² [obs_dim], steps))
     evaluate: Callable
     evaluate_center: Callable  # (x, key, obs_stats) -> fitness of x on --num-eval-episodes new episodes
     obs_dim: int  # 1 for test functions (statistics unused)
-    unravel: Optional[Callable]  # flat vector -> policy weights (None for test functions)
-
-
-def make_function_problem(name: str, num_dims: int) -> Problem:
-    """A test function as a Problem: fitness -f(x), descriptor (x₀, x₁) clipped to the function's domain."""
-    f, (low, high) = FUNCTIONS[name], FUNCTION_DOMAIN[name]
-    no_obs = (jnp.zeros(1), jnp.zeros(1), jnp.zeros(()))
-
-    def evaluate(x, key, obs_stats):
-        return f(x), (jnp.clip(x[:2], low, high) if num_dims >= 2 else jnp.zeros(2)), no_obs
-
-    return Problem(num_dims, jnp.full(num_dims, FUNCTION_START[name]), evaluate,
-                   lambda x, key, obs_stats: f(x), 1, None)
 
 
 def make_policy_problem(args: Args) -> Problem:
@@ -743,19 +675,24 @@ def make_policy_problem(args: Args) -> Problem:
     def evaluate_center(x, key, obs_stats):
         return episodes(x, key, obs_stats, args.num_eval_episodes).ret.mean()
 
-    return Problem(int(init_mean.shape[0]), init_mean, evaluate, evaluate_center, env.obs_dim, unravel)
+    return Problem(int(init_mean.shape[0]), init_mean, evaluate, evaluate_center, env.obs_dim)
 
 
 def make_problem(args: Args) -> Problem:
-    """The problem named by args.problem (resolved args)."""
-    if args.problem in TEST_FUNCTIONS:
-        return make_function_problem(args.problem, args.num_dims)
-    return make_policy_problem(args)
+    """The problem named by args.problem (resolved args). A test function: fitness -f(x), descriptor (x₀, x₁)
+    clipped to the function's domain, starting mean FUNCTION_START·1."""
+    if args.problem not in TEST_FUNCTIONS:
+        return make_policy_problem(args)
+    f, (low, high), n = FUNCTIONS[args.problem], FUNCTION_DOMAIN[args.problem], args.num_dims
+    no_obs = (jnp.zeros(1), jnp.zeros(1), jnp.zeros(()))
+
+    def evaluate(x, key, obs_stats):
+        return f(x), (jnp.clip(x[:2], low, high) if n >= 2 else jnp.zeros(2)), no_obs
+
+    return Problem(n, jnp.full(n, FUNCTION_START[args.problem]), evaluate, lambda x, key, obs_stats: f(x), 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# The generation loop, distributed over devices with shared seeds (Salimans et al. Algorithm 2).
-# --------------------------------------------------------------------------------------------------
+# ---- The generation loop, distributed over devices with shared seeds (Salimans et al. Algorithm 2). ----
 class LoopState(NamedTuple):
     es: Any  # the method's state (replicated on every device)
     obs_stats: ObsStats  # observation statistics (replicated)
@@ -767,7 +704,6 @@ class GenerationOutput(NamedTuple):
     center_fitness: jax.Array  # the centre after the update (policies: new episodes; MAP-Elites: best elite)
     elite_fitness: jax.Array  # MAP-Elites: the best elite's archived fitness (NaN for the other methods)
     sigma: jax.Array  # mean σ the members were drawn with
-    best_member: jax.Array  # [dim], this generation's fittest member
     archive_cells: jax.Array  # MAP-Elites: filled cells after the update (-1 for the other methods)
     stop: jax.Array  # LoopState.stop after this generation
 
@@ -784,17 +720,12 @@ def init_loop_state(args: Args, problem: Problem) -> LoopState:
 
 
 def make_generations(args: Args, problem: Problem) -> Callable:
-    """generations(loop_state, keys [T, 2]) -> (loop_state, GenerationOutput stacked over T), compiled:
-    T generations in one lax.scan.
-
-    Over D > 1 JAX devices (a 1-D mesh, jax.shard_map) every device holds the whole state and, per generation,
-    1. rebuilds the whole population from the generation key (member i's noise from fold_in(key, i)),
-    2. evaluates its own pop/D members, with the same episode keys as every other member,
-    3. all-gathers the pop scalar fitnesses (MAP-Elites: and the 2-float descriptors; with observation
-       normalisation: every member's Σo, Σo² and step count): all that is exchanged,
-    4. applies the identical update and evaluates the new centre. One device runs the same program without
-       the slicing of 2 and the exchange of 3. Once the method returned a stop code, the state stays as it was.
-    """
+    """generations(loop_state, keys [T, 2]) -> (loop_state, GenerationOutput stacked over T): T generations in
+    one compiled lax.scan. Over D > 1 devices (jax.shard_map on a 1-D mesh) every device holds the whole state,
+    rebuilds the whole population from the generation key, evaluates its own pop/D members (with the same episode
+    keys as every other member), all-gathers the pop fitnesses (MAP-Elites: and descriptors; with observation
+    normalisation: each member's Σo, Σo², steps), which is all it exchanges, and applies the identical update.
+    Once the method returned a stop code, the state stays as it was."""
     _, ask, tell = METHODS[args.algo.split(":")[0]]
     devices = jax.devices()
     num_devices, per_device = len(devices), args.pop_size // len(devices)
@@ -823,7 +754,7 @@ def make_generations(args: Args, problem: Problem) -> Callable:
         is_map_elites = args.algo == "map-elites"
         out = GenerationOutput(
             fitness, center_fitness, new_es.fitness.max() if is_map_elites else jnp.float32(jnp.nan),
-            jnp.mean(es.sigma), population[best_first(fitness)[0]],
+            jnp.mean(es.sigma),
             jnp.isfinite(new_es.fitness).sum() if is_map_elites else jnp.int32(-1), jnp.where(running, stop, loop.stop))
         return LoopState(new_es, obs_stats, out.stop), out
 
@@ -838,15 +769,16 @@ def make_generations(args: Args, problem: Problem) -> Callable:
                                  check_vma=False))
 
 
-def run_generations(args: Args, problem: Problem, on_chunk: Optional[Callable] = None
+def run_generations(args: Args, problem: Problem, on_chunk: Optional[Callable] = None, chunk: Optional[int] = None
                     ) -> Tuple[LoopState, GenerationOutput]:
-    """Run resolved args for --num-generations, --generations-per-call at a time, ending early after the
+    """Run resolved args for --num-generations, `chunk` per compiled call (default: 100 on test functions, 1 on
+    policies) between progress reports, ending early after the
     generation whose update returned a stop code. Returns the final loop state and every generation's output
     (numpy, stacked over the generations run); on_chunk(first_generation, outputs) after each call."""
     generations = make_generations(args, problem)
     loop, done, outputs = init_loop_state(args, problem), 0, []
     while done < args.num_generations:
-        count = min(args.generations_per_call, args.num_generations - done)
+        count = min(chunk or (100 if args.problem in TEST_FUNCTIONS else 1), args.num_generations - done)
         loop, out = generations(loop, generation_keys(args.seed, done, count))
         out = jax.tree.map(np.asarray, out)
         stopped = np.flatnonzero(out.stop)
@@ -861,116 +793,87 @@ def run_generations(args: Args, problem: Problem, on_chunk: Optional[Callable] =
     return loop, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
 
 
-# --------------------------------------------------------------------------------------------------
-# Running, saving, plotting.
-# --------------------------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes):
-    """Write bytes to path via a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
+# ---- Running, saving, plotting. ----
 def write_json(path: str, obj: dict):
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """Write obj to path as JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
-GEN_FIELDS = ("generation", "evaluations", "best_fitness", "mean_fitness", "center_fitness", "elite_fitness",
-              "best_so_far", "sigma", "archive_cells")
+def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
+    """generations.csv's columns [T] for T generations after `first`; the population mean leaves non-finite
+    members out (NaN if none is finite), best_fitness ranks NaN as -inf."""
+    finite = np.isfinite(out.fitness)
+    generation = first + 1 + np.arange(len(out.stop))
+    return dict(generation=generation, evaluations=generation * pop_size,
+                best_fitness=np.where(np.isnan(out.fitness), -np.inf, out.fitness).max(1),
+                mean_fitness=np.where(finite, out.fitness, 0).sum(1) / np.where(finite.any(1), finite.sum(1), np.nan),
+                center_fitness=out.center_fitness, elite_fitness=out.elite_fitness, sigma=out.sigma,
+                archive_cells=out.archive_cells)
 
 
-def generation_rows(first: int, out: GenerationOutput, pop_size: int, best_so_far: float) -> list:
-    """One dict per generation of a chunk (first = generations before it); non-finite members are left out
-    of the mean, which is NaN if none is finite."""
-    rows = []
-    for t in range(len(out.stop)):
-        fitness = out.fitness[t]
-        finite, ranked = fitness[np.isfinite(fitness)], np.where(np.isnan(fitness), -np.inf, fitness)
-        best_so_far = max(best_so_far, float(ranked.max()))
-        rows.append(dict(generation=first + t + 1, evaluations=(first + t + 1) * pop_size,
-                         best_fitness=float(ranked.max()), center_fitness=float(out.center_fitness[t]),
-                         mean_fitness=float(finite.mean()) if finite.size else float("nan"),
-                         elite_fitness=float(out.elite_fitness[t]), best_so_far=best_so_far,
-                         sigma=float(out.sigma[t]), archive_cells=int(out.archive_cells[t])))
-    return rows
-
-
-def plot_curves(path: str, rows: list, problem: str):
+def plot_curves(path: str, table: dict, problem: str):
     """fitness_curve.png: centre, population mean and best member against generations (test functions: f =
     -fitness on a log scale)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     sign = -1.0 if problem in TEST_FUNCTIONS else 1.0
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    x = [r["generation"] for r in rows]
-    for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"),
-                       ("best_fitness", "best member")):
-        ax.plot(x, [sign * r[key] for r in rows], label=label)
-    if problem in TEST_FUNCTIONS:
-        ax.set_yscale("log")
-    ax.set(xlabel="generation", ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)", title=problem)
+    for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"), ("best_fitness", "best")):
+        ax.plot(table["generation"], sign * table[key], label=label)
+    ax.set(xlabel="generation", ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)", title=problem,
+           yscale="log" if sign < 0 else "linear")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     """One ES run (resolved args) into run_dir: args.json, generations.csv, fitness_curve.png, params.npz and
     summary.json (also returned)."""
     from tqdm import tqdm
-
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     problem = make_problem(args)
     print(f"{args.algo} on {args.problem}: {problem.num_dims} parameters, population {args.pop_size} over "
           f"{jax.device_count()} {jax.default_backend()} device(s), up to {args.num_generations} generations")
-    csv_path = os.path.join(run_dir, "generations.csv")
-    with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerow(GEN_FIELDS)
-    rows, start = [], time.time()
+    csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
 
     def on_chunk(first, out):
-        new = generation_rows(first, out, args.pop_size, rows[-1]["best_so_far"] if rows else -np.inf)
-        rows.extend(new)
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerows([[r[k] for k in GEN_FIELDS] for r in new])
-        bar.update(len(new))
-        bar.set_postfix(best=f"{new[-1]['best_fitness']:.4g}", mean=f"{new[-1]['mean_fitness']:.4g}",
-                        center=f"{new[-1]['center_fitness']:.4g}", sigma=f"{new[-1]['sigma']:.3g}", refresh=False)
+        table = columns(out, first, args.pop_size)
+        with open(csv_path, "a" if first else "w", newline="") as f:
+            csv.writer(f).writerows(([list(table)] if first == 0 else []) + list(zip(*table.values())))
+        bar.update(len(out.stop))
+        bar.set_postfix({k.split("_")[0]: f"{v[-1]:.4g}" for k, v in table.items() if k.endswith("fitness")})
 
     loop, out = run_generations(args, problem, on_chunk)
     bar.close()
-    seconds = time.time() - start
+    seconds, table = time.time() - start, columns(out, 0, args.pop_size)
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
-        print(f"stopped after generation {len(rows)}: {stop} (Hansen's termination criterion)")
-    plot_curves(os.path.join(run_dir, "fitness_curve.png"), rows, args.problem)
-    best = int(np.argmax([r["best_fitness"] for r in rows]))
-    buffer = io.BytesIO()
-    np.savez(buffer, center=np.asarray(loop.es.mean), best=out.best_member[best],
-             obs_total=np.asarray(loop.obs_stats.total), obs_total_sq=np.asarray(loop.obs_stats.total_sq),
-             obs_count=np.asarray(loop.obs_stats.count))
-    atomic_write(os.path.join(run_dir, "params.npz"), buffer.getvalue())
-    reached = next((r for r in rows if args.target is not None and r["center_fitness"] >= args.target), None)
+        print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
+    plot_curves(os.path.join(run_dir, "fitness_curve.png"), table, args.problem)
+    np.savez(os.path.join(run_dir, "params.tmp.npz"), center=np.asarray(loop.es.mean),
+             **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()})
+    os.replace(os.path.join(run_dir, "params.tmp.npz"), os.path.join(run_dir, "params.npz"))
+    reached = np.flatnonzero(table["center_fitness"] >= (np.inf if args.target is None else args.target))
     summary = dict(
         algo=args.algo, problem=args.problem, seed=args.seed, num_dims=problem.num_dims, pop_size=args.pop_size,
-        num_generations=len(rows), evaluations=len(rows) * args.pop_size, stop_reason=stop,
-        best_fitness=rows[best]["best_fitness"], final_mean_fitness=rows[-1]["mean_fitness"],
-        final_center_fitness=rows[-1]["center_fitness"], final_elite_fitness=rows[-1]["elite_fitness"],
-        target=args.target, generations_to_target=reached and reached["generation"],
-        evaluations_to_target=reached and reached["evaluations"],
-        final_archive_cells=rows[-1]["archive_cells"] if args.algo == "map-elites" else None,
-        wall_seconds=seconds, generations_per_second=len(rows) / seconds, num_devices=jax.device_count(),
+        num_generations=len(out.stop), evaluations=len(out.stop) * args.pop_size, stop_reason=stop,
+        best_fitness=float(table["best_fitness"].max()), final_mean_fitness=float(table["mean_fitness"][-1]),
+        final_center_fitness=float(out.center_fitness[-1]), final_elite_fitness=float(out.elite_fitness[-1]),
+        target=args.target, generations_to_target=int(reached[0]) + 1 if reached.size else None,
+        evaluations_to_target=(int(reached[0]) + 1) * args.pop_size if reached.size else None,
+        final_archive_cells=int(out.archive_cells[-1]) if args.algo == "map-elites" else None,
+        wall_seconds=seconds, generations_per_second=len(out.stop) / seconds, num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind)
-    write_json(os.path.join(run_dir, "summary.json"), json.loads(json.dumps(summary).replace("NaN", "null")))
-    print(f"best member {summary['best_fitness']:.6g}; final centre {summary['final_center_fitness']:.6g}; "
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # JSON
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    print(f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
           f"target {args.target} reached at generation {summary['generations_to_target']}")
     return summary
 

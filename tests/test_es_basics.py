@@ -22,22 +22,24 @@ sys.path.insert(0, ROOT)
 import es_basics as eb  # noqa: E402
 
 
-def run(**flags):
-    """Resolve Args(**flags) and run it in-process; returns (args, problem, final loop state, outputs)."""
+def run(chunk=None, **flags):
+    """Resolve Args(**flags) and run it in-process, `chunk` generations per call; returns (args, problem,
+    final loop state, outputs)."""
     args = eb.resolve_args(eb.Args(**flags))
     problem = eb.make_problem(args)
-    return (args, problem) + eb.run_generations(args, problem)
+    return (args, problem) + eb.run_generations(args, problem, chunk=chunk)
 
 
 def test_es_gradient_points_along_the_true_gradient_and_antithetic_lowers_its_variance():
     dim, sigma = 10, 0.1
     mean = jnp.linspace(-1.0, 1.0, dim)
-    true_gradient = -2.0 * (mean - jnp.resize(jnp.array(eb.QUADRATIC_SOLUTION), dim))  # ∇ of -‖x - w*‖²
+    solution = jnp.resize(jnp.array([0.5, 0.1, -0.3]), dim)  # Karpathy's NES toy: F(x) = -‖x - w*‖²
+    true_gradient = -2.0 * (mean - solution)
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
     def estimate(key, pop_size, antithetic):
         noise = eb.antithetic_noise(key, pop_size, dim) if antithetic else eb.all_noise(key, pop_size, dim)
-        return eb.es_gradient(jax.vmap(eb.quadratic)(mean + sigma * noise), noise, sigma)
+        return eb.es_gradient(jax.vmap(lambda x: -jnp.sum((x - solution) ** 2))(mean + sigma * noise), noise, sigma)
 
     def cosine(g):
         return float(g @ true_gradient / (jnp.linalg.norm(g) * jnp.linalg.norm(true_gradient)))
@@ -81,7 +83,7 @@ CONVERGENCE_NEEDED = [(algo, needed) for algo, problem, _, needed, _ in CONVERGE
 @pytest.mark.parametrize("algo, problem, num_dims, needed, tolerance", CONVERGENCE)
 def test_method_converges_and_survives_ten_times_the_generations(algo, problem, num_dims, needed, tolerance):
     args, _, loop, out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=10 * needed,
-                             generations_per_call=needed)
+                             chunk=needed)
     f = -out.center_fitness
     assert (f[:needed] < tolerance).any(), f[:needed].min()
     for leaf in jax.tree.leaves(loop.es):
@@ -97,7 +99,7 @@ def test_method_converges_and_survives_ten_times_the_generations(algo, problem, 
 
 def test_map_elites_survives_a_long_run_and_fills_more_cells_than_random_search():
     flags = dict(algo="map-elites", problem="sphere", num_dims=10, pop_size=50, num_bins=20, sigma_init=0.3)
-    args, problem, loop, out = run(num_generations=400, generations_per_call=400, **flags)
+    args, problem, loop, out = run(num_generations=400, chunk=400, **flags)
     assert np.isfinite(loop.es.solutions).all() and not np.isnan(loop.es.fitness).any()
     assert (np.diff(out.archive_cells) >= 0).all()
     np.testing.assert_allclose(out.center_fitness, out.elite_fitness, rtol=1e-6)  # deterministic: no curse
@@ -121,7 +123,7 @@ def test_nan_and_minus_inf_fitness_rank_last(algo):
     key = jax.random.PRNGKey(3)
     state = init(key, jnp.full(args.num_dims, 3.0), args)
     population, state = ask(key, state, args)
-    fitness = jax.vmap(eb.sphere)(population)
+    fitness = jax.vmap(eb.FUNCTIONS["sphere"])(population)
     injected = fitness.at[1].set(jnp.nan).at[3].set(-jnp.inf)
     worst = jnp.min(fitness) - (0.0 if algo == "plain-es" else 1.0)
     replaced = fitness.at[1].set(worst).at[3].set(worst)
@@ -147,7 +149,7 @@ def test_methods_carry_on_when_a_fifth_of_the_members_fail(algo, monkeypatch):
     monkeypatch.setitem(eb.METHODS, algo, (init, ask, failing_tell))
     needed = dict(CONVERGENCE_NEEDED)[algo]
     args, _, loop, out = run(algo=algo, problem="sphere", num_dims=5, num_generations=2 * needed,
-                             generations_per_call=2 * needed)
+                             chunk=2 * needed)
     assert np.isfinite(np.asarray(loop.es.mean)).all() and -out.center_fitness[-1] < 1e-3, -out.center_fitness[-1]
 
 
@@ -158,7 +160,7 @@ def test_snes_update_equals_evosax_and_converges_alike():
     key = jax.random.PRNGKey(0)
     state = eb.diagonal_init(key, jnp.linspace(-2, 2, args.num_dims), args)
     population, _ = eb.gaussian_ask(key, state, args)
-    fitness = jax.vmap(eb.rosenbrock)(population)
+    fitness = jax.vmap(eb.FUNCTIONS["rosenbrock"])(population)
     mine, _ = eb.snes_tell(key, state, population, fitness, None, args)
     es = SNES(population_size=args.pop_size, solution=jnp.zeros(args.num_dims))
     params = es.default_params.replace(std_init=jnp.asarray(0.7))
@@ -167,7 +169,7 @@ def test_snes_update_equals_evosax_and_converges_alike():
     np.testing.assert_allclose(mine.sigma, theirs.std, rtol=1e-5)
     generations = {}  # generations to 1e-8 on 10-D sphere, summed over 3 seeds
     for algo in ("snes", "evosax:SNES"):
-        runs = [run(algo=algo, problem="sphere", num_generations=300, generations_per_call=300, seed=s)[3]
+        runs = [run(algo=algo, problem="sphere", num_generations=300, chunk=300, seed=s)[3]
                 for s in (1, 2, 3)]
         generations[algo] = sum(int(np.argmax(-out.center_fitness < 1e-8)) + 1 for out in runs)
         assert all((-out.center_fitness < 1e-8).any() for out in runs), algo
@@ -178,7 +180,7 @@ def test_snes_update_equals_evosax_and_converges_alike():
 def test_written_out_cma_es_is_comparable_to_evosax(problem, num_dims, generations):
     for algo in ("cma-es", "evosax:CMA_ES"):
         out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=generations,
-                  generations_per_call=generations)[3]
+                  chunk=generations)[3]
         assert np.nanmin(-out.center_fitness) < 1e-8, (algo, np.nanmin(-out.center_fitness))
 
 
@@ -219,7 +221,8 @@ import jax, numpy as np
 from test_es_basics import run
 results = {{}}
 for flags in [dict(algo="openai-es", problem="CartPole-v1", pop_size=8, obs_stats_fraction=0.5),
-              dict(algo="cma-es", problem="sphere", pop_size=8), dict(algo="map-elites", problem="CartPole-v1", pop_size=8)]:
+              dict(algo="cma-es", problem="sphere", pop_size=8),
+              dict(algo="map-elites", problem="CartPole-v1", pop_size=8)]:
     args, problem, loop, out = run(num_generations=3, **flags)
     numbers = np.concatenate([out.fitness.ravel(), out.center_fitness, np.asarray(loop.es.mean),
                               np.asarray(loop.obs_stats.total)])
