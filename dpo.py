@@ -662,7 +662,7 @@ def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
     return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
 
 
-def init_seeds(args: Args, init, keys) -> Runner:
+def init_seeds(init, keys) -> Runner:
     """Each seed's Runner, built one seed at a time (no batched QR, see make_train), stacked [num_seeds, ...]."""
     init = jax.jit(init)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
@@ -757,7 +757,7 @@ def run_training(args: Args) -> str:
     os.makedirs(run_dir, exist_ok=True)
     n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args)
-    runners = init_seeds(args, init, seed_keys(args)[0])
+    runners = init_seeds(init, seed_keys(args)[0])
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "checkpoint.msgpack")
     rows = []
     if args.resume:

@@ -163,7 +163,7 @@ def test_update_counts_follow_the_authors_budget():
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(args):
     init, train_chunk = dpo.make_train(args)
-    runners = dpo.init_seeds(args, init, dpo.seed_keys(args)[0])
+    runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))
     curves = []
     for _ in range(math.ceil(dpo.num_updates(args) / dpo.max_chunk(args))):
@@ -197,12 +197,12 @@ def test_chunks_compose_exactly_and_a_seed_reproduces():
     init, train_chunk = dpo.make_train(args)
     keys = dpo.seed_keys(args)[0]
     chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))
-    whole, _ = chunk(dpo.init_seeds(args, init, keys), 6)
-    halves, _ = chunk(chunk(dpo.init_seeds(args, init, keys), 2)[0], 4)
+    whole, _ = chunk(dpo.init_seeds(init, keys), 6)
+    halves, _ = chunk(chunk(dpo.init_seeds(init, keys), 2)[0], 4)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(halves)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(whole.update[0]) == 6
-    other, _ = chunk(dpo.init_seeds(args, init, dpo.seed_keys(dataclasses.replace(args, seed=2))[0]), 6)
+    other, _ = chunk(dpo.init_seeds(init, dpo.seed_keys(dataclasses.replace(args, seed=2))[0]), 6)
     assert not np.array_equal(np.asarray(other.obs), np.asarray(whole.obs))
 
 
@@ -284,7 +284,7 @@ import jax, numpy as np, dpo
 assert jax.device_count() == 2, jax.devices()
 args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
 init, train_chunk = dpo.make_train(args)
-runners = dpo.init_seeds(args, init, dpo.seed_keys(args)[0])
+runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
 _, metrics = dpo.over_seeds(train_chunk, 2, (0, None))(runners, 8)
 print(json.dumps(np.asarray(metrics["policy_loss"]).tolist()))
 """
@@ -298,7 +298,7 @@ def test_seeds_sharded_over_two_devices_match_one_device():
     sharded = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
     init, train_chunk = dpo.make_train(args)
-    runners = dpo.init_seeds(args, init, dpo.seed_keys(args)[0])
+    runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     single = np.asarray(jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))(runners, 8)[1]["policy_loss"])
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 
