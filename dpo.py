@@ -454,7 +454,7 @@ def policy(actor: MLP, params, obs, discrete: bool):
     return TanhGaussian(loc, jax.nn.softplus(scale) + 0.001)
 
 
-# ---- Training: make_train(args) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates.
+# ---- Training: make_train(args, drift) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates.
 class Transition(NamedTuple):
     obs: jax.Array  # [num_envs, obs_dim], raw; an unroll keeps one more, its last next observation
     action: jax.Array  # [num_envs] or [num_envs, action_dim]; continuous: pre-tanh
@@ -496,8 +496,8 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args):
-    """Build one seed's training as two pure functions.
+def make_train(args: Args, drift):
+    """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
 
     Returns:
         init(rng) -> Runner: parameters, optimiser, environments. Call it per seed outside any vmap: jaxlib
@@ -507,7 +507,7 @@ def make_train(args: Args):
             envs of the last finished episode's unscaled return (NaN before any finished); the losses, entropy
             and approx_kl are means over epochs and minibatches.
     """
-    env, drift = make_env(args), make_drift(args)
+    env = make_env(args)
     actor, critic = make_networks(args, env)
     n_chunk, obs_norm = max_chunk(args), args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
@@ -737,7 +737,7 @@ def plot_learning_curve(path: str, rows: list, title: str):
 
 def run_eval_only(args: Args) -> str:
     saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
-    template = jax.eval_shape(jax.vmap(make_train(saved)[0]), seed_keys(saved)[0])
+    template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
     params, obs_stats = load_tree(os.path.join(args.load, "params.msgpack"),
                                   (template.train_state.params, template.obs_stats))
     run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
@@ -756,7 +756,7 @@ def run_training(args: Args) -> str:
         "runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
     os.makedirs(run_dir, exist_ok=True)
     n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
-    init, train_chunk = make_train(args)
+    init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "checkpoint.msgpack")
     rows = []

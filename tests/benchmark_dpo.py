@@ -64,7 +64,7 @@ def brax_ceiling(args: dpo.Args, steps: int):
 
 def training_time(args: dpo.Args, repeats: int) -> float:
     """Seconds of the compiled training of all seeds over the whole run (initialisation excluded)."""
-    init, train_chunk = dpo.make_train(args)
+    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
     runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     n = dpo.num_updates(args)
     chunk = dpo.over_seeds(lambda r: train_chunk(r, n), args.num_seeds, (0,)).lower(runners).compile()

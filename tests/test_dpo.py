@@ -162,7 +162,7 @@ def test_update_counts_follow_the_authors_budget():
 # Learning on CPU
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(args):
-    init, train_chunk = dpo.make_train(args)
+    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
     runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))
     curves = []
@@ -194,7 +194,7 @@ def test_pendulum_learns_with_the_squashed_policy():
 
 def test_chunks_compose_exactly_and_a_seed_reproduces():
     args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=12 * 512))
-    init, train_chunk = dpo.make_train(args)
+    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
     keys = dpo.seed_keys(args)[0]
     chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))
     whole, _ = chunk(dpo.init_seeds(init, keys), 6)
@@ -283,7 +283,7 @@ sys.path.insert(0, {root!r})
 import jax, numpy as np, dpo
 assert jax.device_count() == 2, jax.devices()
 args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
-init, train_chunk = dpo.make_train(args)
+init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
 runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
 _, metrics = dpo.over_seeds(train_chunk, 2, (0, None))(runners, 8)
 print(json.dumps(np.asarray(metrics["policy_loss"]).tolist()))
@@ -297,7 +297,7 @@ def test_seeds_sharded_over_two_devices_match_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
-    init, train_chunk = dpo.make_train(args)
+    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
     runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     single = np.asarray(jax.jit(jax.vmap(train_chunk, in_axes=(0, None)))(runners, 8)[1]["policy_loss"])
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
