@@ -717,18 +717,20 @@ def load_args(run_dir: str) -> Args:
 FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRICS[1:] + ("sps",)
 
 
-def plot_learning_curve(path: str, rows: list, title: str):
-    """PNG of the mean episodic return over seeds against env steps, with a ±1 std band."""
+def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)",
+                ylabel: str = "episodic return"):
+    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, mean, std = (np.array([float(r[k]) for r in rows]) for k in FIELDS[:3])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, mean, label="mean over seeds")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.3, label="± 1 std")
-    ax.set(xlabel="environment steps (per seed)", ylabel="episodic return", title=title)
+    for label, (x, y, band) in curves.items():
+        x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
+        ax.plot(x, y, label=label)
+        ax.fill_between(x, y - band, y + band, alpha=0.25)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -811,8 +813,9 @@ def run_training(args: Args) -> str:
         chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
     params, obs_stats = runners.train_state.params, runners.obs_stats
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
-    plot_learning_curve(os.path.join(run_dir, "learning_curve.png"), [dict(zip(FIELDS, r)) for r in rows],
-                        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)")
+    steps, mean, std = np.array(rows, dtype=float).T[:3]
+    plot_curves(os.path.join(run_dir, "learning_curve.png"), {"mean over seeds ± 1 std": (steps, mean, std)},
+                f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)")
     summary = dict(env_id=args.env_id, drift=args.drift, total_timesteps=n_updates * steps_per_update,
                    num_seeds=args.num_seeds, num_eval_envs=args.num_eval_envs,
                    **evaluate_seeds(args, params, obs_stats),

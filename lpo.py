@@ -11,7 +11,7 @@ Paper: Chris Lu, Jakub Grudzien Kuba, Alistair Letcher, Luke Metz, Christian Sch
 The ES and the drift network follow the authors' dpo/main_drift_brax.py and dpo/brax_drift.py (commit c412884).
 
 Example:
-    python lpo.py --env-ids CartPole-v1 Acrobot-v1 --total-timesteps 65536 --num-generations 50   # CPU, see docs
+    python lpo.py --env-ids CartPole-v1 Acrobot-v1 --total-timesteps 65536 --num-generations 150  # CPU, docs/lpo.md
     python lpo.py --eval-drift drifts/lpo_classic.msgpack --env-id Breakout-MinAtar --num-seeds 10
     python lpo.py --plot-drift drifts/lpo_classic.msgpack
 """
@@ -135,7 +135,7 @@ class Args:
     activation: Optional[Literal["tanh", "relu", "swish"]] = None
     """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
 
-    # ---- LPO: what to do ----
+    # ---- LPO: what to do (default: meta-train) ----
     eval_drift: Optional[str] = None
     """a learned drift (file or run directory): train fresh agents on --env-id with it and with --compare's drifts"""
     compare: Tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
@@ -145,33 +145,26 @@ class Args:
 
     # ---- LPO: meta-training (the authors' dpo/main_drift_brax.py and evosax 0.0.4 OpenES defaults) ----
     env_ids: Tuple[EnvId, ...] = ()
-    """meta-train on these envs jointly, fitness averaged after normalising by PPO's (default: --env-id alone)"""
+    """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
     num_generations: int = 1025
-    """ES generations (the authors' run: 1025 on Brax ant; the CPU setting in docs/lpo.md: 60)"""
+    """ES generations (the authors' script: 1025 on Brax ant; the CPU setting in docs/lpo.md: 150)"""
     num_rollouts: int = 1
-    """inner training runs per member and env per generation (shared by all members)"""
-    sigma_init: float = 0.04
-    """ES noise σ at generation 0"""
-    sigma_decay: float = 0.999
-    """σ multiplied by this every generation ..."""
-    sigma_limit: float = 0.01
-    """... down to this floor"""
-    es_learning_rate: float = 0.01
-    """Adam learning rate on the ES mean at generation 0"""
-    es_lr_decay: float = 0.999
-    """learning rate multiplied by this every generation ..."""
-    es_lr_limit: float = 0.001
-    """... down to this floor"""
+    """inner training runs per member and env per generation (the same runs for every member)"""
+    sigma: Tuple[float, float, float] = (0.04, 0.999, 0.01)
+    """ES noise σ: at generation 0, factor per generation, floor"""
+    es_lr: Tuple[float, float, float] = (0.01, 0.999, 0.001)
+    """Adam learning rate on the ES mean: at generation 0, factor per generation, floor (1e-2 1 1e-2: constant)"""
     es_beta1: float = 0.99
-    """Adam β1 on the ES mean (evosax 0.0.4's default)"""
+    """Adam β1 on the ES mean (evosax 0.0.4's default; optax's is 0.9)"""
     fitness_shaping: Literal["z_score", "centered_rank"] = "z_score"
     """how fitness becomes ES weights (the authors: z-score)"""
     mode_fitness: bool = False
     """fitness from mode actions instead of sampled ones (Brax's evaluator, the authors' fitness, samples)"""
+
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
 def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_eps: float = 0.2) -> jax.Array:
@@ -215,7 +208,7 @@ PPO_INIT_EPS = 0.2  # the ε of the PPO drift inside LPO (brax_drift.py line 166
 
 def lpo_features(ratio: jax.Array, advantage: jax.Array) -> jax.Array:
     """The drift network's input (Lu et al. 2022, section 4.1), in the order of the authors' brax_drift.py
-    lines 157-163: [log r, (log r)², 1-r, (1-r)²] and the same four times A. All eight are 0 at r = 1.
+    lines 157-162: [log r, (log r)², 1-r, (1-r)²] and the same four times A. All eight are 0 at r = 1.
 
     Args: ratio (> 0) and advantage, broadcastable shapes [...]. Returns [..., 8].
     """
@@ -811,18 +804,20 @@ def load_args(run_dir: str) -> Args:
 FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRICS[1:] + ("sps",)
 
 
-def plot_learning_curve(path: str, rows: list, title: str):
-    """PNG of the mean episodic return over seeds against env steps, with a ±1 std band."""
+def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)",
+                ylabel: str = "episodic return"):
+    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, mean, std = (np.array([float(r[k]) for r in rows]) for k in FIELDS[:3])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, mean, label="mean over seeds")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.3, label="± 1 std")
-    ax.set(xlabel="environment steps (per seed)", ylabel="episodic return", title=title)
+    for label, (x, y, band) in curves.items():
+        x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
+        ax.plot(x, y, label=label)
+        ax.fill_between(x, y - band, y + band, alpha=0.25)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -905,8 +900,9 @@ def run_training(args: Args) -> str:
         chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
     params, obs_stats = runners.train_state.params, runners.obs_stats
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
-    plot_learning_curve(os.path.join(run_dir, "learning_curve.png"), [dict(zip(FIELDS, r)) for r in rows],
-                        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)")
+    steps, mean, std = np.array(rows, dtype=float).T[:3]
+    plot_curves(os.path.join(run_dir, "learning_curve.png"), {"mean over seeds ± 1 std": (steps, mean, std)},
+                f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)")
     summary = dict(env_id=args.env_id, drift=args.drift, total_timesteps=n_updates * steps_per_update,
                    num_seeds=args.num_seeds, num_eval_envs=args.num_eval_envs,
                    **evaluate_seeds(args, params, obs_stats),
@@ -953,10 +949,8 @@ def make_es(args: Args):
 
     schedule = lambda init, decay, limit: optax.exponential_decay(init, 1, decay, end_value=limit)
     return Open_ES(population_size=args.pop_size, solution=init_drift_params(jax.random.PRNGKey(0), args.ppo_init),
-                   use_antithetic_sampling=True,
-                   optimizer=optax.adam(schedule(args.es_learning_rate, args.es_lr_decay, args.es_lr_limit),
-                                        b1=args.es_beta1),
-                   std_schedule=schedule(args.sigma_init, args.sigma_decay, args.sigma_limit),
+                   use_antithetic_sampling=True, optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
+                   std_schedule=schedule(*args.sigma),
                    fitness_shaping_fn={"z_score": standardize_fitness_shaping_fn,
                                        "centered_rank": centered_rank_fitness_shaping_fn}[args.fitness_shaping])
 
@@ -997,6 +991,8 @@ def run_meta_training(args: Args) -> str:
     --env-ids (with one env, the authors' z-scored return). PPO's and the untrained policy's returns on the same
     inner runs are logged beside the members' mean, to show where the population stands.
     """
+    if args.pop_size < 2 or args.pop_size % 2:
+        raise SystemExit(f"error: --pop-size {args.pop_size} must be even and positive (antithetic pairs)")
     run_dir = args.resume or args.run_dir or os.path.join(
         "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}")
     os.makedirs(run_dir, exist_ok=True)
@@ -1044,7 +1040,11 @@ def run_meta_training(args: Args) -> str:
               + "".join(f"  {e} {rows[-1][3 + 3 * i]:.1f} ({rows[-1][4 + 3 * i]:.1f})" for i, (e, *_) in enumerate(envs))
               + f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
               flush=True)
-    plot_fitness_curve(os.path.join(run_dir, "fitness_curve.png"), fields, rows)
+    table = dict(zip(fields, np.array(rows, dtype=float).T))
+    for e, *_ in envs:
+        plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"population mean": (
+            table["generation"], table[f"{e}_mean_return"], 0 * table["generation"]), "PPO, same runs": (
+            table["generation"], table[f"{e}_ppo_return"], 0 * table["generation"])}, e, "generation", "final return")
     net = unravel(es_state.mean)
     plot_drifts(os.path.join(run_dir, "drift.png"), {"LPO (ES mean)": lambda r, a: lpo_drift(net, r, a, args.ppo_init)})
     return run_dir
@@ -1056,7 +1056,8 @@ def run_eval_drift(args: Args) -> str:
     interrupted ones resumed when the command is run again with the same --run-dir."""
     base = args.run_dir or os.path.join("runs", f"{args.env_id}__lpo_eval__{args.seed}__{int(time.time())}")
     load_drift(args.eval_drift)  # refuse a bad file before any training
-    results = {}
+    keys = ("final_return_mean", "final_return_std", "final_return_iqm", "final_returns", "final_mode_return_mean")
+    summary, curves = dict(env_id=args.env_id, drift_file=os.path.abspath(args.eval_drift), drifts={}), {}
     for drift in args.compare:
         run_dir = os.path.join(base, drift)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -1064,55 +1065,18 @@ def run_eval_drift(args: Args) -> str:
             run_training(dataclasses.replace(args, drift=drift, drift_file=os.path.abspath(args.eval_drift),
                                              eval_drift=None, run_dir=run_dir, resume=resume))
         with open(os.path.join(run_dir, "summary.json")) as f:
-            results[drift] = json.load(f)
-        with open(os.path.join(run_dir, "metrics.csv")) as f:
-            results[drift]["curve"] = [(float(r["global_step"]), float(r["episodic_return_mean"]),
-                                        float(r["episodic_return_std"])) for r in csv.DictReader(f)]
-    keys = ("final_return_mean", "final_return_std", "final_return_iqm", "final_returns", "final_mode_return_mean")
-    summary = dict(env_id=args.env_id, drift_file=os.path.abspath(args.eval_drift), num_seeds=args.num_seeds,
-                   total_timesteps=results[args.compare[0]]["total_timesteps"],
-                   drifts={d: {k: r[k] for k in keys} for d, r in results.items()})
+            result = json.load(f)
+        summary.update(num_seeds=result["num_seeds"], total_timesteps=result["total_timesteps"])
+        summary["drifts"][drift] = {k: result[k] for k in keys}
+        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
+        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
     atomic_write(os.path.join(base, "summary.json"), json.dumps(summary, indent=2).encode())
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for drift, r in results.items():
-        steps, mean, std = np.array(r["curve"]).T
-        ax.plot(steps, mean, label=drift.upper())
-        ax.fill_between(steps, mean - std / np.sqrt(args.num_seeds), mean + std / np.sqrt(args.num_seeds), alpha=0.25)
-    ax.set(xlabel="environment steps (per seed)", ylabel="episodic return (mean ± s.e. over seeds)",
-           title=f"{args.env_id}, {args.num_seeds} seed(s)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(base, "learning_curves.png"))
-    plt.close(fig)
+    plot_curves(os.path.join(base, "learning_curves.png"), curves, f"{args.env_id}, {args.num_seeds} seed(s)",
+                ylabel="episodic return (mean ± s.e. over seeds)")
     for drift, r in summary["drifts"].items():
         print(f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
               f"IQM {r['final_return_iqm']:.2f} (sampled actions)")
     return base
-
-
-def plot_fitness_curve(path: str, fields: list, rows: list):
-    """PNG, one panel per meta-training env: the members' mean final return and PPO's on the same inner runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = dict(zip(fields, np.array(rows, dtype=float).T))
-    envs = [f[:-len("_mean_return")] for f in fields if f.endswith("_mean_return")]
-    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
-    for ax, env in zip(axes[0], envs):
-        for name, label in (("mean_return", "population mean"), ("ppo_return", "PPO, same runs")):
-            ax.plot(table["generation"], table[f"{env}_{name}"], label=label, lw=0.8)
-        ax.set(xlabel="generation", ylabel="final return", title=env)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_drifts(path: str, drifts: dict):

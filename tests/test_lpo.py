@@ -1,12 +1,14 @@
-"""Tests of lpo.py: the drift network's validity, PPO initialisation, meta-training, resume, devices."""
+"""Tests of lpo.py: the drift network's validity and PPO initialisation, dpo.py's loop shared verbatim, the ES's
+direction and schedules, meta-training with an exact resume, the transfer command on the shipped drift, bad input."""
 
 import csv
+import inspect
 import json
 import os
-import subprocess
 import sys
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,170 +16,135 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dpo  # noqa: E402
 import lpo  # noqa: E402
 
 R_GRID, A_GRID = jnp.meshgrid(jnp.linspace(0.05, 3.0, 151), jnp.linspace(-3.0, 3.0, 61), indexing="ij")
 A_LINE = jnp.linspace(-3.0, 3.0, 61)
+SHIPPED = os.path.join(ROOT, "drifts", "lpo_classic.msgpack")
 
 
-def test_features_have_eight_entries_and_vanish_at_ratio_one():
+def test_features_are_the_authors_eight_and_vanish_at_ratio_one():
     x = lpo.lpo_features(R_GRID, A_GRID)
     assert x.shape == R_GRID.shape + (8,)
+    r, a = 1.5, -2.0
+    expected = [np.log(r), np.log(r) ** 2, 1 - r, (1 - r) ** 2]
+    np.testing.assert_allclose(np.asarray(lpo.lpo_features(jnp.float32(r), jnp.float32(a))),
+                               expected + [a * e for e in expected], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(lpo.lpo_features(jnp.ones_like(A_LINE), A_LINE)), 0.0)
 
 
 @pytest.mark.parametrize("ppo_init", [True, False], ids=["lpo", "lpo-zero"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_drift_networks_are_valid_drifts(ppo_init, seed):
-    params = lpo.init_drift_params(jax.random.PRNGKey(seed), ppo_init)
-    params = [3.0 * w for w in params]  # larger than at initialisation, so f̃ is far from 0 off r = 1
-    drift = lambda r, a: lpo.lpo_drift(params, r, a, ppo_init=ppo_init)
+    sizes = lpo.drift_layer_sizes(ppo_init)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
+    net = [jax.random.normal(k, (i, o)) for k, i, o in zip(keys, sizes, sizes[1:])]  # far from 0 off r = 1
+    drift = lambda r, a: lpo.lpo_drift(net, r, a, ppo_init)
     f = drift(R_GRID, A_GRID)
-    assert bool(jnp.all(f >= 0.0)) and float(f.max()) > 1e-3
+    assert bool(jnp.all(f >= 0.0)) and float(f.max()) > 1e-2
     np.testing.assert_array_equal(np.asarray(drift(jnp.ones_like(A_LINE), A_LINE)), 0.0)
     d_dr = jax.vmap(jax.grad(drift))(jnp.ones_like(A_LINE), A_LINE)
     np.testing.assert_array_equal(np.asarray(d_dr), 0.0)
 
 
-def test_zero_weights_with_ppo_init_are_ppo():
-    zeros = jax.tree.map(jnp.zeros_like, lpo.init_drift_params(jax.random.PRNGKey(0), True))
+def test_zero_weights_with_ppo_init_are_ppo_with_eps_0_2():
+    zeros = lpo.init_drift_params(jax.random.PRNGKey(0), True)
+    assert all(float(jnp.abs(w).max()) == 0.0 for w in zeros)
     lpo_loss = lambda r, a: lpo.actor_loss(r, a, lambda x, y: lpo.lpo_drift(zeros, x, y))
-    ppo_loss = lambda r, a: lpo.actor_loss(r, a, lpo.ppo_drift)
+    ppo_loss = lambda r, a: lpo.actor_loss(r, a, lambda x, y: lpo.ppo_drift(x, y, 0.2))
     r, a = R_GRID.ravel(), A_GRID.ravel()
-    # The objective differs by at most ξ = 1e-6 (where PPO's drift is positive) ...
-    assert abs(float(lpo_loss(r, a)) - float(ppo_loss(r, a))) <= lpo.XI
-    # ... and the gradients with respect to the ratio are PPO's, except inside the band 0 < f_PPO < ξ, where
-    # the ReLU blocks a gradient that is itself of order ξ (about 1% of this grid's points touch it).
-    np.testing.assert_allclose(np.asarray(jax.grad(lpo_loss)(r, a)), np.asarray(jax.grad(ppo_loss)(r, a)), atol=1e-9)
-    outside_band = ~((lpo.ppo_drift(r, a) > 0) & (lpo.ppo_drift(r, a) <= 10 * lpo.XI))
+    assert abs(float(lpo_loss(r, a)) - float(ppo_loss(r, a))) <= lpo.XI  # the objective moves by at most ξ
+    # The gradients are PPO's except in the band 0 < f_PPO ≤ ξ, where the ReLU blocks a gradient of order ξ.
+    outside_band = ~((lpo.ppo_drift(r, a, 0.2) > 0) & (lpo.ppo_drift(r, a, 0.2) <= 10 * lpo.XI))
     np.testing.assert_array_equal(np.asarray(jax.grad(lpo_loss)(r, a))[outside_band],
                                   np.asarray(jax.grad(ppo_loss)(r, a))[outside_band])
 
 
-TINY = ["--env-id", "CartPole-v1", "--pop-size", "4", "--save-every", "1", "--total-timesteps", "8192",
-        "--num-envs", "8", "--num-eval-episodes", "2"]
-RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "best_drift.msgpack", "mean_drift.msgpack",
-             "fitness_curve.png", "drift.png", "summary.json")
+SHARED = ("compute_gae", "resolve_args", "batch_size", "num_updates", "GymnaxEnv", "BraxEnv", "make_env",
+          "update_running_stats", "normalize", "Categorical", "TanhGaussian", "MLP", "make_networks", "policy",
+          "Runner", "make_optimizer", "make_train", "max_chunk", "make_evaluate", "seed_keys", "over_seeds",
+          "init_seeds", "evaluate_seeds", "atomic_write", "load_tree", "run_eval_only", "run_training")
 
 
-def run_cli(*flags, env=None):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "lpo.py"), *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.mark.parametrize("name", SHARED)
+def test_the_training_loop_is_dpo_py_verbatim(name):
+    assert inspect.getsource(getattr(lpo, name)) == inspect.getsource(getattr(dpo, name))
+    assert lpo.ENV_DEFAULTS == dpo.ENV_DEFAULTS
 
 
-def read_generations(run_dir):
-    with open(os.path.join(run_dir, "generations.csv")) as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+def test_es_maximises_the_fitness_with_the_authors_schedules():
+    es = lpo.make_es(lpo.Args())
+    assert float(es.std_schedule(0)) == pytest.approx(0.04) and float(es.std_schedule(10**6)) == pytest.approx(0.01)
+    state = es.init(jax.random.PRNGKey(0), lpo.init_drift_params(jax.random.PRNGKey(0)), es.default_params)
+    for g in range(20):  # fitness = the sum of the weights, told negated as run_meta_training tells it
+        population, state = es.ask(jax.random.PRNGKey(g), state, es.default_params)
+        fitness = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0].sum())(population)
+        state, _ = es.tell(jax.random.PRNGKey(g), population, -fitness, state, es.default_params)
+    assert float(state.mean.sum()) > 10.0 and float((state.mean > 0).mean()) > 0.6  # told +fitness: < 0, < 0.4
 
 
-def test_meta_training_writes_run_dir_and_resume_reproduces_it(tmp_path):
+TINY = ["--env-ids", "CartPole-v1", "--pop-size", "4", "--total-timesteps", "2048", "--num-envs", "4",
+        "--num-unrolls", "1", "--num-eval-envs", "4"]
+
+
+def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_cli(*TINY, "--num-generations", "3", "--run-dir", full)
-    for name in RUN_FILES:
+    lpo.main(tyro.cli(lpo.Args, args=TINY + ["--num-generations", "3", "--run-dir", full]))
+    for name in ("args.json", "generations.csv", "es_checkpoint.msgpack", "drift.msgpack", "fitness_CartPole-v1.png",
+                 "drift.png"):
         assert os.path.getsize(os.path.join(full, name)) > 0, name
-    rows = read_generations(full)
-    assert [int(r["generation"]) for r in rows] == [1, 2, 3]
-    assert all(float(r["best_fitness"]) >= float(r["mean_fitness"]) for r in rows)
-    with open(os.path.join(full, "summary.json")) as f:
+    net, ppo_init = lpo.load_drift(full)
+    assert ppo_init and float(sum(jnp.abs(w).sum() for w in net)) > 0  # the ES mean moved away from PPO
+
+    lpo.main(tyro.cli(lpo.Args, args=TINY + ["--num-generations", "2", "--run-dir", part]))  # interrupted after 2
+    with open(os.path.join(part, "args.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(part, "args.json"), "w") as f:
+        json.dump(dict(saved, num_generations=3), f)
+    lpo.main(tyro.cli(lpo.Args, args=["--resume", part]))
+
+    def rows(run_dir):
+        with open(os.path.join(run_dir, "generations.csv")) as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+    assert rows(part) == rows(full) and len(rows(full)) == 3
+    with open(os.path.join(full, "drift.msgpack"), "rb") as a, open(os.path.join(part, "drift.msgpack"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(tmp_path):
+    flags = ["--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "4096", "--num-eval-envs", "8"]
+    base = lpo.main(tyro.cli(lpo.Args, args=flags + ["--eval-drift", SHIPPED, "--compare", "lpo", "ppo",
+                                                        "--run-dir", str(tmp_path / "eval")]))
+    with open(os.path.join(base, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["num_generations"] == 3 and summary["best_fitness"] == max(float(r["best_fitness"]) for r in rows)
-
-    # The learned drift transfers: fresh agents trained with it, with DPO and with PPO, in one run.
-    transfer = str(tmp_path / "transfer")
-    run_cli("--eval-drift", full, "--env-id", "CartPole-v1", "--total-timesteps", "4096", "--num-envs", "8",
-            "--num-seeds", "2", "--num-eval-episodes", "2", "--run-dir", transfer)
-    with open(os.path.join(transfer, "summary.json")) as f:
-        compared = json.load(f)
-    assert all(len(compared[name]["final_returns"]) == 2 for name in ("LPO", "DPO", "PPO"))
-    assert os.path.getsize(os.path.join(transfer, "learning_curves.png")) > 0
-
-    run_cli(*TINY, "--num-generations", "1", "--run-dir", part)  # an interrupted run: one generation saved
-    run_cli("--resume", part, "--num-generations", "3")
-    assert read_generations(part) == rows  # bit-for-bit the uninterrupted run's fitnesses and σ
+    assert set(summary["drifts"]) == {"lpo", "ppo"} and len(summary["drifts"]["lpo"]["final_returns"]) == 2
+    assert os.path.getsize(os.path.join(base, "learning_curves.png")) > 0
+    dpo.main(tyro.cli(dpo.Args, args=flags + ["--drift", "ppo", "--run-dir", str(tmp_path / "dpo")]))
+    with open(tmp_path / "dpo" / "summary.json") as f:
+        assert json.load(f)["final_returns"] == summary["drifts"]["ppo"]["final_returns"]
+    # The shipped drift is not PPO's (on this short run ratios stay near 1, where the two can coincide).
+    net, ppo_init = lpo.load_drift(SHIPPED)
+    r, a = jnp.meshgrid(jnp.linspace(0.5, 1.5, 101), jnp.linspace(-2.0, 2.0, 81), indexing="ij")
+    assert ppo_init and float(jnp.abs(lpo.lpo_drift(net, r, a) - lpo.ppo_drift(r, a, 0.2)).max()) > 1e-2
 
 
-def test_damaged_checkpoint_and_drift_file_are_refused(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    args = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", pop_size=4, num_generations=2))
-    import dataclasses
-
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args)))
-    (run_dir / "checkpoint.msgpack").write_bytes(b"\x00garbage")
-    (run_dir / "best_drift.msgpack").write_bytes(b"\x00garbage")
-    for flags in (["--resume", str(run_dir)], ["--plot-drift", str(run_dir)],
-                  ["--eval-drift", str(run_dir), "--env-id", "CartPole-v1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            lpo.main(tyro.cli(lpo.Args, args=flags))
-        assert exit_info.value.code != 0
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "damaged" in err, err
+def test_plot_drift_draws_the_shipped_drift(tmp_path):
+    lpo.main(tyro.cli(lpo.Args, args=["--plot-drift", SHIPPED, "--run-dir", str(tmp_path)]))
+    assert os.path.getsize(tmp_path / "drift.png") > 10_000
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--pop-size", "5"], "even"),
-    (["--env-id", "Pong-v5"], "valid:"),
+    (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
+    (["--env-id", "Pong-v5"], "CartPole-v1"),
     (["--fitness-shaping", "rank"], "centered_rank"),
-    (["--resume", "/nonexistent/run"], "not found"),
-    (["--eval-drift", "/nonexistent/drift.msgpack", "--env-id", "CartPole-v1"], "not found"),
+    (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
+    (["--eval-drift", "/nonexistent/drift.msgpack", "--env-id", "CartPole-v1"], "missing"),
+    (["--resume", "/nonexistent/run"], "missing"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         lpo.main(tyro.cli(lpo.Args, args=flags))
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected in err, err
-
-
-GENERATION = """
-import json, sys
-sys.path.insert(0, {root!r})
-import jax, numpy as np, lpo
-args = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", pop_size=4, num_generations=1, total_timesteps=4096,
-                                 num_envs=8, num_eval_episodes=2))
-es = lpo.make_es(args)
-state = es.init(jax.random.PRNGKey(0), lpo.drift_template(args), es.default_params)
-_, _, fitness = lpo.make_generation(args, es)(state, lpo.generation_key(args, 0))
-print(json.dumps([jax.device_count()] + np.asarray(fitness).tolist()))
-"""
-
-
-def test_generation_sharded_over_two_devices_matches_one_device():
-    results = []
-    for count in (1, 2):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        proc = subprocess.run([sys.executable, "-c", GENERATION.format(root=ROOT)], capture_output=True, text=True,
-                              env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert results[0][0] == 1 and results[1][0] == 2
-    np.testing.assert_allclose(results[1][1:], results[0][1:], rtol=1e-5)
-
-
-def test_evolution_improves_the_drift_over_generation_zero():
-    # A cheap setting where PPO (the zero drift, generation 0) is far from solving CartPole: 16k steps.
-    args = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", pop_size=8, num_rollouts=2, num_generations=8,
-                                     total_timesteps=16384, num_eval_episodes=4, es_learning_rate=0.05,
-                                     sigma_init=0.1))
-    es = lpo.make_es(args)
-    state = es.init(jax.random.PRNGKey(args.seed), lpo.drift_template(args), es.default_params)
-    generation = lpo.make_generation(args, es)
-    for g in range(args.num_generations):
-        state, _, _ = generation(state, lpo.generation_key(args, g))
-    learned = es.get_mean(state)
-
-    # Held-out inner-loop seeds (never used by the ES): the evolved mean drift against PPO, same seeds.
-    train, evaluate = lpo.make_train(args), lpo.make_evaluate(args)
-
-    def final_return(drift_id, key):
-        key_train, key_eval = jax.random.split(key)
-        out = train(key_train, lpo.DriftParams(learned, drift_id))
-        return evaluate(out.params, out.obs_stats, key_eval)
-
-    keys = jax.random.split(jax.random.PRNGKey(12345), 8)
-    returns = jax.jit(jax.vmap(jax.vmap(final_return, in_axes=(None, 0)), in_axes=(0, None)))(
-        jnp.array([0, 2]), keys)
-    lpo_returns, ppo_returns = np.asarray(returns)
-    assert lpo_returns.mean() > ppo_returns.mean() + 50, (lpo_returns, ppo_returns)
+    code = exit_info.value.code
+    message = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None) and expected in message, message
