@@ -978,7 +978,8 @@ def make_env_fitness(args: Args):
     def baselines(runners, keys):
         ppo = make_drift(dataclasses.replace(args, drift="ppo"))
         untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k, args.mode_fitness))
-        return jnp.mean(jax.vmap(lambda r, k: final_return(ppo, r, k))(runners, keys)), jnp.mean(untrained(runners, keys))
+        trained = jax.vmap(lambda r, k: final_return(ppo, r, k))
+        return jnp.mean(trained(runners, keys)), jnp.mean(untrained(runners, keys))
 
     return make_train(args, ppo_drift)[0], over_seeds(member, args.pop_size, (0, None, None)), jax.jit(baselines)
 
@@ -1003,7 +1004,8 @@ def run_meta_training(args: Args) -> str:
                        es.default_params)
     fields = ["generation", "sigma", "seconds"] + [
         f"{e}_{k}" for e, *_ in envs for k in ("mean_return", "ppo_return", "untrained_return")]
-    checkpoint_path, log_path, rows = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv"), []
+    checkpoint_path, log_path = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv")
+    rows = []
     if args.resume:
         es_state = load_tree(checkpoint_path, es_state)
         with open(log_path) as f:
@@ -1036,17 +1038,18 @@ def run_meta_training(args: Args) -> str:
             csv.writer(f).writerow(rows[-1])
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
         save_drift(os.path.join(run_dir, "drift.msgpack"), unravel(es_state.mean), args.ppo_init)  # the learned drift
-        print(f"generation {g + 1}/{args.num_generations}  mean return of members (of PPO on the same runs):"
-              + "".join(f"  {e} {rows[-1][3 + 3 * i]:.1f} ({rows[-1][4 + 3 * i]:.1f})" for i, (e, *_) in enumerate(envs))
-              + f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
+        progress = "".join(f"  {e} {columns[3 * i]:.1f} ({columns[3 * i + 1]:.1f})" for i, (e, *_) in enumerate(envs))
+        print(f"generation {g + 1}/{args.num_generations}  mean return of members (of PPO on the same runs):{progress}"
+              f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
               flush=True)
     table = dict(zip(fields, np.array(rows, dtype=float).T))
     for e, *_ in envs:
         plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"population mean": (
             table["generation"], table[f"{e}_mean_return"], 0 * table["generation"]), "PPO, same runs": (
             table["generation"], table[f"{e}_ppo_return"], 0 * table["generation"])}, e, "generation", "final return")
-    net = unravel(es_state.mean)
-    plot_drifts(os.path.join(run_dir, "drift.png"), {"LPO (ES mean)": lambda r, a: lpo_drift(net, r, a, args.ppo_init)})
+    net, name = unravel(es_state.mean), "LPO" if args.ppo_init else "LPO-Zero"
+    learned = lambda r, a: lpo_drift(net, r, a, args.ppo_init)
+    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{name} (ES mean)": learned})
     return run_dir
 
 
@@ -1108,7 +1111,8 @@ def main(args: Args) -> str:
     agent run; returns the run directory."""
     if args.plot_drift:
         net, ppo_init = load_drift(args.plot_drift)
-        run_dir = args.run_dir or (args.plot_drift if os.path.isdir(args.plot_drift) else os.path.dirname(args.plot_drift))
+        run_dir = args.run_dir or (args.plot_drift if os.path.isdir(args.plot_drift)
+                                   else os.path.dirname(args.plot_drift))
         plot_drifts(os.path.join(run_dir or ".", "drift.png"), {"LPO": lambda r, a: lpo_drift(net, r, a, ppo_init)})
         print(f"drew {os.path.join(run_dir or '.', 'drift.png')}")
         return run_dir
