@@ -138,14 +138,10 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError: a non-positive
-    size; a rollout that does not divide the lifetime or split into minibatches; a buffer shorter than M, than
-    the convolutions need or longer than the lifetime; an odd population or one that does not divide over the
-    devices (meta-training); --test without --load-loss."""
-    if args.num_generations is None:
-        args = dataclasses.replace(args, num_generations=500)
-    if args.episode_length is None:
-        args = dataclasses.replace(args, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    """Fill the None fields with their defaults and check what tyro cannot (sizes, divisibility, the buffer, the
+    population, --test without --load-loss). Raises ArgsError naming the problem."""
+    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
                  "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
                  "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
@@ -214,18 +210,17 @@ def memory_vector(agent: dict) -> jax.Array:
     return jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
 
 
-def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: "RunningStats") -> jax.Array:
+def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
     """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
     units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
     gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
-    the reference (agents.py:142), or zero with --reward-blind (the switch commented out at agents.py:123)."""
-    obs = normalize(buffer.obs, obs_stats)
-    pi = policy_distribution(args, agent, obs)
-    reward = jnp.zeros_like(buffer.reward) if args.reward_blind else buffer.reward
-    n = obs.shape[0]
-    x = jnp.concatenate([obs, buffer.action, reward[:, None], buffer.done[:, None], pi.mean,
-                         jnp.broadcast_to(pi.log_std, pi.mean.shape),
-                         jnp.broadcast_to(memory_vector(agent), (n, args.memory_units))], axis=-1)
+    the reference (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
+    obs = obs_stats.normalize(buffer.obs)
+    pi = policy_distribution(agent, obs)
+    memory = memory_vector(agent)
+    x = jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
+                         buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                         jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1)
     return x * buffer.valid[:, None]
 
 
@@ -254,16 +249,16 @@ class PPOBatch(NamedTuple):
     target: jax.Array  # value target (GAE return)
 
 
-def ppo_loss(args: Args, agent: dict, batch: PPOBatch) -> jax.Array:
+def ppo_loss(agent: dict, batch: PPOBatch) -> jax.Array:
     """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
     -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
-    pi = policy_distribution(args, agent, batch.obs)
+    pi = policy_distribution(agent, batch.obs)
     ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
     clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
     policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
-    value = jnp.mean((value_fn(args, agent, batch.obs) - batch.target) ** 2)
-    return policy + PPO_KL * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
+    value = jnp.mean((value_fn(agent, batch.obs) - batch.target) ** 2)
+    return policy + PPO_KL * jnp.mean(batch.old_pi.kl(pi)) + value
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
@@ -331,11 +326,6 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     raise ValueError(f"unknown task family {family!r}")
 
 
-def draw_tasks(env, key: jax.Array, n: int, test: bool) -> dict:
-    """n tasks of the environment's family (sample_tasks with the environment's sizes)."""
-    return sample_tasks(env.family, key, n, test, env.num_links, env.num_geoms)
-
-
 class GoalPointEnv:
     """goal-point, a miniature GoalAnt (this project's): a 2-D point mass, p [2] (m) from U(-0.1, 0.1)², v [2]
     (m/s) from 0; action a force [2] clipped to ±1; per step (dt = 0.1 s) v ← 0.9·v + dt·force, p ← p + dt·v
@@ -393,17 +383,9 @@ class PendulumTaskEnv:
 
 
 class BraxTaskEnv:
-    """A Brax family: the base environment with a time limit, its reward or physics set by the task.
-
-    Rewards follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), which reward the forward velocity
-    (x_after - x_before)/dt alone, with no alive bonus and no control cost:
-    dir-hopper: direction × forward velocity (hopper.py:89); dir-cheetah: the same for halfcheetah (the paper's
-    DirCheetah; no reference code). random-hopper: forward velocity (hopper.py:51, whose direction is always +1,
-    hopper.py:34); link masses, geom frictions, geom thicknesses (size[0]) and gravity are the task's
-    (hopper.py:58-73). goal-ant: progress towards the goal, (|g - p_before| - |g - p_after|)/dt of the torso's
-    (x, y), the goal unobserved (Brax's ant hides x, y): the paper's GoalAnt (no reference code).
-    goal-reacher: Brax's reacher reward, its target placed at the task's goal at every reset (this project's).
-    """
+    """A Brax family: the base environment with a time limit, its reward or physics set by the task. Rewards
+    follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), the forward velocity (x_after - x_before)/dt
+    alone, with no alive bonus and no control cost; docs/epg.md lists each family's reward and ranges."""
 
     def __init__(self, family: str, backend: str, episode_length: int):
         from brax import envs
@@ -419,7 +401,7 @@ class BraxTaskEnv:
         self.num_geoms = int(np.asarray(self.sys.geom_friction).shape[0])
 
     def _with_task(self, task, fn):
-        """Run fn() with the physics system of the task (random-hopper) swapped into the env."""
+        """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
         if self.family != "random-hopper":
             return fn()
         size = jnp.asarray(self.sys.geom_size)
@@ -433,34 +415,31 @@ class BraxTaskEnv:
         finally:
             self.base.sys = self.sys
 
-    def _reset_state(self, key, task):
+    def reset(self, key, task):
         state = self._with_task(task, lambda: self.env.reset(key))
-        if self.family == "goal-reacher":  # move the target (joints 2:) to the goal, at rest
+        if self.family == "goal-reacher":  # this project's family: the target (joints 2:) at the goal, at rest
             ps = state.pipeline_state
             ps = self.base.pipeline_init(ps.q.at[2:].set(task["goal"]), ps.qd.at[2:].set(0.0))
             state = state.replace(pipeline_state=ps, obs=self.base._get_obs(ps))
-        return state
+        return state.obs, state
 
     def _task_reward(self, state, task):
         m = state.metrics
-        if self.family == "goal-ant":
+        if self.family == "goal-ant":  # the paper's GoalAnt: progress of the torso's (x, y) to the unobserved goal
             position = jnp.stack([m["x_position"], m["y_position"]])
             before = position - jnp.stack([m["x_velocity"], m["y_velocity"]]) * self.base.dt
             return (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
-        if self.family in ("dir-hopper", "dir-cheetah"):
+        if self.family in ("dir-hopper", "dir-cheetah"):  # direction × forward velocity (hopper.py:89)
             return task["direction"] * m["x_velocity"]
+        # random-hopper: forward velocity (hopper.py:51, direction always +1); goal-reacher: Brax's reacher reward
         return m["x_velocity"] if self.family == "random-hopper" else state.reward
-
-    def reset(self, key, task):
-        state = self._reset_state(key, task)
-        return state.obs, state
 
     def step(self, key, state, action, task):
         next_state = self._with_task(task, lambda: self.env.step(state, action))
         reward = self._task_reward(next_state, task)
         truncated = next_state.info["truncation"]
         terminated = next_state.done * (1.0 - truncated)
-        reset_state = self._reset_state(key, task)
+        reset_state = self.reset(key, task)[1]
         state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), reset_state, next_state)
         return state.obs, state, reward, terminated, truncated, next_state.obs
 
@@ -469,40 +448,36 @@ def make_env(args: Args):
     """The environment of args.task_family; build it once and pass it to the functions that need it."""
     if args.task_family in BRAX_BASE:
         return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
-    if args.task_family == "random-pendulum":
-        return PendulumTaskEnv(args.episode_length)
-    return GoalPointEnv(args.episode_length)
+    return (PendulumTaskEnv if args.task_family == "random-pendulum" else GoalPointEnv)(args.episode_length)
 
 
-# ---- Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
+# ---- Observation normalisation and the agent: Gaussian policy, memory units, PPO's value function.
 class RunningStats(NamedTuple):
-    mean: jax.Array  # [obs_dim]
-    var: jax.Array  # [obs_dim]
+    """Running mean and variance [obs_dim] of every observation seen (Welford/Chan)."""
+
+    mean: jax.Array
+    var: jax.Array
     count: jax.Array  # scalar
 
+    @staticmethod
+    def init(obs_dim: int) -> "RunningStats":  # mean 0, variance 1, a negligible count
+        return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
 
-def init_running_stats(obs_dim: int) -> RunningStats:  # mean 0, variance 1, a negligible count
-    return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
+    def update(self, batch: jax.Array) -> "RunningStats":
+        """Merge a batch [..., obs_dim] into the statistics (Chan et al.'s parallel formula)."""
+        batch = batch.reshape(-1, batch.shape[-1])
+        n = batch.shape[0]
+        batch_mean, batch_var = batch.mean(0), batch.var(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        return RunningStats(self.mean + delta * n / total, var, total)
 
-
-def update_running_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
-    """Merge a batch [..., obs_dim] into the running statistics (Chan et al.'s parallel formula)."""
-    batch = batch.reshape(-1, batch.shape[-1])
-    n = batch.shape[0]
-    batch_mean, batch_var = batch.mean(0), batch.var(0)
-    total = stats.count + n
-    delta = batch_mean - stats.mean
-    mean = stats.mean + delta * n / total
-    var = (stats.var * stats.count + batch_var * n + delta**2 * stats.count * n / total) / total
-    return RunningStats(mean, var, total)
-
-
-def normalize(obs: jax.Array, stats: RunningStats) -> jax.Array:
-    """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]."""
-    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -10.0, 10.0)
+    def normalize(self, obs: jax.Array) -> jax.Array:
+        """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]."""
+        return jnp.clip((obs - self.mean) / jnp.sqrt(self.var + 1e-8), -10.0, 10.0)
 
 
-# ---- The agent: Gaussian policy, memory units, PPO's value function.
 class DiagGaussian(NamedTuple):
     """Diagonal Gaussian policy; mean [..., action_dim], log_std [action_dim] (state-independent)."""
 
@@ -516,11 +491,10 @@ class DiagGaussian(NamedTuple):
         z = (action - self.mean) / jnp.exp(self.log_std)
         return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
-
-def gaussian_kl(p: DiagGaussian, q: DiagGaussian) -> jax.Array:
-    """KL(p ‖ q) of diagonal Gaussians, summed over action dimensions: [...]."""
-    var_p, var_q = jnp.exp(2 * p.log_std), jnp.exp(2 * q.log_std)
-    return jnp.sum(q.log_std - p.log_std + (var_p + (p.mean - q.mean) ** 2) / (2 * var_q) - 0.5, axis=-1)
+    def kl(self, q: "DiagGaussian") -> jax.Array:
+        """KL(self ‖ q), summed over action dimensions: [...]."""
+        var_p, var_q = jnp.exp(2 * self.log_std), jnp.exp(2 * q.log_std)
+        return jnp.sum(q.log_std - self.log_std + (var_p + (self.mean - q.mean) ** 2) / (2 * var_q) - 0.5, axis=-1)
 
 
 def normc(scale: float) -> Callable:
@@ -558,18 +532,33 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
             "value": MLP(1).init(key_v, dummy)}
 
 
-def policy_distribution(args: Args, agent: dict, obs: jax.Array) -> DiagGaussian:
+def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
     mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
     return DiagGaussian(mean, agent["log_std"])
 
 
-def value_fn(args: Args, agent: dict, obs: jax.Array) -> jax.Array:
+def value_fn(agent: dict, obs: jax.Array) -> jax.Array:
     """V(obs) [...] for normalised observations [..., obs_dim]."""
     return MLP(1).apply(agent["value"], obs)[..., 0]
 
 
-# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(loss_params, task, key, alpha).
+# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(theta, task, key, settings).
+class InnerSettings(NamedTuple):
+    """The lifetime's settings that are passed as arrays, not compiled in, so that --test's trainers (evolved,
+    zero, reward-blind, and every PPO setting of one rollout length) share one compilation."""
+
+    alpha: jax.Array  # weight of L_PPO in (1 - α)·L_φ + α·L_PPO, in [0, 1]
+    learning_rate: jax.Array  # the agent's Adam learning rate
+    update_epochs: jax.Array  # passes per update, at most max(--update-epochs, --ppo-epochs)
+    reward_blind: jax.Array  # bool: zero the reward input of L_φ
+
+
+def inner_settings(args: Args, alpha) -> InnerSettings:
+    return InnerSettings(jnp.float32(alpha), jnp.float32(args.inner_learning_rate), jnp.int32(args.update_epochs),
+                         jnp.bool_(args.reward_blind))
+
+
 class LifetimeState(NamedTuple):
     agent: dict
     opt_state: optax.OptState
@@ -589,22 +578,23 @@ class LifetimeOutput(NamedTuple):
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1).
+    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1).
 
     A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
-    steps the buffer (last N steps) is refreshed and the agent takes --update-epochs passes over the M newest
-    steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole
-    buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
+    steps the buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M
+    newest steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the
+    whole buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
     (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
-    (epg/evolution.py:184). One lax.scan; jit and vmap freely (loss_params: EPGLoss pytree; alpha in [0, 1]).
+    (epg/evolution.py:184). One lax.scan; jit and vmap freely (theta: the flattened EPGLoss [dim]).
     """
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
-    optimizer = optax.adam(args.inner_learning_rate)
+    unravel = ravel_pytree(loss_template(args, env))[1]
     num_minibatches = m // args.minibatch_size
+    max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
         key, key_action, key_env = jax.random.split(state.key, 3)
-        action = policy_distribution(args, state.agent, normalize(state.obs, state.obs_stats)).sample(key_action)
+        action = policy_distribution(state.agent, state.obs_stats.normalize(state.obs)).sample(key_action)
         obs, env_state, reward, terminated, truncated, final_obs = env.step(
             key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
@@ -617,23 +607,24 @@ def make_lifetime(args: Args, env) -> Callable:
 
     def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
         recent = jax.tree.map(lambda x: x[n - m:], buffer)
-        obs, final_obs = normalize(recent.obs, obs_stats), normalize(recent.final_obs, obs_stats)
-        values, next_values = value_fn(args, agent, obs), value_fn(args, agent, final_obs)
+        obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
+        values, next_values = value_fn(agent, obs), value_fn(agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)
         advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
                                         PPO_GAMMA, PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-        pi = policy_distribution(args, agent, obs)
+        pi = policy_distribution(agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
         return PPOBatch(obs, recent.action, old_pi, advantage, target)
 
-    def update(state: LifetimeState, loss_params, alpha):
+    def update(state: LifetimeState, loss_params, settings: InnerSettings):
         batch = prepare_ppo(state.agent, state.buffer, state.obs_stats)
+        optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
-            epg = lambda: EPGLoss().apply(loss_params, loss_inputs(args, agent, state.buffer, state.obs_stats),
-                                          n - m + index)
-            ppo = lambda: ppo_loss(args, agent, jax.tree.map(lambda x: x[index], batch))
+            inputs = lambda: loss_inputs(agent, state.buffer, state.obs_stats, settings.reward_blind)
+            epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
+            ppo = lambda: ppo_loss(agent, jax.tree.map(lambda x: x[index], batch))
             zero = lambda: jnp.float32(0.0)
             return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
@@ -645,31 +636,34 @@ def make_lifetime(args: Args, env) -> Callable:
             updates, opt_state = optimizer.update(grads, opt_state, agent)
             return (optax.apply_updates(agent, updates), opt_state), None
 
-        def epoch(carry, key):
-            indices = jax.random.permutation(key, m).reshape(num_minibatches, args.minibatch_size)
-            return jax.lax.scan(minibatch_step, carry, indices)
-
         key, key_epochs = jax.random.split(state.key)
-        (agent, opt_state), _ = jax.lax.scan(epoch, (state.agent, state.opt_state),
-                                             jax.random.split(key_epochs, args.update_epochs))
+        epoch_keys = jax.random.split(key_epochs, max_epochs)
+
+        def epoch(i, carry):
+            indices = jax.random.permutation(epoch_keys[i], m).reshape(num_minibatches, args.minibatch_size)
+            return jax.lax.scan(minibatch_step, carry, indices)[0]
+
+        agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
         return state._replace(agent=agent, opt_state=opt_state, key=key)
 
-    def interval(state: LifetimeState, loss_params, task, alpha):
+    def interval(state: LifetimeState, loss_params, task, settings):
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
-        obs_stats = update_running_stats(state.obs_stats, steps.obs)
+        obs_stats = state.obs_stats.update(steps.obs)
         buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
-        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
+        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, settings)
         return state, state.recent_returns[-1]
 
-    def lifetime(loss_params, task, key, alpha):
+    def lifetime(theta, task, key, settings: InnerSettings):
         key_agent, key_reset, key_run = jax.random.split(key, 3)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
-        state = LifetimeState(agent, optimizer.init(agent), init_running_stats(obs_dim), buffer, env_state, obs,
-                              jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
-        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, alpha), state, None,
+        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim),
+                              buffer, env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan),
+                              key_run)
+        loss_params = unravel(theta)
+        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, settings), state, None,
                                     args.lifetime // m)
         return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
 
@@ -722,23 +716,17 @@ def make_generation(args: Args, env) -> Callable:
     losses, not the luck of the tasks; a member's fitness is its mean final return over them. The member axis
     is sharded over all JAX devices: each device runs its members' lifetimes and only returns come back.
     """
-    unravel = ravel_pytree(loss_template(args, env))[1]
-    lifetime = make_lifetime(args, env)
+    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
+    population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
+                               args.pop_size, (True, False, False, False))
     optimizer = make_es_optimizer(args)
-
-    def member_returns(theta, tasks, keys, alpha):
-        """theta [dim], tasks [t, ...], keys [t, 2] -> final returns [t]."""
-        return jax.vmap(lambda task, key: lifetime(unravel(theta), task, key, alpha).final_return)(tasks, keys)
-
-    population_returns = shard_leading(jax.vmap(member_returns, in_axes=(0, None, None, None)), args.pop_size,
-                                       (True, False, False, False))
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
-        tasks = draw_tasks(env, key_tasks, args.num_tasks, False)
-        returns = population_returns(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
-                                     alpha)
+        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
+        returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
+                             inner_settings(args, alpha))
         fitness = returns.mean(axis=1)
         grad = es_gradient(theta, eps, fitness, args.weight_decay)
         updates, opt_state = optimizer.update(-grad, opt_state, theta)
@@ -748,23 +736,23 @@ def make_generation(args: Args, env) -> Callable:
 
 
 def make_runner(args: Args, env, n: int) -> Callable:
-    """run(theta [dim], tasks [n, ...], keys [n, 2], alpha) -> LifetimeOutput with leading axis n: n lifetimes
+    """run(theta [dim], tasks [n, ...], keys [n, 2], settings) -> LifetimeOutput with leading axis n: n lifetimes
     of one flattened loss θ, on their own tasks and seeds, jit compiled and sharded over the devices."""
-    unravel = ravel_pytree(loss_template(args, env))[1]
-    lifetime = make_lifetime(args, env)
-    many = jax.vmap(lambda theta, task, key, alpha: lifetime(unravel(theta), task, key, alpha), (None, 0, 0, None))
-    return jax.jit(shard_leading(many, n, (False, True, True, False)))
+    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))
+    return jax.jit(shard_leading(lifetimes, n, (False, True, True, False)))
 
 
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
     key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    return draw_tasks(env, key_tasks, n, test), jax.random.split(key_lives, n)
+    return sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms), jax.random.split(key_lives, n)
 
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
-def atomic_write(path: str, data: bytes):
-    """Write bytes to path via a temporary file and a rename, so a crash never leaves half a file."""
+def atomic_write(path: str, data):
+    """Write bytes, or a dict as JSON, to path via a temporary file and a rename: never half a file."""
+    if isinstance(data, dict):
+        data = (json.dumps(data, indent=2) + "\n").encode()
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -773,8 +761,16 @@ def atomic_write(path: str, data: bytes):
     os.replace(tmp, path)
 
 
-def write_json(path: str, obj: dict):
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+def read_file(path: str, what: str, parse: Callable):
+    """parse(the bytes of path). Raises ArgsError, one line starting with `what`, if the file is missing or
+    parse fails (a damaged file)."""
+    if not os.path.isfile(path):
+        raise ArgsError(f"{what}: {path} not found (give a run directory of epg.py or a loss .msgpack)")
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read())
+    except Exception as e:
+        raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
 GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
@@ -782,33 +778,25 @@ GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitne
 
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
     """checkpoint.msgpack (θ, Adam state, log rows, best evaluated loss) and generations.csv, both atomic."""
-    state = {"theta": np.asarray(theta), "opt_state": flax.serialization.to_state_dict(opt_state),
-             "generation": len(rows),
-             "rows": {k: np.array([r[k] for r in rows], dtype=np.float64) for k in GEN_FIELDS},
-             "best_fitness": np.float64(best["fitness"]), "best_theta": np.asarray(best["theta"])}
-    atomic_write(os.path.join(run_dir, "checkpoint.msgpack"),
-                 flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best_fitness=best["fitness"],
+                 best_theta=best["theta"])
+    atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
-def load_checkpoint(run_dir: str, theta_template, opt_template):
-    """(theta, opt_state, rows, best) from run_dir/checkpoint.msgpack. Raises ArgsError if missing or damaged."""
-    path = os.path.join(run_dir, "checkpoint.msgpack")
-    if not os.path.isfile(path):
-        raise ArgsError(f"--resume {run_dir}: {path} not found (expected a run directory written by epg.py)")
-    try:
-        with open(path, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        theta, best_theta = jnp.asarray(state["theta"]), jnp.asarray(state["best_theta"])
-        if theta.shape != theta_template.shape or best_theta.shape != theta_template.shape:
-            raise ValueError(f"loss of {theta.shape[0]} parameters, the arguments need {theta_template.shape[0]}")
-        opt_state = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(opt_template, state["opt_state"]))
-        n = int(state["generation"])
-        rows = [{k: (int if k == "generation" else float)(state["rows"][k][i]) for k in GEN_FIELDS} for i in range(n)]
-    except Exception as e:
-        raise ArgsError(f"--resume {run_dir}: damaged checkpoint.msgpack ({type(e).__name__}: {e})") from None
-    return theta, opt_state, rows, {"fitness": float(state["best_fitness"]), "theta": best_theta}
+def load_checkpoint(run_dir: str, theta, opt_state):
+    """(theta, opt_state, rows, best) from run_dir/checkpoint.msgpack, restored into the given templates.
+    Raises ArgsError if missing or damaged."""
+    def parse(data):
+        template = dict(theta=theta, opt_state=opt_state, rows="", best_fitness=0.0, best_theta=theta)
+        state = flax.serialization.from_bytes(template, data)
+        if state["theta"].shape != theta.shape or state["best_theta"].shape != theta.shape:
+            raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
+        best = {"fitness": state["best_fitness"], "theta": state["best_theta"]}
+        return state["theta"], state["opt_state"], json.loads(state["rows"]), best
+
+    return read_file(os.path.join(run_dir, "checkpoint.msgpack"), f"--resume {run_dir}", parse)
 
 
 def save_loss(path: str, theta, args: Args):
@@ -822,30 +810,24 @@ def save_loss(path: str, theta, args: Args):
 def load_loss(path: str, args: Args, env=None) -> Tuple[jax.Array, Args]:
     """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
     Raises ArgsError when the file is missing or damaged, or (given env) θ does not fit env's family."""
+    def parse(data):
+        state = flax.serialization.msgpack_restore(data)
+        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
+
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise ArgsError(f"{path}: {file} not found (give a run directory of epg.py or a loss .msgpack)")
-    try:
-        with open(file, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        theta = jnp.asarray(state["theta"], dtype=jnp.float32)
-        inner = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state["inner"]).items()}
-    except Exception as e:
-        raise ArgsError(f"{path}: damaged loss file {file} ({type(e).__name__}: {e})") from None
+    theta, family, inner = read_file(file, path, parse)
     args = resolve_args(dataclasses.replace(args, **inner))
     if env is not None and theta.shape != ravel_pytree(loss_template(args, env))[0].shape:
-        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {state['task_family']}, does not "
-                        f"fit --task-family {args.task_family}")
+        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {family}, does not fit "
+                        f"--task-family {args.task_family}")
     return theta, args
 
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, (x, y) in series.items():
         with warnings.catch_warnings():  # points before any episode ended are NaN for every agent
@@ -864,15 +846,11 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 # ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
-    path = os.path.join(args.resume, "args.json")
-    if not os.path.isfile(path):
-        raise ArgsError(f"--resume {args.resume}: args.json not found (expected a run directory written by epg.py)")
-    try:
-        with open(path) as f:
-            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        saved = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ArgsError(f"--resume {args.resume}: damaged args.json ({e})") from None
+    def parse(data):
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()}
+        return Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
+
+    saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
 
@@ -890,7 +868,7 @@ def run_meta_training(args: Args) -> str:
     rows, best = [], {"fitness": -np.inf, "theta": theta}
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
+    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
     lifetimes = args.pop_size * args.num_tasks
     print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
           f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
@@ -900,6 +878,7 @@ def run_meta_training(args: Args) -> str:
     generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
     eval_tasks, eval_keys = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False)
     evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
+    settings = inner_settings(args, 0.0)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
     def checkpoint():
@@ -925,7 +904,7 @@ def run_meta_training(args: Args) -> str:
             seconds = time.time() - t0  # the generation alone, without the evaluation below
             eval_fitness, new_best = float("nan"), best
             if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, 0.0).final_return))
+                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, settings).final_return))
                 if eval_fitness > best["fitness"]:
                     new_best = {"fitness": eval_fitness, "theta": new_theta}
             row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
@@ -949,22 +928,22 @@ def run_meta_training(args: Args) -> str:
                    best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,
                    lifetimes_per_minute=60.0 * lifetimes / float(np.median(seconds)) if rows else None,
                    wall_seconds=time.time() - start, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    atomic_write(os.path.join(run_dir, "summary.json"), summary)
     print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
     return run_dir
 
 
-def tune_ppo(args: Args, env) -> Tuple[Args, list]:
+def tune_ppo(args: Args, env, run: Callable) -> Tuple[Args, list]:
     """The PPO setting from the grid --ppo-rollouts × --ppo-epochs × --ppo-learning-rates whose agents reach the
-    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score)."""
+    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score).
+    run(args, theta, tasks, keys, alpha) runs the lifetimes."""
     tasks, keys = fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    zero = 0 * ravel_pytree(loss_template(args, env))[0]  # unused at α = 1
     table, best = [], None
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
         ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
                                   buffer_size=max(args.buffer_size, rollout), reward_blind=False)
-        zero = 0 * ravel_pytree(loss_template(ppo, env))[0]
-        score = float(np.mean(np.asarray(make_runner(ppo, env, args.num_sweep_tasks)(zero, tasks, keys, 1.0)
-                                         .final_return)))
+        score = float(np.mean(np.asarray(run(ppo, zero, tasks, keys, 1.0).final_return)))
         table.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
         print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
         best = (score, ppo) if best is None or score > best[0] else best
@@ -980,20 +959,26 @@ def run_test(args: Args) -> str:
     theta = load_loss(args.load_loss, args, env)[0]
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks, keys = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    start = time.time()
-    run = make_runner(args, env, args.num_seeds)
-    outputs = {"evolved": run(theta, tasks, keys, 0.0), "zero": run(0 * theta, tasks, keys, 0.0)}
+    start, runners = time.time(), {}
+
+    def run(cfg: Args, theta, tasks, keys, alpha) -> LifetimeOutput:  # one compilation per shape
+        shape = (cfg.update_every, cfg.buffer_size, keys.shape[0])
+        if shape not in runners:
+            runners[shape] = make_runner(dataclasses.replace(args, update_every=shape[0], buffer_size=shape[1]),
+                                         env, shape[2])
+        return runners[shape](theta, tasks, keys, inner_settings(cfg, alpha))
+
+    outputs = {"evolved": run(args, theta, tasks, keys, 0.0), "zero": run(args, 0 * theta, tasks, keys, 0.0)}
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args, env)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
             raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
                             f"with the evolved loss's inner-loop settings")
-        outputs["reward-blind"] = make_runner(blind, env, args.num_seeds)(blind_theta, tasks, keys, 0.0)
-    ppo, sweep = tune_ppo(args, env)
-    outputs["ppo"] = make_runner(ppo, env, args.num_seeds)(0 * ravel_pytree(loss_template(ppo, env))[0], tasks,
-                                                           keys, 1.0)
+        outputs["reward-blind"] = run(blind, blind_theta, tasks, keys, 0.0)
+    ppo, sweep = tune_ppo(args, env, run)
+    outputs["ppo"] = run(ppo, 0 * theta, tasks, keys, 1.0)
     trainers, series, columns = {}, {}, {}
     grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
     for name, out in outputs.items():
@@ -1009,7 +994,7 @@ def run_test(args: Args) -> str:
         print(f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± "
               f"{auc.std():.3f}")
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    write_json(os.path.join(run_dir, "summary.json"), dict(
+    atomic_write(os.path.join(run_dir, "summary.json"), dict(
         task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
         trainers=trainers, loss_file=os.path.abspath(args.load_loss), ppo_sweep=sweep,
         ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
