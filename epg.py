@@ -63,7 +63,6 @@ class Args:
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
-
     # ---- task family ----
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
@@ -71,7 +70,6 @@ class Args:
     """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
-
     # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
@@ -91,7 +89,6 @@ class Args:
     """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
-
     # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
@@ -113,7 +110,6 @@ class Args:
     """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
-
     # ---- --test: held-out tasks ----
     test: bool = False
     """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
@@ -138,8 +134,7 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults and check what tyro cannot (sizes, divisibility, the buffer, the
-    population, --test without --load-loss). Raises ArgsError naming the problem."""
+    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError naming the problem."""
     defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
@@ -284,16 +279,11 @@ def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_dec
 
 
 # Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
-# family's environment takes the task as an argument of reset and step:
-#   reset(key, task)               -> (obs, state)
-#   step(key, state, action, task) -> (obs, state, reward, terminated, truncated, final_obs)
-# `obs` is already the first observation of the next episode when the episode ended (auto-reset);
-# `final_obs` is the true last observation, from which a time-limit truncation is bootstrapped.
-# Ranges of the randomised families, from the reference's RandomWeightHopperEnv (epg/envs/mujoco/hopper.py:58-73):
-# body masses, geom frictions and geom thicknesses × U(0.5, 2) (the floor excluded), gravity g_z = -U(2, 20).
-# The pendulum takes the same multipliers on its mass and length and the same gravity range.
-SCALE_RANGE = (0.5, 2.0)
-GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²
+# family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action,
+# task) -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the
+# episode ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
+SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
+GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
 GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -x (--test): strictly one half
 
@@ -326,17 +316,16 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     raise ValueError(f"unknown task family {family!r}")
 
 
+@dataclasses.dataclass(frozen=True)
 class GoalPointEnv:
     """goal-point, a miniature GoalAnt (this project's): a 2-D point mass, p [2] (m) from U(-0.1, 0.1)², v [2]
     (m/s) from 0; action a force [2] clipped to ±1; per step (dt = 0.1 s) v ← 0.9·v + dt·force, p ← p + dt·v
     (top speed 1 m/s). Observation (p, v) [4]: the goal is not observed. Reward: progress towards the goal,
     (|g - p_before| - |g - p_after|)/dt (m/s), so a return is at most 10·|g - p_0|. Time limit only."""
 
+    episode_length: int
     family, obs_dim, action_dim, action_low, action_high, num_links, num_geoms = "goal-point", 4, 2, -1.0, 1.0, 0, 0
     DT, DAMPING = 0.1, 0.1
-
-    def __init__(self, episode_length: int):
-        self.max_episode_steps = episode_length
 
     def reset(self, key, task):
         state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2),
@@ -348,7 +337,7 @@ class GoalPointEnv:
         pos = state["pos"] + self.DT * vel
         distance = lambda p: jnp.linalg.norm(task["goal"] - p)
         reward = (distance(state["pos"]) - distance(pos)) / self.DT
-        truncated = (state["t"] + 1 >= self.max_episode_steps).astype(jnp.float32)
+        truncated = (state["t"] + 1 >= self.episode_length).astype(jnp.float32)
         final_obs = jnp.concatenate([pos, vel])
         reset_obs, reset_state = self.reset(key, task)
         state = jax.tree.map(lambda r, s: jnp.where(truncated > 0, r, s), reset_state,
@@ -498,9 +487,8 @@ class DiagGaussian(NamedTuple):
 
 
 def normc(scale: float) -> Callable:
-    """The reference's weight initialisation (epg/networks.py:20-22): a normal matrix [in, out] whose entries
-    from each input have norm `scale`. It needs no QR decomposition, unlike orthogonal initialisation, whose
-    batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool."""
+    """The reference's initialisation (epg/networks.py:20-22): a normal matrix [in, out], each input's row of
+    norm `scale`; no QR (batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool)."""
     def init(key, shape, dtype=jnp.float32):
         w = jax.random.normal(key, shape, dtype)
         return w * scale / jnp.sqrt(jnp.sum(w**2, axis=-1, keepdims=True))
@@ -520,9 +508,8 @@ class MLP(nn.Module):
 
 
 def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dict:
-    """A fresh agent: {"policy": MLP params, "log_std": [action_dim] zeros, "memory": {"kernel": [64, memory_units],
-    "bias": [memory_units]}, "value": MLP params} (epg/agents.py:28, 39, 206-207). The value function serves only
-    the PPO loss."""
+    """A fresh agent (epg/agents.py:28, 39, 206-207): {"policy": MLP params, "log_std": [action_dim] zeros, "memory":
+    {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
     return {"policy": MLP(action_dim).init(key_pi, dummy),
@@ -553,10 +540,10 @@ class InnerSettings(NamedTuple):
     update_epochs: jax.Array  # passes per update, at most max(--update-epochs, --ppo-epochs)
     reward_blind: jax.Array  # bool: zero the reward input of L_φ
 
-
-def inner_settings(args: Args, alpha) -> InnerSettings:
-    return InnerSettings(jnp.float32(alpha), jnp.float32(args.inner_learning_rate), jnp.int32(args.update_epochs),
-                         jnp.bool_(args.reward_blind))
+    @staticmethod
+    def of(args: Args, alpha) -> "InnerSettings":
+        return InnerSettings(jnp.float32(alpha), jnp.float32(args.inner_learning_rate),
+                             jnp.int32(args.update_epochs), jnp.bool_(args.reward_blind))
 
 
 class LifetimeState(NamedTuple):
@@ -678,15 +665,13 @@ def loss_template(args: Args, env) -> dict:
 
 
 def ppo_alpha(args: Args, generation: int) -> float:
-    """α of generation g (0-based): linear from 1 at g = 0 to 0 at g = ppo_anneal_frac·num_generations, then 0
-    (the reference's PiecewiseSchedule, epg/evolution.py:119)."""
+    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
     horizon = args.ppo_anneal_frac * args.num_generations
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
 
 
 def generation_key(args: Args, generation: int) -> jax.Array:
-    """The PRNG key of one generation, from --seed and the generation index alone (so --resume redraws
-    exactly the noise, tasks and lifetimes an uninterrupted run would)."""
+    """The key of generation g, from (--seed, g) alone: --resume redraws what an uninterrupted run would."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
 
 
@@ -702,8 +687,7 @@ def shard_leading(fn: Callable, n: int, mapped: Tuple[bool, ...]) -> Callable:
 
 
 def make_es_optimizer(args: Args) -> optax.GradientTransformation:
-    """Adam with β1 = 0 on the negated ES direction, learning rate ÷10 after half of the generations
-    (epg/evolution.py:122-123, 147)."""
+    """Adam, β1 = 0, on the negated ES direction; learning rate ÷10 at half the generations (evolution.py:122-147)."""
     schedule = optax.piecewise_constant_schedule(args.es_learning_rate, {args.num_generations // 2: 0.1})
     return optax.adam(schedule, b1=0.0)
 
@@ -711,10 +695,9 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
 
-    θ [dim] is the flattened loss; members are θ + σ·ε_i with antithetic ε. Every member meets the same
-    --num-tasks tasks and lifetime seeds (common random numbers across the population), so ranks compare
-    losses, not the luck of the tasks; a member's fitness is its mean final return over them. The member axis
-    is sharded over all JAX devices: each device runs its members' lifetimes and only returns come back.
+    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks
+    tasks and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness
+    is the mean final return over them. The member axis is sharded over the JAX devices; only returns come back.
     """
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
     population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
@@ -726,7 +709,7 @@ def make_generation(args: Args, env) -> Callable:
         eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
         tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
         returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
-                             inner_settings(args, alpha))
+                             InnerSettings.of(args, alpha))
         fitness = returns.mean(axis=1)
         grad = es_gradient(theta, eps, fitness, args.weight_decay)
         updates, opt_state = optimizer.update(-grad, opt_state, theta)
@@ -750,20 +733,17 @@ def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
 def atomic_write(path: str, data):
-    """Write bytes, or a dict as JSON, to path via a temporary file and a rename: never half a file."""
-    if isinstance(data, dict):
-        data = (json.dumps(data, indent=2) + "\n").encode()
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """Write bytes, or a dict as JSON, via a temporary file and a rename, so a crash never leaves half a file."""
+    data = (json.dumps(data, indent=2) + "\n").encode() if isinstance(data, dict) else data
+    with open(path + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def read_file(path: str, what: str, parse: Callable):
-    """parse(the bytes of path). Raises ArgsError, one line starting with `what`, if the file is missing or
-    parse fails (a damaged file)."""
+    """parse(the bytes of path); ArgsError, one line starting with `what`, if the file is missing or damaged."""
     if not os.path.isfile(path):
         raise ArgsError(f"{what}: {path} not found (give a run directory of epg.py or a loss .msgpack)")
     try:
@@ -777,50 +757,44 @@ GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitne
 
 
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack (θ, Adam state, log rows, best evaluated loss) and generations.csv, both atomic."""
-    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best_fitness=best["fitness"],
-                 best_theta=best["theta"])
+    """checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss) and generations.csv, both atomic."""
+    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
 def load_checkpoint(run_dir: str, theta, opt_state):
-    """(theta, opt_state, rows, best) from run_dir/checkpoint.msgpack, restored into the given templates.
-    Raises ArgsError if missing or damaged."""
+    """(theta, opt_state, rows, best) restored into the given templates; ArgsError if missing or damaged."""
     def parse(data):
-        template = dict(theta=theta, opt_state=opt_state, rows="", best_fitness=0.0, best_theta=theta)
+        template = dict(theta=theta, opt_state=opt_state, rows="", best={"fitness": 0.0, "theta": theta})
         state = flax.serialization.from_bytes(template, data)
-        if state["theta"].shape != theta.shape or state["best_theta"].shape != theta.shape:
+        if state["theta"].shape != theta.shape or state["best"]["theta"].shape != theta.shape:
             raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
-        best = {"fitness": state["best_fitness"], "theta": state["best_theta"]}
-        return state["theta"], state["opt_state"], json.loads(state["rows"]), best
+        return state["theta"], state["opt_state"], json.loads(state["rows"]), state["best"]
 
     return read_file(os.path.join(run_dir, "checkpoint.msgpack"), f"--resume {run_dir}", parse)
 
 
 def save_loss(path: str, theta, args: Args):
-    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS settings it was
-    evolved with, which --test uses again."""
+    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS it was evolved with."""
     state = {"theta": np.asarray(theta), "task_family": args.task_family,
              "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS})}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_loss(path: str, args: Args, env=None) -> Tuple[jax.Array, Args]:
+def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
     """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
-    Raises ArgsError when the file is missing or damaged, or (given env) θ does not fit env's family."""
+    Raises ArgsError when the file is missing or damaged, or was evolved on another family than --task-family."""
     def parse(data):
         state = flax.serialization.msgpack_restore(data)
         return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
 
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
     theta, family, inner = read_file(file, path, parse)
-    args = resolve_args(dataclasses.replace(args, **inner))
-    if env is not None and theta.shape != ravel_pytree(loss_template(args, env))[0].shape:
-        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {family}, does not fit "
-                        f"--task-family {args.task_family}")
-    return theta, args
+    if family != args.task_family:
+        raise ArgsError(f"{path}: a loss evolved on {family}, not on --task-family {args.task_family}")
+    return theta, resolve_args(dataclasses.replace(args, **inner))
 
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
@@ -864,121 +838,102 @@ def run_meta_training(args: Args) -> str:
     os.makedirs(run_dir, exist_ok=True)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
-    opt_state = make_es_optimizer(args).init(theta)
-    rows, best = [], {"fitness": -np.inf, "theta": theta}
+    opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    lifetimes = args.pop_size * args.num_tasks
     print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
           f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
-          f"task(s) = {lifetimes} lifetimes of {args.lifetime:,} steps per generation on {jax.device_count()} "
-          f"{jax.default_backend()} device(s), generations {len(rows)}..{args.num_generations}")
+          f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
+          f"device(s), generations {len(rows)}..{args.num_generations}")
     start = time.time()
     generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
-    eval_tasks, eval_keys = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False)
     evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
-    settings = inner_settings(args, 0.0)
+    eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
     def checkpoint():
         save_checkpoint(run_dir, theta, opt_state, rows, best)
         save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
         save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        series = {k.replace("_", " "): ([r["generation"] for r in rows], [r[k] for r in rows])
-                  for k in ("mean_fitness", "best_fitness")}
-        evaluated = [(r["generation"], r["eval_fitness"]) for r in rows if np.isfinite(r["eval_fitness"])]
-        if evaluated:
-            series["current loss, α = 0, fixed evaluation tasks"] = tuple(zip(*evaluated))
+        evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
+        series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
+            ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
+            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
         save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
                   f"EPG on {args.task_family}")
 
-    bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
-               desc="generations", file=sys.stdout, mininterval=0)
-    try:
-        for g in bar:
-            t0 = time.time()
-            alpha = ppo_alpha(args, g)
-            new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-            fitness = np.where(np.isfinite(fitness), fitness, np.nan)
-            seconds = time.time() - t0  # the generation alone, without the evaluation below
-            eval_fitness, new_best = float("nan"), best
-            if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, settings).final_return))
-                if eval_fitness > best["fitness"]:
-                    new_best = {"fitness": eval_fitness, "theta": new_theta}
-            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
-                       mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
-            # commit the generation in one assignment, so an interruption sees it whole or not at all
-            theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-            bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
-                            sec=f"{seconds:.1f}")
-            if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                checkpoint()
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint()
-        print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py --resume "
-              f"{run_dir}", file=sys.stderr)
-        sys.exit(130)
-    bar.close()
-    seconds = [r["seconds"] for r in rows[-max(1, len(rows) // 2):]]
+    with tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
+              desc="generations", file=sys.stdout, mininterval=0) as bar:
+        try:
+            for g in bar:
+                t0, alpha = time.time(), ppo_alpha(args, g)
+                new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
+                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+                seconds = time.time() - t0  # the generation alone, without the evaluation below
+                eval_fitness, new_best = float("nan"), best
+                if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
+                    eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
+                    if eval_fitness > best["fitness"]:
+                        new_best = {"fitness": eval_fitness, "theta": new_theta}
+                row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
+                           mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
+                # commit the generation in one assignment, so an interruption sees it whole or not at all
+                theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
+                bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
+                                sec=f"{seconds:.1f}")
+                if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
+                  f"--resume {run_dir}", file=sys.stderr)
+            sys.exit(130)
+    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2):]])
     summary = dict(task_family=args.task_family, reward_blind=args.reward_blind, num_generations=len(rows),
-                   pop_size=args.pop_size, num_tasks=args.num_tasks, lifetime=args.lifetime,
-                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,
-                   lifetimes_per_minute=60.0 * lifetimes / float(np.median(seconds)) if rows else None,
+                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"],
+                   lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
                    wall_seconds=time.time() - start, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     atomic_write(os.path.join(run_dir, "summary.json"), summary)
     print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
     return run_dir
 
 
-def tune_ppo(args: Args, env, run: Callable) -> Tuple[Args, list]:
-    """The PPO setting from the grid --ppo-rollouts × --ppo-epochs × --ppo-learning-rates whose agents reach the
-    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score).
-    run(args, theta, tasks, keys, alpha) runs the lifetimes."""
-    tasks, keys = fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
-    zero = 0 * ravel_pytree(loss_template(args, env))[0]  # unused at α = 1
-    table, best = [], None
-    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
-                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
-        score = float(np.mean(np.asarray(run(ppo, zero, tasks, keys, 1.0).final_return)))
-        table.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
-        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
-        best = (score, ppo) if best is None or score > best[0] else best
-    return best[1], table
-
-
 def run_test(args: Args) -> str:
-    """The paper's test: fresh agents on held-out tasks (left-half goals for the goal families), the same tasks
-    and seeds for every trainer: the evolved loss (α = 0), tuned PPO (α = 1), a zero loss (the initial policy),
-    and the reward-blind loss if given. Writes summary.json, test_curves.csv and test_curves.png."""
-    args = load_loss(args.load_loss, args)[1]
+    """The paper's test on held-out tasks (left-half goals for the goal families), the same tasks and seeds for every
+    trainer: the evolved loss (α = 0), a zero loss (the initial policy), the reward-blind loss if given, and tuned
+    PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes summary.json and curves."""
+    theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
-    theta = load_loss(args.load_loss, args, env)[0]
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    tasks, keys = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
+    tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start, runners = time.time(), {}
 
-    def run(cfg: Args, theta, tasks, keys, alpha) -> LifetimeOutput:  # one compilation per shape
-        shape = (cfg.update_every, cfg.buffer_size, keys.shape[0])
+    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:  # compiled once per shape
+        shape = (cfg.update_every, cfg.buffer_size, tasks[1].shape[0])
         if shape not in runners:
             runners[shape] = make_runner(dataclasses.replace(args, update_every=shape[0], buffer_size=shape[1]),
                                          env, shape[2])
-        return runners[shape](theta, tasks, keys, inner_settings(cfg, alpha))
+        return runners[shape](theta, *tasks, InnerSettings.of(cfg, alpha))
 
-    outputs = {"evolved": run(args, theta, tasks, keys, 0.0), "zero": run(args, 0 * theta, tasks, keys, 0.0)}
+    outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
-        blind_theta, blind = load_loss(args.load_reward_blind_loss, args, env)
+        blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
             raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
                             f"with the evolved loss's inner-loop settings")
-        outputs["reward-blind"] = run(blind, blind_theta, tasks, keys, 0.0)
-    ppo, sweep = tune_ppo(args, env, run)
-    outputs["ppo"] = run(ppo, 0 * theta, tasks, keys, 1.0)
+        outputs["reward-blind"] = run(blind, blind_theta, 0.0)
+    sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
+        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
+                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
+        score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
+        sweep.append((score, ppo))
+        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
+    ppo = max(sweep, key=lambda entry: entry[0])[1]  # the first of the best
+    outputs["ppo"] = run(ppo, 0 * theta, 1.0)
     trainers, series, columns = {}, {}, {}
     grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
     for name, out in outputs.items():
@@ -996,9 +951,11 @@ def run_test(args: Args) -> str:
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
     atomic_write(os.path.join(run_dir, "summary.json"), dict(
         task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
-        trainers=trainers, loss_file=os.path.abspath(args.load_loss), ppo_sweep=sweep,
+        trainers=trainers, loss_file=os.path.abspath(args.load_loss),
+        ppo_sweep=[dict(rollout=p.update_every, epochs=p.update_epochs, learning_rate=p.inner_learning_rate,
+                        final_return_mean=score) for score, p in sweep],
         ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
-        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks.items()}))
+        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()}))
     with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
     save_plot(os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode",
