@@ -134,7 +134,7 @@ def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing(env):
     tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), n, False)
     keys = jax.random.split(jax.random.PRNGKey(1), n)
     zero = jnp.zeros_like(jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0])
-    ppo, still = (run(zero, tasks, keys, epg.inner_settings(ARGS, alpha)) for alpha in (1.0, 0.0))
+    ppo, still = (run(zero, tasks, keys, epg.InnerSettings.of(ARGS, alpha)) for alpha in (1.0, 0.0))
     late, before = np.nanmean(np.asarray(ppo.curve)[:, -8:]), np.nanmean(np.asarray(still.curve))
     assert late > before + 2.0, (late, before)
     assert float(ppo.final_return.mean()) > float(still.final_return.mean()) + 2.0
@@ -143,7 +143,7 @@ def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing(env):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)  # jit vs eager rounding
     # a second epoch and another learning rate change the PPO agent: both are read at run time
     for change in (dict(update_epochs=2), dict(inner_learning_rate=3e-3)):
-        other = run(zero, tasks, keys, epg.inner_settings(dataclasses.replace(ARGS, **change), 1.0))
+        other = run(zero, tasks, keys, epg.InnerSettings.of(dataclasses.replace(ARGS, **change), 1.0))
         assert not np.array_equal(np.asarray(other.curve), np.asarray(ppo.curve)), change
 
 
