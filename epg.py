@@ -63,7 +63,6 @@ class Args:
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
-
     # ---- task family ----
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
@@ -71,7 +70,6 @@ class Args:
     """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
-
     # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
@@ -91,7 +89,6 @@ class Args:
     """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
-
     # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
@@ -113,7 +110,6 @@ class Args:
     """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
-
     # ---- --test: held-out tasks ----
     test: bool = False
     """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
@@ -138,14 +134,9 @@ class ArgsError(ValueError):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError: a non-positive
-    size; a rollout that does not divide the lifetime or split into minibatches; a buffer shorter than M, than
-    the convolutions need or longer than the lifetime; an odd population or one that does not divide over the
-    devices (meta-training); --test without --load-loss."""
-    if args.num_generations is None:
-        args = dataclasses.replace(args, num_generations=500)
-    if args.episode_length is None:
-        args = dataclasses.replace(args, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError naming the problem."""
+    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
                  "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
                  "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
@@ -214,18 +205,17 @@ def memory_vector(agent: dict) -> jax.Array:
     return jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
 
 
-def loss_inputs(args: Args, agent: dict, buffer: Buffer, obs_stats: "RunningStats") -> jax.Array:
+def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
     """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
     units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
     gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
-    the reference (agents.py:142), or zero with --reward-blind (the switch commented out at agents.py:123)."""
-    obs = normalize(buffer.obs, obs_stats)
-    pi = policy_distribution(args, agent, obs)
-    reward = jnp.zeros_like(buffer.reward) if args.reward_blind else buffer.reward
-    n = obs.shape[0]
-    x = jnp.concatenate([obs, buffer.action, reward[:, None], buffer.done[:, None], pi.mean,
-                         jnp.broadcast_to(pi.log_std, pi.mean.shape),
-                         jnp.broadcast_to(memory_vector(agent), (n, args.memory_units))], axis=-1)
+    the reference (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
+    obs = obs_stats.normalize(buffer.obs)
+    pi = policy_distribution(agent, obs)
+    memory = memory_vector(agent)
+    x = jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
+                         buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                         jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1)
     return x * buffer.valid[:, None]
 
 
@@ -254,16 +244,16 @@ class PPOBatch(NamedTuple):
     target: jax.Array  # value target (GAE return)
 
 
-def ppo_loss(args: Args, agent: dict, batch: PPOBatch) -> jax.Array:
+def ppo_loss(agent: dict, batch: PPOBatch) -> jax.Array:
     """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
     -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
-    pi = policy_distribution(args, agent, batch.obs)
+    pi = policy_distribution(agent, batch.obs)
     ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
     clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
     policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
-    value = jnp.mean((value_fn(args, agent, batch.obs) - batch.target) ** 2)
-    return policy + PPO_KL * jnp.mean(gaussian_kl(batch.old_pi, pi)) + value
+    value = jnp.mean((value_fn(agent, batch.obs) - batch.target) ** 2)
+    return policy + PPO_KL * jnp.mean(batch.old_pi.kl(pi)) + value
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
@@ -289,16 +279,11 @@ def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_dec
 
 
 # Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
-# family's environment takes the task as an argument of reset and step:
-#   reset(key, task)               -> (obs, state)
-#   step(key, state, action, task) -> (obs, state, reward, terminated, truncated, final_obs)
-# `obs` is already the first observation of the next episode when the episode ended (auto-reset);
-# `final_obs` is the true last observation, from which a time-limit truncation is bootstrapped.
-# Ranges of the randomised families, from the reference's RandomWeightHopperEnv (epg/envs/mujoco/hopper.py:58-73):
-# body masses, geom frictions and geom thicknesses × U(0.5, 2) (the floor excluded), gravity g_z = -U(2, 20).
-# The pendulum takes the same multipliers on its mass and length and the same gravity range.
-SCALE_RANGE = (0.5, 2.0)
-GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²
+# family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action,
+# task) -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the
+# episode ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
+SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
+GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
 GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -x (--test): strictly one half
 
@@ -331,22 +316,16 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     raise ValueError(f"unknown task family {family!r}")
 
 
-def draw_tasks(env, key: jax.Array, n: int, test: bool) -> dict:
-    """n tasks of the environment's family (sample_tasks with the environment's sizes)."""
-    return sample_tasks(env.family, key, n, test, env.num_links, env.num_geoms)
-
-
+@dataclasses.dataclass(frozen=True)
 class GoalPointEnv:
     """goal-point, a miniature GoalAnt (this project's): a 2-D point mass, p [2] (m) from U(-0.1, 0.1)², v [2]
     (m/s) from 0; action a force [2] clipped to ±1; per step (dt = 0.1 s) v ← 0.9·v + dt·force, p ← p + dt·v
     (top speed 1 m/s). Observation (p, v) [4]: the goal is not observed. Reward: progress towards the goal,
     (|g - p_before| - |g - p_after|)/dt (m/s), so a return is at most 10·|g - p_0|. Time limit only."""
 
+    episode_length: int
     family, obs_dim, action_dim, action_low, action_high, num_links, num_geoms = "goal-point", 4, 2, -1.0, 1.0, 0, 0
     DT, DAMPING = 0.1, 0.1
-
-    def __init__(self, episode_length: int):
-        self.max_episode_steps = episode_length
 
     def reset(self, key, task):
         state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2),
@@ -358,7 +337,7 @@ class GoalPointEnv:
         pos = state["pos"] + self.DT * vel
         distance = lambda p: jnp.linalg.norm(task["goal"] - p)
         reward = (distance(state["pos"]) - distance(pos)) / self.DT
-        truncated = (state["t"] + 1 >= self.max_episode_steps).astype(jnp.float32)
+        truncated = (state["t"] + 1 >= self.episode_length).astype(jnp.float32)
         final_obs = jnp.concatenate([pos, vel])
         reset_obs, reset_state = self.reset(key, task)
         state = jax.tree.map(lambda r, s: jnp.where(truncated > 0, r, s), reset_state,
@@ -393,17 +372,9 @@ class PendulumTaskEnv:
 
 
 class BraxTaskEnv:
-    """A Brax family: the base environment with a time limit, its reward or physics set by the task.
-
-    Rewards follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), which reward the forward velocity
-    (x_after - x_before)/dt alone, with no alive bonus and no control cost:
-    dir-hopper: direction × forward velocity (hopper.py:89); dir-cheetah: the same for halfcheetah (the paper's
-    DirCheetah; no reference code). random-hopper: forward velocity (hopper.py:51, whose direction is always +1,
-    hopper.py:34); link masses, geom frictions, geom thicknesses (size[0]) and gravity are the task's
-    (hopper.py:58-73). goal-ant: progress towards the goal, (|g - p_before| - |g - p_after|)/dt of the torso's
-    (x, y), the goal unobserved (Brax's ant hides x, y): the paper's GoalAnt (no reference code).
-    goal-reacher: Brax's reacher reward, its target placed at the task's goal at every reset (this project's).
-    """
+    """A Brax family: the base environment with a time limit, its reward or physics set by the task. Rewards
+    follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), the forward velocity (x_after - x_before)/dt
+    alone, with no alive bonus and no control cost; docs/epg.md lists each family's reward and ranges."""
 
     def __init__(self, family: str, backend: str, episode_length: int):
         from brax import envs
@@ -419,7 +390,7 @@ class BraxTaskEnv:
         self.num_geoms = int(np.asarray(self.sys.geom_friction).shape[0])
 
     def _with_task(self, task, fn):
-        """Run fn() with the physics system of the task (random-hopper) swapped into the env."""
+        """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
         if self.family != "random-hopper":
             return fn()
         size = jnp.asarray(self.sys.geom_size)
@@ -433,34 +404,31 @@ class BraxTaskEnv:
         finally:
             self.base.sys = self.sys
 
-    def _reset_state(self, key, task):
+    def reset(self, key, task):
         state = self._with_task(task, lambda: self.env.reset(key))
-        if self.family == "goal-reacher":  # move the target (joints 2:) to the goal, at rest
+        if self.family == "goal-reacher":  # this project's family: the target (joints 2:) at the goal, at rest
             ps = state.pipeline_state
             ps = self.base.pipeline_init(ps.q.at[2:].set(task["goal"]), ps.qd.at[2:].set(0.0))
             state = state.replace(pipeline_state=ps, obs=self.base._get_obs(ps))
-        return state
+        return state.obs, state
 
     def _task_reward(self, state, task):
         m = state.metrics
-        if self.family == "goal-ant":
+        if self.family == "goal-ant":  # the paper's GoalAnt: progress of the torso's (x, y) to the unobserved goal
             position = jnp.stack([m["x_position"], m["y_position"]])
             before = position - jnp.stack([m["x_velocity"], m["y_velocity"]]) * self.base.dt
             return (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
-        if self.family in ("dir-hopper", "dir-cheetah"):
+        if self.family in ("dir-hopper", "dir-cheetah"):  # direction × forward velocity (hopper.py:89)
             return task["direction"] * m["x_velocity"]
+        # random-hopper: forward velocity (hopper.py:51, direction always +1); goal-reacher: Brax's reacher reward
         return m["x_velocity"] if self.family == "random-hopper" else state.reward
-
-    def reset(self, key, task):
-        state = self._reset_state(key, task)
-        return state.obs, state
 
     def step(self, key, state, action, task):
         next_state = self._with_task(task, lambda: self.env.step(state, action))
         reward = self._task_reward(next_state, task)
         truncated = next_state.info["truncation"]
         terminated = next_state.done * (1.0 - truncated)
-        reset_state = self._reset_state(key, task)
+        reset_state = self.reset(key, task)[1]
         state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), reset_state, next_state)
         return state.obs, state, reward, terminated, truncated, next_state.obs
 
@@ -469,40 +437,36 @@ def make_env(args: Args):
     """The environment of args.task_family; build it once and pass it to the functions that need it."""
     if args.task_family in BRAX_BASE:
         return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
-    if args.task_family == "random-pendulum":
-        return PendulumTaskEnv(args.episode_length)
-    return GoalPointEnv(args.episode_length)
+    return (PendulumTaskEnv if args.task_family == "random-pendulum" else GoalPointEnv)(args.episode_length)
 
 
-# ---- Observation normalisation: running mean and variance over every observation seen (Welford/Chan).
+# ---- Observation normalisation and the agent: Gaussian policy, memory units, PPO's value function.
 class RunningStats(NamedTuple):
-    mean: jax.Array  # [obs_dim]
-    var: jax.Array  # [obs_dim]
+    """Running mean and variance [obs_dim] of every observation seen (Welford/Chan)."""
+
+    mean: jax.Array
+    var: jax.Array
     count: jax.Array  # scalar
 
+    @staticmethod
+    def init(obs_dim: int) -> "RunningStats":  # mean 0, variance 1, a negligible count
+        return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
 
-def init_running_stats(obs_dim: int) -> RunningStats:  # mean 0, variance 1, a negligible count
-    return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
+    def update(self, batch: jax.Array) -> "RunningStats":
+        """Merge a batch [..., obs_dim] into the statistics (Chan et al.'s parallel formula)."""
+        batch = batch.reshape(-1, batch.shape[-1])
+        n = batch.shape[0]
+        batch_mean, batch_var = batch.mean(0), batch.var(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        return RunningStats(self.mean + delta * n / total, var, total)
 
-
-def update_running_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
-    """Merge a batch [..., obs_dim] into the running statistics (Chan et al.'s parallel formula)."""
-    batch = batch.reshape(-1, batch.shape[-1])
-    n = batch.shape[0]
-    batch_mean, batch_var = batch.mean(0), batch.var(0)
-    total = stats.count + n
-    delta = batch_mean - stats.mean
-    mean = stats.mean + delta * n / total
-    var = (stats.var * stats.count + batch_var * n + delta**2 * stats.count * n / total) / total
-    return RunningStats(mean, var, total)
-
-
-def normalize(obs: jax.Array, stats: RunningStats) -> jax.Array:
-    """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]."""
-    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -10.0, 10.0)
+    def normalize(self, obs: jax.Array) -> jax.Array:
+        """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]."""
+        return jnp.clip((obs - self.mean) / jnp.sqrt(self.var + 1e-8), -10.0, 10.0)
 
 
-# ---- The agent: Gaussian policy, memory units, PPO's value function.
 class DiagGaussian(NamedTuple):
     """Diagonal Gaussian policy; mean [..., action_dim], log_std [action_dim] (state-independent)."""
 
@@ -516,17 +480,15 @@ class DiagGaussian(NamedTuple):
         z = (action - self.mean) / jnp.exp(self.log_std)
         return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
-
-def gaussian_kl(p: DiagGaussian, q: DiagGaussian) -> jax.Array:
-    """KL(p ‖ q) of diagonal Gaussians, summed over action dimensions: [...]."""
-    var_p, var_q = jnp.exp(2 * p.log_std), jnp.exp(2 * q.log_std)
-    return jnp.sum(q.log_std - p.log_std + (var_p + (p.mean - q.mean) ** 2) / (2 * var_q) - 0.5, axis=-1)
+    def kl(self, q: "DiagGaussian") -> jax.Array:
+        """KL(self ‖ q), summed over action dimensions: [...]."""
+        var_p, var_q = jnp.exp(2 * self.log_std), jnp.exp(2 * q.log_std)
+        return jnp.sum(q.log_std - self.log_std + (var_p + (self.mean - q.mean) ** 2) / (2 * var_q) - 0.5, axis=-1)
 
 
 def normc(scale: float) -> Callable:
-    """The reference's weight initialisation (epg/networks.py:20-22): a normal matrix [in, out] whose entries
-    from each input have norm `scale`. It needs no QR decomposition, unlike orthogonal initialisation, whose
-    batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool."""
+    """The reference's initialisation (epg/networks.py:20-22): a normal matrix [in, out], each input's row of
+    norm `scale`; no QR (batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool)."""
     def init(key, shape, dtype=jnp.float32):
         w = jax.random.normal(key, shape, dtype)
         return w * scale / jnp.sqrt(jnp.sum(w**2, axis=-1, keepdims=True))
@@ -546,9 +508,8 @@ class MLP(nn.Module):
 
 
 def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dict:
-    """A fresh agent: {"policy": MLP params, "log_std": [action_dim] zeros, "memory": {"kernel": [64, memory_units],
-    "bias": [memory_units]}, "value": MLP params} (epg/agents.py:28, 39, 206-207). The value function serves only
-    the PPO loss."""
+    """A fresh agent (epg/agents.py:28, 39, 206-207): {"policy": MLP params, "log_std": [action_dim] zeros, "memory":
+    {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
     return {"policy": MLP(action_dim).init(key_pi, dummy),
@@ -558,18 +519,33 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
             "value": MLP(1).init(key_v, dummy)}
 
 
-def policy_distribution(args: Args, agent: dict, obs: jax.Array) -> DiagGaussian:
+def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
     mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
     return DiagGaussian(mean, agent["log_std"])
 
 
-def value_fn(args: Args, agent: dict, obs: jax.Array) -> jax.Array:
+def value_fn(agent: dict, obs: jax.Array) -> jax.Array:
     """V(obs) [...] for normalised observations [..., obs_dim]."""
     return MLP(1).apply(agent["value"], obs)[..., 0]
 
 
-# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(loss_params, task, key, alpha).
+# ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(theta, task, key, settings).
+class InnerSettings(NamedTuple):
+    """The lifetime's settings that are passed as arrays, not compiled in, so that --test's trainers (evolved,
+    zero, reward-blind, and every PPO setting of one rollout length) share one compilation."""
+
+    alpha: jax.Array  # weight of L_PPO in (1 - α)·L_φ + α·L_PPO, in [0, 1]
+    learning_rate: jax.Array  # the agent's Adam learning rate
+    update_epochs: jax.Array  # passes per update, at most max(--update-epochs, --ppo-epochs)
+    reward_blind: jax.Array  # bool: zero the reward input of L_φ
+
+    @staticmethod
+    def of(args: Args, alpha) -> "InnerSettings":
+        return InnerSettings(jnp.float32(alpha), jnp.float32(args.inner_learning_rate),
+                             jnp.int32(args.update_epochs), jnp.bool_(args.reward_blind))
+
+
 class LifetimeState(NamedTuple):
     agent: dict
     opt_state: optax.OptState
@@ -589,22 +565,23 @@ class LifetimeOutput(NamedTuple):
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(loss_params, task, key, alpha) -> LifetimeOutput: one agent learning one task (Algorithm 1).
+    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1).
 
     A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
-    steps the buffer (last N steps) is refreshed and the agent takes --update-epochs passes over the M newest
-    steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole
-    buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
+    steps the buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M
+    newest steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the
+    whole buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
     (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
-    (epg/evolution.py:184). One lax.scan; jit and vmap freely (loss_params: EPGLoss pytree; alpha in [0, 1]).
+    (epg/evolution.py:184). One lax.scan; jit and vmap freely (theta: the flattened EPGLoss [dim]).
     """
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
-    optimizer = optax.adam(args.inner_learning_rate)
+    unravel = ravel_pytree(loss_template(args, env))[1]
     num_minibatches = m // args.minibatch_size
+    max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
         key, key_action, key_env = jax.random.split(state.key, 3)
-        action = policy_distribution(args, state.agent, normalize(state.obs, state.obs_stats)).sample(key_action)
+        action = policy_distribution(state.agent, state.obs_stats.normalize(state.obs)).sample(key_action)
         obs, env_state, reward, terminated, truncated, final_obs = env.step(
             key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
@@ -617,23 +594,24 @@ def make_lifetime(args: Args, env) -> Callable:
 
     def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
         recent = jax.tree.map(lambda x: x[n - m:], buffer)
-        obs, final_obs = normalize(recent.obs, obs_stats), normalize(recent.final_obs, obs_stats)
-        values, next_values = value_fn(args, agent, obs), value_fn(args, agent, final_obs)
+        obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
+        values, next_values = value_fn(agent, obs), value_fn(agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)
         advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
                                         PPO_GAMMA, PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-        pi = policy_distribution(args, agent, obs)
+        pi = policy_distribution(agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
         return PPOBatch(obs, recent.action, old_pi, advantage, target)
 
-    def update(state: LifetimeState, loss_params, alpha):
+    def update(state: LifetimeState, loss_params, settings: InnerSettings):
         batch = prepare_ppo(state.agent, state.buffer, state.obs_stats)
+        optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
-            epg = lambda: EPGLoss().apply(loss_params, loss_inputs(args, agent, state.buffer, state.obs_stats),
-                                          n - m + index)
-            ppo = lambda: ppo_loss(args, agent, jax.tree.map(lambda x: x[index], batch))
+            inputs = lambda: loss_inputs(agent, state.buffer, state.obs_stats, settings.reward_blind)
+            epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
+            ppo = lambda: ppo_loss(agent, jax.tree.map(lambda x: x[index], batch))
             zero = lambda: jnp.float32(0.0)
             return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
@@ -645,31 +623,34 @@ def make_lifetime(args: Args, env) -> Callable:
             updates, opt_state = optimizer.update(grads, opt_state, agent)
             return (optax.apply_updates(agent, updates), opt_state), None
 
-        def epoch(carry, key):
-            indices = jax.random.permutation(key, m).reshape(num_minibatches, args.minibatch_size)
-            return jax.lax.scan(minibatch_step, carry, indices)
-
         key, key_epochs = jax.random.split(state.key)
-        (agent, opt_state), _ = jax.lax.scan(epoch, (state.agent, state.opt_state),
-                                             jax.random.split(key_epochs, args.update_epochs))
+        epoch_keys = jax.random.split(key_epochs, max_epochs)
+
+        def epoch(i, carry):
+            indices = jax.random.permutation(epoch_keys[i], m).reshape(num_minibatches, args.minibatch_size)
+            return jax.lax.scan(minibatch_step, carry, indices)[0]
+
+        agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
         return state._replace(agent=agent, opt_state=opt_state, key=key)
 
-    def interval(state: LifetimeState, loss_params, task, alpha):
+    def interval(state: LifetimeState, loss_params, task, settings):
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
-        obs_stats = update_running_stats(state.obs_stats, steps.obs)
+        obs_stats = state.obs_stats.update(steps.obs)
         buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
-        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, alpha)
+        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, settings)
         return state, state.recent_returns[-1]
 
-    def lifetime(loss_params, task, key, alpha):
+    def lifetime(theta, task, key, settings: InnerSettings):
         key_agent, key_reset, key_run = jax.random.split(key, 3)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
-        state = LifetimeState(agent, optimizer.init(agent), init_running_stats(obs_dim), buffer, env_state, obs,
-                              jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
-        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, alpha), state, None,
+        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim),
+                              buffer, env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan),
+                              key_run)
+        loss_params = unravel(theta)
+        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, settings), state, None,
                                     args.lifetime // m)
         return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
 
@@ -684,15 +665,13 @@ def loss_template(args: Args, env) -> dict:
 
 
 def ppo_alpha(args: Args, generation: int) -> float:
-    """α of generation g (0-based): linear from 1 at g = 0 to 0 at g = ppo_anneal_frac·num_generations, then 0
-    (the reference's PiecewiseSchedule, epg/evolution.py:119)."""
+    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
     horizon = args.ppo_anneal_frac * args.num_generations
     return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
 
 
 def generation_key(args: Args, generation: int) -> jax.Array:
-    """The PRNG key of one generation, from --seed and the generation index alone (so --resume redraws
-    exactly the noise, tasks and lifetimes an uninterrupted run would)."""
+    """The key of generation g, from (--seed, g) alone: --resume redraws what an uninterrupted run would."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
 
 
@@ -708,8 +687,7 @@ def shard_leading(fn: Callable, n: int, mapped: Tuple[bool, ...]) -> Callable:
 
 
 def make_es_optimizer(args: Args) -> optax.GradientTransformation:
-    """Adam with β1 = 0 on the negated ES direction, learning rate ÷10 after half of the generations
-    (epg/evolution.py:122-123, 147)."""
+    """Adam, β1 = 0, on the negated ES direction; learning rate ÷10 at half the generations (evolution.py:122-147)."""
     schedule = optax.piecewise_constant_schedule(args.es_learning_rate, {args.num_generations // 2: 0.1})
     return optax.adam(schedule, b1=0.0)
 
@@ -717,28 +695,21 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
 
-    θ [dim] is the flattened loss; members are θ + σ·ε_i with antithetic ε. Every member meets the same
-    --num-tasks tasks and lifetime seeds (common random numbers across the population), so ranks compare
-    losses, not the luck of the tasks; a member's fitness is its mean final return over them. The member axis
-    is sharded over all JAX devices: each device runs its members' lifetimes and only returns come back.
+    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks
+    tasks and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness
+    is the mean final return over them. The member axis is sharded over the JAX devices; only returns come back.
     """
-    unravel = ravel_pytree(loss_template(args, env))[1]
-    lifetime = make_lifetime(args, env)
+    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
+    population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
+                               args.pop_size, (True, False, False, False))
     optimizer = make_es_optimizer(args)
-
-    def member_returns(theta, tasks, keys, alpha):
-        """theta [dim], tasks [t, ...], keys [t, 2] -> final returns [t]."""
-        return jax.vmap(lambda task, key: lifetime(unravel(theta), task, key, alpha).final_return)(tasks, keys)
-
-    population_returns = shard_leading(jax.vmap(member_returns, in_axes=(0, None, None, None)), args.pop_size,
-                                       (True, False, False, False))
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
-        tasks = draw_tasks(env, key_tasks, args.num_tasks, False)
-        returns = population_returns(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
-                                     alpha)
+        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
+        returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
+                             InnerSettings.of(args, alpha))
         fitness = returns.mean(axis=1)
         grad = es_gradient(theta, eps, fitness, args.weight_decay)
         updates, opt_state = optimizer.update(-grad, opt_state, theta)
@@ -748,104 +719,89 @@ def make_generation(args: Args, env) -> Callable:
 
 
 def make_runner(args: Args, env, n: int) -> Callable:
-    """run(theta [dim], tasks [n, ...], keys [n, 2], alpha) -> LifetimeOutput with leading axis n: n lifetimes
+    """run(theta [dim], tasks [n, ...], keys [n, 2], settings) -> LifetimeOutput with leading axis n: n lifetimes
     of one flattened loss θ, on their own tasks and seeds, jit compiled and sharded over the devices."""
-    unravel = ravel_pytree(loss_template(args, env))[1]
-    lifetime = make_lifetime(args, env)
-    many = jax.vmap(lambda theta, task, key, alpha: lifetime(unravel(theta), task, key, alpha), (None, 0, 0, None))
-    return jax.jit(shard_leading(many, n, (False, True, True, False)))
+    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))
+    return jax.jit(shard_leading(lifetimes, n, (False, True, True, False)))
 
 
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
     key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    return draw_tasks(env, key_tasks, n, test), jax.random.split(key_lives, n)
+    return sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms), jax.random.split(key_lives, n)
 
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
-def atomic_write(path: str, data: bytes):
-    """Write bytes to path via a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+def atomic_write(path: str, data):
+    """Write bytes, or a dict as JSON, via a temporary file and a rename, so a crash never leaves half a file."""
+    data = (json.dumps(data, indent=2) + "\n").encode() if isinstance(data, dict) else data
+    with open(path + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
-def write_json(path: str, obj: dict):
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+def read_file(path: str, what: str, parse: Callable):
+    """parse(the bytes of path); ArgsError, one line starting with `what`, if the file is missing or damaged."""
+    if not os.path.isfile(path):
+        raise ArgsError(f"{what}: {path} not found (give a run directory of epg.py or a loss .msgpack)")
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read())
+    except Exception as e:
+        raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
 GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
 
 
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack (θ, Adam state, log rows, best evaluated loss) and generations.csv, both atomic."""
-    state = {"theta": np.asarray(theta), "opt_state": flax.serialization.to_state_dict(opt_state),
-             "generation": len(rows),
-             "rows": {k: np.array([r[k] for r in rows], dtype=np.float64) for k in GEN_FIELDS},
-             "best_fitness": np.float64(best["fitness"]), "best_theta": np.asarray(best["theta"])}
-    atomic_write(os.path.join(run_dir, "checkpoint.msgpack"),
-                 flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+    """checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss) and generations.csv, both atomic."""
+    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
+    atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
-def load_checkpoint(run_dir: str, theta_template, opt_template):
-    """(theta, opt_state, rows, best) from run_dir/checkpoint.msgpack. Raises ArgsError if missing or damaged."""
-    path = os.path.join(run_dir, "checkpoint.msgpack")
-    if not os.path.isfile(path):
-        raise ArgsError(f"--resume {run_dir}: {path} not found (expected a run directory written by epg.py)")
-    try:
-        with open(path, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        theta, best_theta = jnp.asarray(state["theta"]), jnp.asarray(state["best_theta"])
-        if theta.shape != theta_template.shape or best_theta.shape != theta_template.shape:
-            raise ValueError(f"loss of {theta.shape[0]} parameters, the arguments need {theta_template.shape[0]}")
-        opt_state = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(opt_template, state["opt_state"]))
-        n = int(state["generation"])
-        rows = [{k: (int if k == "generation" else float)(state["rows"][k][i]) for k in GEN_FIELDS} for i in range(n)]
-    except Exception as e:
-        raise ArgsError(f"--resume {run_dir}: damaged checkpoint.msgpack ({type(e).__name__}: {e})") from None
-    return theta, opt_state, rows, {"fitness": float(state["best_fitness"]), "theta": best_theta}
+def load_checkpoint(run_dir: str, theta, opt_state):
+    """(theta, opt_state, rows, best) restored into the given templates; ArgsError if missing or damaged."""
+    def parse(data):
+        template = dict(theta=theta, opt_state=opt_state, rows="", best={"fitness": 0.0, "theta": theta})
+        state = flax.serialization.from_bytes(template, data)
+        if state["theta"].shape != theta.shape or state["best"]["theta"].shape != theta.shape:
+            raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
+        return state["theta"], state["opt_state"], json.loads(state["rows"]), state["best"]
+
+    return read_file(os.path.join(run_dir, "checkpoint.msgpack"), f"--resume {run_dir}", parse)
 
 
 def save_loss(path: str, theta, args: Args):
-    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS settings it was
-    evolved with, which --test uses again."""
+    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS it was evolved with."""
     state = {"theta": np.asarray(theta), "task_family": args.task_family,
              "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS})}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_loss(path: str, args: Args, env=None) -> Tuple[jax.Array, Args]:
+def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
     """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
-    Raises ArgsError when the file is missing or damaged, or (given env) θ does not fit env's family."""
+    Raises ArgsError when the file is missing or damaged, or was evolved on another family than --task-family."""
+    def parse(data):
+        state = flax.serialization.msgpack_restore(data)
+        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
+
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise ArgsError(f"{path}: {file} not found (give a run directory of epg.py or a loss .msgpack)")
-    try:
-        with open(file, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        theta = jnp.asarray(state["theta"], dtype=jnp.float32)
-        inner = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state["inner"]).items()}
-    except Exception as e:
-        raise ArgsError(f"{path}: damaged loss file {file} ({type(e).__name__}: {e})") from None
-    args = resolve_args(dataclasses.replace(args, **inner))
-    if env is not None and theta.shape != ravel_pytree(loss_template(args, env))[0].shape:
-        raise ArgsError(f"{path}: a loss of {theta.shape[0]} parameters, evolved on {state['task_family']}, does not "
-                        f"fit --task-family {args.task_family}")
-    return theta, args
+    theta, family, inner = read_file(file, path, parse)
+    if family != args.task_family:
+        raise ArgsError(f"{path}: a loss evolved on {family}, not on --task-family {args.task_family}")
+    return theta, resolve_args(dataclasses.replace(args, **inner))
 
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, (x, y) in series.items():
         with warnings.catch_warnings():  # points before any episode ended are NaN for every agent
@@ -864,15 +820,11 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 # ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
-    path = os.path.join(args.resume, "args.json")
-    if not os.path.isfile(path):
-        raise ArgsError(f"--resume {args.resume}: args.json not found (expected a run directory written by epg.py)")
-    try:
-        with open(path) as f:
-            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        saved = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ArgsError(f"--resume {args.resume}: damaged args.json ({e})") from None
+    def parse(data):
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()}
+        return Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
+
+    saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
 
@@ -886,114 +838,102 @@ def run_meta_training(args: Args) -> str:
     os.makedirs(run_dir, exist_ok=True)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
-    opt_state = make_es_optimizer(args).init(theta)
-    rows, best = [], {"fitness": -np.inf, "theta": theta}
+    opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    lifetimes = args.pop_size * args.num_tasks
+    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
     print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
           f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
-          f"task(s) = {lifetimes} lifetimes of {args.lifetime:,} steps per generation on {jax.device_count()} "
-          f"{jax.default_backend()} device(s), generations {len(rows)}..{args.num_generations}")
+          f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
+          f"device(s), generations {len(rows)}..{args.num_generations}")
     start = time.time()
     generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
-    eval_tasks, eval_keys = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False)
     evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
+    eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
     def checkpoint():
         save_checkpoint(run_dir, theta, opt_state, rows, best)
         save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
         save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        series = {k.replace("_", " "): ([r["generation"] for r in rows], [r[k] for r in rows])
-                  for k in ("mean_fitness", "best_fitness")}
-        evaluated = [(r["generation"], r["eval_fitness"]) for r in rows if np.isfinite(r["eval_fitness"])]
-        if evaluated:
-            series["current loss, α = 0, fixed evaluation tasks"] = tuple(zip(*evaluated))
+        evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
+        series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
+            ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
+            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
         save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
                   f"EPG on {args.task_family}")
 
-    bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
-               desc="generations", file=sys.stdout, mininterval=0)
-    try:
-        for g in bar:
-            t0 = time.time()
-            alpha = ppo_alpha(args, g)
-            new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-            fitness = np.where(np.isfinite(fitness), fitness, np.nan)
-            seconds = time.time() - t0  # the generation alone, without the evaluation below
-            eval_fitness, new_best = float("nan"), best
-            if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                eval_fitness = float(np.nanmean(evaluate(new_theta, eval_tasks, eval_keys, 0.0).final_return))
-                if eval_fitness > best["fitness"]:
-                    new_best = {"fitness": eval_fitness, "theta": new_theta}
-            row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
-                       mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
-            # commit the generation in one assignment, so an interruption sees it whole or not at all
-            theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-            bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
-                            sec=f"{seconds:.1f}")
-            if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                checkpoint()
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint()
-        print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py --resume "
-              f"{run_dir}", file=sys.stderr)
-        sys.exit(130)
-    bar.close()
-    seconds = [r["seconds"] for r in rows[-max(1, len(rows) // 2):]]
+    with tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
+              desc="generations", file=sys.stdout, mininterval=0) as bar:
+        try:
+            for g in bar:
+                t0, alpha = time.time(), ppo_alpha(args, g)
+                new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
+                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+                seconds = time.time() - t0  # the generation alone, without the evaluation below
+                eval_fitness, new_best = float("nan"), best
+                if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
+                    eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
+                    if eval_fitness > best["fitness"]:
+                        new_best = {"fitness": eval_fitness, "theta": new_theta}
+                row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
+                           mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
+                # commit the generation in one assignment, so an interruption sees it whole or not at all
+                theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
+                bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
+                                sec=f"{seconds:.1f}")
+                if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
+                  f"--resume {run_dir}", file=sys.stderr)
+            sys.exit(130)
+    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2):]])
     summary = dict(task_family=args.task_family, reward_blind=args.reward_blind, num_generations=len(rows),
-                   pop_size=args.pop_size, num_tasks=args.num_tasks, lifetime=args.lifetime,
-                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"] if rows else None,
-                   lifetimes_per_minute=60.0 * lifetimes / float(np.median(seconds)) if rows else None,
+                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"],
+                   lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
                    wall_seconds=time.time() - start, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    atomic_write(os.path.join(run_dir, "summary.json"), summary)
     print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
     return run_dir
 
 
-def tune_ppo(args: Args, env) -> Tuple[Args, list]:
-    """The PPO setting from the grid --ppo-rollouts × --ppo-epochs × --ppo-learning-rates whose agents reach the
-    best mean final return on --num-sweep-tasks fixed training tasks at --lifetime: (its args, every score)."""
-    tasks, keys = fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
-    table, best = [], None
-    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
-                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
-        zero = 0 * ravel_pytree(loss_template(ppo, env))[0]
-        score = float(np.mean(np.asarray(make_runner(ppo, env, args.num_sweep_tasks)(zero, tasks, keys, 1.0)
-                                         .final_return)))
-        table.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
-        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
-        best = (score, ppo) if best is None or score > best[0] else best
-    return best[1], table
-
-
 def run_test(args: Args) -> str:
-    """The paper's test: fresh agents on held-out tasks (left-half goals for the goal families), the same tasks
-    and seeds for every trainer: the evolved loss (α = 0), tuned PPO (α = 1), a zero loss (the initial policy),
-    and the reward-blind loss if given. Writes summary.json, test_curves.csv and test_curves.png."""
-    args = load_loss(args.load_loss, args)[1]
+    """The paper's test on held-out tasks (left-half goals for the goal families), the same tasks and seeds for every
+    trainer: the evolved loss (α = 0), a zero loss (the initial policy), the reward-blind loss if given, and tuned
+    PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes summary.json and curves."""
+    theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
-    theta = load_loss(args.load_loss, args, env)[0]
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    tasks, keys = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    start = time.time()
-    run = make_runner(args, env, args.num_seeds)
-    outputs = {"evolved": run(theta, tasks, keys, 0.0), "zero": run(0 * theta, tasks, keys, 0.0)}
+    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
+    start, runners = time.time(), {}
+
+    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:  # compiled once per shape
+        shape = (cfg.update_every, cfg.buffer_size, tasks[1].shape[0])
+        if shape not in runners:
+            runners[shape] = make_runner(dataclasses.replace(args, update_every=shape[0], buffer_size=shape[1]),
+                                         env, shape[2])
+        return runners[shape](theta, *tasks, InnerSettings.of(cfg, alpha))
+
+    outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
-        blind_theta, blind = load_loss(args.load_reward_blind_loss, args, env)
+        blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
             raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
                             f"with the evolved loss's inner-loop settings")
-        outputs["reward-blind"] = make_runner(blind, env, args.num_seeds)(blind_theta, tasks, keys, 0.0)
-    ppo, sweep = tune_ppo(args, env)
-    outputs["ppo"] = make_runner(ppo, env, args.num_seeds)(0 * ravel_pytree(loss_template(ppo, env))[0], tasks,
-                                                           keys, 1.0)
+        outputs["reward-blind"] = run(blind, blind_theta, 0.0)
+    sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
+        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
+                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
+        score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
+        sweep.append((score, ppo))
+        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
+    ppo = max(sweep, key=lambda entry: entry[0])[1]  # the first of the best
+    outputs["ppo"] = run(ppo, 0 * theta, 1.0)
     trainers, series, columns = {}, {}, {}
     grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
     for name, out in outputs.items():
@@ -1009,11 +949,13 @@ def run_test(args: Args) -> str:
         print(f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± "
               f"{auc.std():.3f}")
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    write_json(os.path.join(run_dir, "summary.json"), dict(
+    atomic_write(os.path.join(run_dir, "summary.json"), dict(
         task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
-        trainers=trainers, loss_file=os.path.abspath(args.load_loss), ppo_sweep=sweep,
+        trainers=trainers, loss_file=os.path.abspath(args.load_loss),
+        ppo_sweep=[dict(rollout=p.update_every, epochs=p.update_epochs, learning_rate=p.inner_learning_rate,
+                        final_return_mean=score) for score, p in sweep],
         ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
-        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks.items()}))
+        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()}))
     with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
     save_plot(os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode",

@@ -1,5 +1,8 @@
 """Tests of epg.py: the learned loss, the inner loop, task samplers, the ES generation, meta-training, resume,
-devices, --test."""
+devices, --test.
+
+Every run of this module uses the settings of FLAGS (goal-point, lifetimes of 2,048 steps), so the lifetimes,
+the generation and the evaluation are compiled once for the whole module (see `compile_once`)."""
 
 import csv
 import dataclasses
@@ -19,92 +22,129 @@ sys.path.insert(0, ROOT)
 import epg  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 4, 2  # goal-point
+FLAGS = ["--task-family", "goal-point", "--lifetime", "2048", "--buffer-size", "64", "--update-every", "64",
+         "--minibatch-size", "32", "--pop-size", "4", "--num-tasks", "2", "--num-eval-episodes", "2",
+         "--eval-every", "2", "--num-eval-tasks", "4", "--save-every", "1", "--memory-units", "4",
+         "--num-generations", "2"]
+RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "loss.msgpack", "best_loss.msgpack",
+             "fitness_curve.png", "summary.json")
 
 
-def small_args(**kw) -> epg.Args:
-    """CPU-sized settings on goal-point: buffer 128, an update every 32 steps, minibatches of 16."""
-    base = dict(task_family="goal-point", lifetime=512, buffer_size=128, update_every=32, minibatch_size=16,
-                num_eval_episodes=2, memory_units=8)
-    return epg.resolve_args(epg.Args(**{**base, **kw}))
+def epg_args(flags):
+    return tyro.cli(epg.Args, args=flags)
 
 
-def loss_params_for(args):
-    return epg.loss_template(args, epg.make_env(args))
+ARGS = epg.resolve_args(epg_args(FLAGS))
 
 
-def random_buffer(args: epg.Args, key) -> epg.Buffer:
-    n = args.buffer_size
-    keys = jax.random.split(key, 3)
-    return epg.Buffer(obs=jax.random.normal(keys[0], (n, OBS_DIM)), action=jax.random.normal(keys[1], (n, ACTION_DIM)),
-                      reward=jax.random.normal(keys[2], (n,)), done=jnp.zeros(n).at[::50].set(1.0),
-                      terminated=jnp.zeros(n), final_obs=jnp.zeros((n, OBS_DIM)), valid=jnp.ones(n))
+@pytest.fixture(scope="module", autouse=True)
+def compile_once():
+    """epg.make_generation and epg.make_runner memoised on their arguments (the run directory and --resume
+    aside), so that the runs of this module that build the same function compile it once. The memo returns the
+    very function an unmemoised call would build for those arguments."""
+    patch = pytest.MonkeyPatch()
+    for name in ("make_generation", "make_runner"):
+        build, built = getattr(epg, name), {}
+
+        def memoised(args, env, *rest, build=build, built=built):
+            key = (repr(dataclasses.replace(args, run_dir=None, resume=None)), type(env).__name__, rest)
+            if key not in built:
+                built[key] = build(args, env, *rest)
+            return built[key]
+
+        patch.setattr(epg, name, memoised)
+    yield
+    patch.undo()
 
 
-def loss_value(args, loss_params, agent, buffer, index):
-    inputs = epg.loss_inputs(args, agent, buffer, epg.init_running_stats(OBS_DIM))
+@pytest.fixture(scope="module")
+def env():
+    return epg.make_env(ARGS)
+
+
+@pytest.fixture(scope="module")
+def unit(env):
+    """(agent, loss parameters, a random full buffer) for the unit tests of the loss."""
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    n = ARGS.buffer_size
+    buffer = epg.Buffer(obs=jax.random.normal(keys[0], (n, OBS_DIM)),
+                        action=jax.random.normal(keys[1], (n, ACTION_DIM)),
+                        reward=jax.random.normal(keys[2], (n,)), done=jnp.zeros(n).at[::20].set(1.0),
+                        terminated=jnp.zeros(n), final_obs=jnp.zeros((n, OBS_DIM)), valid=jnp.ones(n))
+    return epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM), epg.loss_template(ARGS, env), buffer
+
+
+def loss_value(loss_params, agent, buffer, index, reward_blind=False):
+    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM), reward_blind)
     return epg.EPGLoss().apply(loss_params, inputs, index)
 
 
-def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient():
-    args = small_args()
-    agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = loss_params_for(args)
-    buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
-    inputs = epg.loss_inputs(args, agent, buffer, epg.init_running_stats(OBS_DIM))
+NEWEST = jnp.arange(32, 64)  # the minibatch: the 32 newest steps of the buffer
+
+
+def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient(unit):
+    agent, loss_params, buffer = unit
+    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM))
     # observation, action, reward, done, policy mean and log-std, memory units
-    assert inputs.shape == (args.buffer_size, OBS_DIM + ACTION_DIM + 2 + 2 * ACTION_DIM + args.memory_units)
-    value = loss_value(args, loss_params, agent, buffer, index)
+    assert inputs.shape == (ARGS.buffer_size, OBS_DIM + ACTION_DIM + 2 + 2 * ACTION_DIM + ARGS.memory_units)
+    value = loss_value(loss_params, agent, buffer, NEWEST)
     assert value.shape == () and np.isfinite(float(value))
-    grads = jax.grad(loss_value, argnums=2)(args, loss_params, agent, buffer, index)
+    grads = jax.grad(loss_value, argnums=1)(loss_params, agent, buffer, NEWEST)
     for part in ("policy", "log_std", "memory"):
         leaves = jax.tree.leaves(grads[part])
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
         assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0.0, part
 
 
-def test_context_sees_the_whole_buffer():
-    args = small_args()
-    agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = loss_params_for(args)
-    buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(112, 128)  # the newest steps only
-    base = float(loss_value(args, loss_params, agent, buffer, index))
-    for row in (0, args.buffer_size // 2):  # the oldest step, and one in the middle: neither is in the minibatch
+def test_context_sees_the_whole_buffer(unit):
+    agent, loss_params, buffer = unit
+    base = float(loss_value(loss_params, agent, buffer, NEWEST))
+    for row in (0, ARGS.buffer_size // 2):  # the oldest step, and one in the middle: neither is in the minibatch
         changed = buffer._replace(reward=buffer.reward.at[row].add(5.0))
-        assert abs(float(loss_value(args, loss_params, agent, changed, index)) - base) > 1e-6, row
+        assert abs(float(loss_value(loss_params, agent, changed, NEWEST)) - base) > 1e-6, row
 
 
-def test_gradient_reaches_the_policy_through_the_context_alone():
+def test_gradient_reaches_the_policy_through_the_context_alone(unit):
     """Cut the head's direct connection to the per-step policy outputs: the policy still gets a gradient."""
-    args = small_args()
-    agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = loss_params_for(args)
+    agent, loss_params, buffer = unit
     first = OBS_DIM + ACTION_DIM + 2  # columns of the policy's mean and log-std in the step features
     head = loss_params["params"]["Dense_1"]["kernel"]  # [D + 32, 16]: step features then context
     cut = jax.tree.map(lambda x: x, loss_params)
     cut["params"]["Dense_1"]["kernel"] = head.at[first:first + 2 * ACTION_DIM].set(0.0)
-    buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
-    grads = jax.grad(loss_value, argnums=2)(args, cut, agent, buffer, index)
+    grads = jax.grad(loss_value, argnums=1)(cut, agent, buffer, NEWEST)
     assert float(jnp.abs(grads["policy"]["params"]["Dense_2"]["kernel"]).sum()) > 0.0
     assert float(jnp.abs(grads["log_std"]).sum()) > 0.0
 
 
-def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing():
+def test_reward_blind_loss_ignores_the_reward(unit):
+    agent, loss_params, buffer = unit
+    changed = buffer._replace(reward=buffer.reward + 3.0)
+    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM), reward_blind=True)
+    assert float(jnp.abs(inputs[:, OBS_DIM + ACTION_DIM]).max()) == 0.0  # the reward column
+    for blind, same in ((True, True), (False, False)):
+        a, b = (float(loss_value(loss_params, agent, x, NEWEST, blind)) for x in (buffer, changed))
+        assert (a == b) == same, blind
+
+
+def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing(env):
     """α = 1 is PPO: in a 2,048-step goal-point lifetime the return rises above any the initial policy gets.
-    α = 0 with a zero loss: no parameter moves."""
-    args = small_args(lifetime=2048, buffer_size=64, update_every=64, minibatch_size=32)
-    env = epg.make_env(args)
-    zero_loss = jax.tree.map(jnp.zeros_like, epg.loss_template(args, env))
-    tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), 4, False)
-    keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    run = jax.jit(jax.vmap(jax.vmap(epg.make_lifetime(args, env), in_axes=(None, 0, 0, None)),
-                           in_axes=(None, None, None, 0)))
-    out = run(zero_loss, tasks, keys, jnp.array([1.0, 0.0]))
-    ppo, still = np.asarray(out.curve[0]), np.asarray(out.curve[1])  # [tasks, updates]: last finished episode
-    assert np.nanmean(ppo[:, -8:]) > np.nanmean(still) + 2.0, (np.nanmean(ppo[:, -8:]), np.nanmean(still))
-    assert float(out.final_return[0].mean()) > float(out.final_return[1].mean()) + 2.0
-    untouched = jax.vmap(lambda k: epg.init_agent(jax.random.split(k, 3)[0], args, OBS_DIM, ACTION_DIM))(keys)
-    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], out.agent)), jax.tree.leaves(untouched)):
+    α = 0 with a zero loss: no parameter moves. Also: α, learning rate and epochs are arguments, not compiled in."""
+    n = ARGS.num_eval_tasks
+    run = epg.make_runner(ARGS, env, n)  # the meta-training evaluation's function
+    tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), n, False)
+    keys = jax.random.split(jax.random.PRNGKey(1), n)
+    zero = jnp.zeros_like(jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0])
+    ppo, still = (run(zero, tasks, keys, epg.InnerSettings.of(ARGS, alpha)) for alpha in (1.0, 0.0))
+    late, before = np.nanmean(np.asarray(ppo.curve)[:, -8:]), np.nanmean(np.asarray(still.curve))
+    assert late > before + 2.0, (late, before)
+    assert float(ppo.final_return.mean()) > float(still.final_return.mean()) + 2.0
+    untouched = jax.vmap(lambda k: epg.init_agent(jax.random.split(k, 3)[0], ARGS, OBS_DIM, ACTION_DIM))(keys)
+    for a, b in zip(jax.tree.leaves(still.agent), jax.tree.leaves(untouched)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)  # jit vs eager rounding
+    # a second epoch and another learning rate change the PPO agent: both are read at run time
+    for change in (dict(update_epochs=2), dict(inner_learning_rate=3e-3)):
+        other = run(zero, tasks, keys, epg.InnerSettings.of(dataclasses.replace(ARGS, **change), 1.0))
+        assert not np.array_equal(np.asarray(other.curve), np.asarray(ppo.curve)), change
 
 
 def test_goal_point_reward_is_progress_towards_the_goal():
@@ -125,36 +165,17 @@ def test_goal_point_reward_is_progress_towards_the_goal():
     assert float(truncated) == 1.0 and float(jnp.abs(obs[2:]).sum()) == 0.0 and float(final_obs[2]) > 0.5
 
 
-def test_generation_shares_tasks_and_seeds_across_the_population():
+def test_generation_shares_tasks_and_seeds_across_the_population(env):
     """At α = 1 the loss is unused, so members meeting the same tasks and seeds get identical returns; at α = 0
     the perturbed losses differ, and so do the returns."""
-    args = small_args(lifetime=256, buffer_size=64, update_every=32, pop_size=6, num_tasks=2, memory_units=4,
-                      num_eval_episodes=1)
-    env = epg.make_env(args)
-    theta = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))[0]
-    generation = epg.make_generation(args, env)
-    opt_state = epg.make_es_optimizer(args).init(theta)
-    _, _, _, ppo_returns = generation(theta, opt_state, epg.generation_key(args, 0), 1.0)
-    ppo_returns = np.asarray(ppo_returns)
-    assert ppo_returns.shape == (6, 2) and ppo_returns[0, 0] != ppo_returns[0, 1]  # two different tasks
+    theta = jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0]
+    generation = epg.make_generation(ARGS, env)  # the meta-training test's function
+    opt_state = epg.make_es_optimizer(ARGS).init(theta)
+    ppo_returns = np.asarray(generation(theta, opt_state, epg.generation_key(ARGS, 0), 1.0)[3])
+    assert ppo_returns.shape == (4, 2) and ppo_returns[0, 0] != ppo_returns[0, 1]  # two different tasks
     np.testing.assert_array_equal(ppo_returns, np.broadcast_to(ppo_returns[0], ppo_returns.shape))
-    _, _, _, epg_returns = generation(theta, opt_state, epg.generation_key(args, 0), 0.0)
-    assert len(np.unique(np.asarray(epg_returns)[:, 0])) > 1
-
-
-def test_reward_blind_loss_ignores_the_reward():
-    args, blind = small_args(), small_args(reward_blind=True)
-    agent = epg.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
-    loss_params = loss_params_for(args)
-    buffer, index = random_buffer(args, jax.random.PRNGKey(2)), jnp.arange(96, 112)
-    changed = buffer._replace(reward=buffer.reward + 3.0)
-    column = OBS_DIM + ACTION_DIM
-    inputs = epg.loss_inputs(blind, agent, buffer, epg.init_running_stats(OBS_DIM))
-    assert float(jnp.abs(inputs[:, column]).max()) == 0.0
-    assert float(loss_value(blind, loss_params, agent, buffer, index)) == float(
-        loss_value(blind, loss_params, agent, changed, index))
-    assert float(loss_value(args, loss_params, agent, buffer, index)) != float(
-        loss_value(args, loss_params, agent, changed, index))
+    epg_returns = np.asarray(generation(theta, opt_state, epg.generation_key(ARGS, 0), 0.0)[3])
+    assert len(np.unique(epg_returns[:, 0])) > 1
 
 
 def test_goal_samplers_split_the_plane_by_halves():
@@ -198,27 +219,19 @@ def test_es_gradient_follows_the_fitness():
     assert float(shaped[4]) == 0.5 and float(shaped.min()) == -0.5 and float(shaped[1]) < float(shaped[2])
 
 
-TINY = ["--task-family", "goal-point", "--lifetime", "256", "--buffer-size", "64", "--update-every", "32",
-        "--minibatch-size", "16", "--pop-size", "4", "--num-tasks", "2", "--num-eval-episodes", "1",
-        "--eval-every", "2", "--num-eval-tasks", "2", "--save-every", "1", "--memory-units", "4"]
-RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "loss.msgpack", "best_loss.msgpack",
-             "fitness_curve.png", "summary.json")
-
-
 def read_rows(run_dir):
     with open(os.path.join(run_dir, "generations.csv")) as f:
         return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-def run_cli(flags, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "epg.py")] + flags, capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
-
-
 def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monkeypatch):
     """Two generations: the run directory; Ctrl-C then --resume reproduces them; 2 forced host devices agree."""
     full, interrupted, sharded = str(tmp_path / "full"), str(tmp_path / "interrupted"), str(tmp_path / "sharded")
-    epg.main(epg_args(TINY + ["--num-generations", "2", "--run-dir", full]))
+    # the two-device run in a subprocess, while this process runs the single-device ones
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    two_devices = subprocess.Popen([sys.executable, os.path.join(ROOT, "epg.py")] + FLAGS + ["--run-dir", sharded],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    epg.main(epg_args(FLAGS + ["--run-dir", full]))
     for name in RUN_FILES:
         assert os.path.isfile(os.path.join(full, name)), name
     rows = read_rows(full)
@@ -238,42 +251,45 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
 
     monkeypatch.setattr(epg, "generation_key", interrupt_at_second)
     with pytest.raises(SystemExit) as stop:
-        epg.main(epg_args(TINY + ["--num-generations", "2", "--run-dir", interrupted]))
+        epg.main(epg_args(FLAGS + ["--run-dir", interrupted]))
     assert stop.value.code == 130 and len(read_rows(interrupted)) == 1
     monkeypatch.setattr(epg, "generation_key", original)
     epg.main(epg_args(["--resume", interrupted]))
     np.testing.assert_equal(read_rows(interrupted), rows)  # exactly; NaN (not evaluated) equals NaN
 
     # the population sharded over 2 devices (shard_map) gives the single device's numbers
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    result = run_cli(TINY + ["--num-generations", "2", "--run-dir", sharded], env=env)
-    assert result.returncode == 0, result.stderr
-    assert "on 2 cpu device(s)" in result.stdout
+    stdout, stderr = two_devices.communicate(timeout=600)
+    assert two_devices.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "on 2 cpu device(s)" in stdout
     for a, b in zip(rows, read_rows(sharded)):
         for k in ("best_fitness", "mean_fitness", "eval_fitness"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
 
 
-def test_test_mode_writes_every_trainer_to_the_summary(tmp_path):
-    """--test: evolved, tuned PPO (a sweep of two settings), zero and reward-blind losses on the same left-half goals."""
-    args = small_args(lifetime=256, buffer_size=64, update_every=32, memory_units=4, num_eval_episodes=1)
-    theta = jax.flatten_util.ravel_pytree(loss_params_for(args))[0]
+def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
+    """--test: evolved, tuned PPO (a sweep of four settings), zero and reward-blind losses on the same left-half
+    goals, with the meta-training settings of this module (so the runner compiled for them serves every trainer)."""
+    theta = jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0]
     evolved, blind = str(tmp_path / "evolved.msgpack"), str(tmp_path / "blind.msgpack")
-    epg.save_loss(evolved, theta + 0.01, args)
-    epg.save_loss(blind, theta, dataclasses.replace(args, reward_blind=True))
+    epg.save_loss(evolved, theta + 0.01, ARGS)
+    epg.save_loss(blind, theta, dataclasses.replace(ARGS, reward_blind=True))
     run_dir = str(tmp_path / "test")
-    result = run_cli(["--test", "--load-loss", evolved, "--load-reward-blind-loss", blind, "--num-seeds", "2",
-                      "--run-dir", run_dir, "--ppo-rollouts", "32", "64", "--ppo-epochs", "1",
-                      "--ppo-learning-rates", "0.001", "--num-sweep-tasks", "2"])
-    assert result.returncode == 0, result.stderr
+    epg.main(epg_args(["--test", "--load-loss", evolved, "--load-reward-blind-loss", blind, "--num-seeds", "4",
+                       "--run-dir", run_dir, "--ppo-rollouts", "64", "--ppo-epochs", "1", "2",
+                       "--ppo-learning-rates", "0.001", "0.003", "--num-sweep-tasks", "4"]))
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert set(summary["trainers"]) == {"evolved", "ppo", "zero", "reward-blind"}
     for stats in summary["trainers"].values():
         for key in ("final_return_mean", "final_return_std", "auc_mean", "auc_std"):
             assert np.isfinite(stats[key]), key
-    assert summary["task_family"] == "goal-point" and "left-half" in summary["split"] and summary["lifetime"] == 256
-    assert len(summary["ppo_sweep"]) == 2 and summary["ppo_choice"]["update_every"] in (32, 64)
+    trainers = summary["trainers"]
+    assert trainers["evolved"]["final_returns"] != trainers["zero"]["final_returns"]  # different losses
+    assert summary["task_family"] == "goal-point" and "left-half" in summary["split"] and summary["lifetime"] == 2048
+    sweep, choice = summary["ppo_sweep"], summary["ppo_choice"]
+    assert len({row["final_return_mean"] for row in sweep}) == 4  # epochs and learning rate take effect
+    best = max(sweep, key=lambda row: row["final_return_mean"])
+    assert [best[k] for k in ("rollout", "epochs", "learning_rate")] == list(choice.values())
     assert (np.asarray(summary["tasks"]["goal"])[:, 0] < 0).all()
     assert os.path.isfile(os.path.join(run_dir, "test_curves.png"))
 
@@ -284,16 +300,12 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
     (run_dir / "args.json").write_text(json.dumps({"task_family": "goal-point"}))
     (run_dir / "checkpoint.msgpack").write_bytes(b"\x00not a checkpoint")
     (run_dir / "best_loss.msgpack").write_bytes(b"garbage")
-    for flags, expected in [(["--resume", str(run_dir)], "damaged checkpoint"),
-                            (["--test", "--load-loss", str(run_dir)], "damaged loss file")]:
+    for flags, expected in [(["--resume", str(run_dir)], "damaged checkpoint.msgpack"),
+                            (["--test", "--load-loss", str(run_dir)], "damaged best_loss.msgpack")]:
         with pytest.raises(SystemExit) as stop:
             epg.main(epg_args(flags))
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
-
-
-def epg_args(flags):
-    return tyro.cli(epg.Args, args=flags)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -301,6 +313,7 @@ def epg_args(flags):
     (["--lifetime", "1000"], "divide --lifetime"),
     (["--pop-size", "7"], "must be even"),
     (["--update-every", "48"], "multiple of --minibatch-size"),
+    (["--update-every", "0"], "--update-every must be positive"),
     (["--test"], "--test needs --load-loss"),
     (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
     (["--resume", "/nonexistent/run"], "args.json not found"),
