@@ -151,7 +151,7 @@ POLICY_DEFAULTS = {
 }
 OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
     "ite": dict(pop_size=256, num_generations=1000, sigma_init=0.1, num_bins=64),
-    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=600),
+    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
 }
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
 TARGETS = {"sphere": -1e-3, "rosenbrock": -1e-3, "rastrigin": -1.0, "CartPole-v1": 475.0,
@@ -1182,14 +1182,17 @@ def run_poet(args: Args, run_dir: str) -> dict:
 
     states = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, theta0, args))
     envs, slot_env = np.zeros((cap, 2), np.float32), np.array([0] + [-1] * (cap - 1))  # slot -> environment id
-    created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0)]
+    created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0, evaluations_to_solve=None)]
     rejected, history, evaluations, transfers, start = [], [], 0, 0, time.time()
     for it in range(1, args.num_generations + 1):
         active = slot_env >= 0
         states, scores = step_all(states, jnp.asarray(envs), jax.random.fold_in(key, it))
         scores, evaluations = np.asarray(scores), evaluations + int(active.sum()) * (args.pop_size + 1)
         for slot in np.flatnonzero(active):
-            created[slot_env[slot]]["best_score"] = max(created[slot_env[slot]]["best_score"], float(scores[slot]))
+            e = created[slot_env[slot]]
+            e["best_score"] = max(e["best_score"], float(scores[slot]))
+            if e["evaluations_to_solve"] is None and scores[slot] >= 1.0:  # POET's whole budget spent so far
+                e["evaluations_to_solve"] = evaluations
             history.append((it, slot_env[slot], *envs[slot].tolist(), float(scores[slot])))
         eligible = np.flatnonzero(active & (scores >= 1.0))
         if it % args.poet_mutate_every == 0 and eligible.size:  # MUTATE_ENVS
@@ -1205,7 +1208,8 @@ def run_poet(args: Args, run_dir: str) -> dict:
                 slot = free[0] if free.size else min(np.flatnonzero(slot_env >= 0), key=lambda s: slot_env[s])
                 states = jax.tree.map(lambda a: a.at[slot].set(a[int(np.argmax(in_child))]), states)
                 created.append(dict(id=len(created), wall=float(children[c][0]), gap=float(children[c][1]),
-                                    parent=int(slot_env[parents[c]]), iteration=it, best_score=float(in_child.max())))
+                                    parent=int(slot_env[parents[c]]), iteration=it, best_score=float(in_child.max()),
+                                    evaluations_to_solve=evaluations if in_child.max() >= 1.0 else None))
                 envs[slot], slot_env[slot], evaluations = children[c], len(created) - 1, evaluations + cap
         if it % args.poet_transfer_every == 0:
             active = slot_env >= 0
@@ -1222,18 +1226,22 @@ def run_poet(args: Args, run_dir: str) -> dict:
     generations = evaluations // (args.pop_size + 1)  # direct ES: POET's whole budget on each environment
 
     @jax.jit
-    def direct_es(env):  # the best score of the centre over the generations
+    def direct_es(env):  # the centre's score after each generation [generations]
         def generation(state, key):
             state = es_step(state, env, key)
             return state, run_track(unravel(state.mean), env)
         keys = jax.random.split(jax.random.fold_in(key, 0), generations)
-        return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1].max()
+        return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1]
 
     write_csv(os.path.join(run_dir, "poet_envs.csv"), [list(created[0])] + [list(e.values()) for e in created])
     for e in hardest:
-        e["direct_es_best_score"] = float(direct_es(jnp.array([e["wall"], e["gap"]])))
-        print(f"environment {e['id']} (wall {e['wall']:.2f}, gap {e['gap']:.2f}): POET {e['best_score']:.3f}, "
-              f"direct ES {e['direct_es_best_score']:.3f} after {generations} generations")
+        curve = np.asarray(direct_es(jnp.array([e["wall"], e["gap"]])))
+        solved_at = np.flatnonzero(curve >= 1.0)
+        e.update(direct_es_best_score=float(curve.max()), direct_es_evaluations_to_solve=(int(solved_at[0]) + 1) *
+                 (args.pop_size + 1) if solved_at.size else None)
+        print(f"environment {e['id']} (wall {e['wall']:.2f}, gap {e['gap']:.2f}): POET solved it after "
+              f"{e['evaluations_to_solve']} evaluations in all; direct ES best {curve.max():.3f} in {generations} "
+              f"generations, solved after {e['direct_es_evaluations_to_solve']} evaluations")
     write_csv(os.path.join(run_dir, "poet_history.csv"), [("iteration", "env_id", "wall", "gap", "score")] + history)
 
     def draw(left, right):  # the environments created and the children rejected; each pair's score
