@@ -1186,7 +1186,8 @@ def run_poet(args: Args, run_dir: str) -> dict:
     rejected, history, evaluations, transfers, start = [], [], 0, 0, time.time()
     for it in range(1, args.num_generations + 1):
         active = slot_env >= 0
-        states, scores = step_all(states, jnp.asarray(envs), jax.random.fold_in(key, it))
+        key_step, key_transfer = jax.random.split(jax.random.fold_in(key, it))  # a longer run repeats a shorter one
+        states, scores = step_all(states, jnp.asarray(envs), key_step)
         scores, evaluations = np.asarray(scores), evaluations + int(active.sum()) * (args.pop_size + 1)
         for slot in np.flatnonzero(active):
             e = created[slot_env[slot]]
@@ -1214,10 +1215,10 @@ def run_poet(args: Args, run_dir: str) -> dict:
         if it % args.poet_transfer_every == 0:
             active = slot_env >= 0
             states, replaced = transfer_all(states, jnp.asarray(envs), jnp.asarray(scores), jnp.asarray(active),
-                                            jax.random.fold_in(key, args.num_generations + it))
+                                            key_transfer)
             transfers += int(replaced.sum())
             evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
-        if it % args.poet_mutate_every == 0 or it == args.num_generations:
+        if it % 100 == 0 or it == args.num_generations:
             print(f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
                   f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
                   f"{transfers} transfers, {time.time() - start:.0f} s", flush=True)
@@ -1249,10 +1250,14 @@ def run_poet(args: Args, run_dir: str) -> dict:
         for e in created:
             left.scatter(e["wall"], e["gap"], s=30, c="tab:green" if e["best_score"] >= 1 else "tab:red")
         for e in hardest:
-            left.annotate("ES ✓" if e["direct_es_best_score"] >= 1 else "ES ✗", (e["wall"], e["gap"]), fontsize=8)
+            solved = e["direct_es_best_score"] >= 1
+            label = "hardest: direct ES solved it" if solved else "hardest: direct ES did not"
+            left.scatter(e["wall"], e["gap"], s=90, marker="s" if solved else "X", facecolors="none" if solved else "k",
+                         edgecolors="k", label=label)
         left.set(xlabel=f"walls e₀ (× {WALL_MAX} m)", ylabel=f"gaps e₁ (× {GAP_MAX} m)", xlim=(-0.05, 1.1),
-                 ylim=(-0.05, 1.1), title="environments: green solved, red not; ES ✓/✗: direct ES")
-        left.legend(fontsize=7, loc="upper left")
+                 ylim=(-0.05, 1.1), title="environments created: green solved, red not")
+        handles = dict(zip(*left.get_legend_handles_labels()[::-1]))  # one entry per label
+        left.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
         rows = np.array(history)
         for env_id in np.unique(rows[:, 1]):
             right.plot(*rows[rows[:, 1] == env_id][:, [0, 4]].T, lw=0.8)
