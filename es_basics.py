@@ -1,19 +1,27 @@
-"""Evolution strategies written out from their equations, run beside evosax on test functions and policies.
+"""Evolution strategies written out from their equations, run beside evosax on test functions and policies, and
+two systems built on them: Intelligent Trial and Error and POET.
 
 From sampled fitnesses alone, CEM refits a Gaussian to the elite, CMA-ES adapts a full covariance and a step
 size, plain ES and OpenAI-ES follow the Monte-Carlo gradient (1/σ)·E[F(μ + σε)·ε], SNES follows the natural
 gradient of a separable Gaussian, and MAP-Elites keeps the best solution per cell of a behaviour grid. Each
 method is `init`, `ask` and `tell` with one signature (METHODS); evosax's strategies run behind the same three.
+Intelligent Trial and Error (--algo ite) maps a planar arm with MAP-Elites and, after damage, picks which elite to
+try next by Bayesian optimisation over the map; POET (--algo poet) grows a set of tracks of walls and gaps, each
+paired with an agent that OpenAI-ES improves, admitting new tracks under a minimal criterion and moving agents
+between pairs.
 
 Sources: CMU 10-403 lecture on evolutionary methods; Salimans et al., "Evolution Strategies as a Scalable
 Alternative to Reinforcement Learning", arXiv:1703.03864, and its code; Hansen, "The CMA Evolution Strategy:
 A Tutorial", arXiv:1604.00772; Schaul et al., "High Dimensions and Heavy Tails for Natural Evolution
 Strategies", GECCO 2011 (SNES); Mouret and Clune, "Illuminating search spaces by mapping elites",
-arXiv:1504.04909. Every problem returns a fitness to MAXIMISE (mean return, or -f(x) for test functions);
-evosax minimises and is told -fitness. A NaN or -inf fitness ranks last.
+arXiv:1504.04909; Cully, Clune, Tarapore, Mouret, "Robots that can adapt like animals", Nature 2015, arXiv:1407.3501;
+Wang, Lehman, Clune, Stanley, "Paired Open-Ended Trailblazer (POET)", arXiv:1901.01753. Every problem returns a
+fitness to MAXIMISE (mean return, or -f(x) for test functions); evosax minimises and is told -fitness. A NaN or
+-inf fitness ranks last.
 
 Example:
     python es_basics.py --algo cma-es --problem rosenbrock --num-dims 10 --num-generations 2000
+    python es_basics.py --algo ite
 """
 
 import csv
