@@ -1,19 +1,27 @@
-"""Evolution strategies written out from their equations, run beside evosax on test functions and policies.
+"""Evolution strategies written out from their equations, run beside evosax on test functions and policies, and
+two systems built on them: Intelligent Trial and Error and POET.
 
 From sampled fitnesses alone, CEM refits a Gaussian to the elite, CMA-ES adapts a full covariance and a step
 size, plain ES and OpenAI-ES follow the Monte-Carlo gradient (1/σ)·E[F(μ + σε)·ε], SNES follows the natural
 gradient of a separable Gaussian, and MAP-Elites keeps the best solution per cell of a behaviour grid. Each
 method is `init`, `ask` and `tell` with one signature (METHODS); evosax's strategies run behind the same three.
+Intelligent Trial and Error (--algo ite) maps a planar arm with MAP-Elites and, after damage, picks which elite to
+try next by Bayesian optimisation over the map; POET (--algo poet) grows a set of tracks of walls and gaps, each
+paired with an agent that OpenAI-ES improves, admitting new tracks under a minimal criterion and moving agents
+between pairs.
 
 Sources: CMU 10-403 lecture on evolutionary methods; Salimans et al., "Evolution Strategies as a Scalable
 Alternative to Reinforcement Learning", arXiv:1703.03864, and its code; Hansen, "The CMA Evolution Strategy:
 A Tutorial", arXiv:1604.00772; Schaul et al., "High Dimensions and Heavy Tails for Natural Evolution
 Strategies", GECCO 2011 (SNES); Mouret and Clune, "Illuminating search spaces by mapping elites",
-arXiv:1504.04909. Every problem returns a fitness to MAXIMISE (mean return, or -f(x) for test functions);
-evosax minimises and is told -fitness. A NaN or -inf fitness ranks last.
+arXiv:1504.04909; Cully, Clune, Tarapore, Mouret, "Robots that can adapt like animals", Nature 2015, arXiv:1407.3501;
+Wang, Lehman, Clune, Stanley, "Paired Open-Ended Trailblazer (POET)", arXiv:1901.01753. Every problem returns a
+fitness to MAXIMISE (mean return, or -f(x) for test functions); evosax minimises and is told -fitness. A NaN or
+-inf fitness ranks last.
 
 Example:
     python es_basics.py --algo cma-es --problem rosenbrock --num-dims 10 --num-generations 2000
+    python es_basics.py --algo ite
 """
 
 import csv
@@ -23,6 +31,7 @@ import math
 import os
 import sys
 import time
+import types
 from typing import Any, Callable, Literal, NamedTuple, Optional, Tuple, get_args
 
 import jax
@@ -31,7 +40,7 @@ import numpy as np
 import tyro
 from jax.flatten_util import ravel_pytree
 
-Algo = Literal["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites",
+Algo = Literal["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites", "ite", "poet",
                "evosax:CMA_ES", "evosax:Sep_CMA_ES", "evosax:SNES", "evosax:xNES", "evosax:Open_ES"]
 ProblemName = Literal["sphere", "rosenbrock", "rastrigin",
                       "CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0",
@@ -55,7 +64,7 @@ class Args:
 
     # ---- problem ----
     problem: ProblemName = "sphere"
-    """test function, gymnax env id or Brax env name"""
+    """test function, gymnax env id or Brax env name (ite and poet bring their own: the arm, the track)"""
     num_dims: Optional[int] = None
     """test functions: dimension of x (default 10); policies: set by the network"""
     num_rollouts: int = 1
@@ -99,8 +108,32 @@ class Args:
     """cem: elite fraction ρ, the top ⌊ρ·pop⌋ members refit the Gaussian"""
     cem_noise: Optional[float] = None
     """cem: η added to the elite variance each generation, so σ never collapses"""
-    num_bins: int = 20
-    """map-elites: cells per descriptor axis (the grid has num_bins² cells)"""
+    num_bins: Optional[int] = None
+    """map-elites and ite: cells per descriptor axis (the grid has num_bins² cells; default 20, ite 64)"""
+
+    # ---- ite: a MAP-Elites map of the intact arm (--pop-size, --num-generations, --sigma-init), then trials ----
+    ite_max_trials: int = 20
+    """ite: trials on the damaged arm at most; also the budget of the two baselines"""
+    ite_stop_fraction: float = 0.9
+    """ite: stop once a trial reaches this fraction of the best predicted performance of the untried elites"""
+    ite_length_scale: float = 0.15
+    """ite: length scale ρ of the Matérn 5/2 kernel over hand positions (the arm is 1 long)"""
+    ite_kappa: float = 0.3
+    """ite: exploration weight κ of the upper confidence bound μ + κσ"""
+
+    # ---- poet: --num-generations iterations; each pair's ES_STEP is openai-es with its flags ----
+    poet_mutate_every: int = 10
+    """poet: N_mutate, iterations between environment mutations"""
+    poet_transfer_every: int = 20
+    """poet: N_transfer, iterations between transfer attempts"""
+    poet_max_pairs: int = 6
+    """poet: cap on active environment-agent pairs (the oldest is archived to make room)"""
+    poet_children: int = 16
+    """poet: child environments proposed per mutation step; at most 2 are admitted"""
+    poet_mc_low: float = 0.25
+    """poet: minimal criterion, lowest score (fraction of the track) of the parent's agent in a child"""
+    poet_mc_high: float = 0.95
+    """poet: minimal criterion, highest score of the parent's agent in a child (not already solved)"""
 
 
 # Defaults for the None fields, by method and by kind of problem. pop_size None: 4 + ⌊3 ln n⌋ (Hansen; Schaul).
@@ -124,6 +157,10 @@ POLICY_DEFAULTS = {
     "snes": dict(pop_size=64, num_generations=50, sigma_init=0.1),
     "map-elites": dict(pop_size=64, num_generations=50, sigma_init=0.1),
 }
+OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
+    "ite": dict(pop_size=256, num_generations=1000, sigma_init=0.1, num_bins=64),
+    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
+}
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
 TARGETS = {"sphere": -1e-3, "rosenbrock": -1e-3, "rastrigin": -1.0, "CartPole-v1": 475.0,
            "Acrobot-v1": -100.0, "MountainCar-v0": -110.0, "Pendulum-v1": -200.0}
@@ -141,10 +178,10 @@ def resolve_args(args: Args) -> Args:
             CMA-ES's parents, odd where antithetic pairs need it, or not dividing over the devices;
             MAP-Elites on a problem without a behaviour descriptor.
     """
-    on_function = args.problem in TEST_FUNCTIONS
+    on_function = args.problem in TEST_FUNCTIONS and args.algo not in OWN_DEFAULTS
     twin = EVOSAX_TWIN.get(args.algo[7:], args.algo)  # evosax:<Name> takes its written-out twin's defaults
-    filled = {k: v for k, v in (FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS)[twin].items()
-              if getattr(args, k) is None}
+    table = OWN_DEFAULTS if twin in OWN_DEFAULTS else FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS
+    filled = {k: v for k, v in dict(dict(num_bins=20), **table[twin]).items() if getattr(args, k) is None}
     if on_function and args.num_dims is None:
         filled["num_dims"] = 10
     if args.normalize_observations is None:
@@ -161,6 +198,11 @@ def resolve_args(args: Args) -> Args:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("ite_max_trials", "ite_length_scale", "poet_mutate_every", "poet_transfer_every", "poet_children"):
+        if not getattr(args, name) > 0:
+            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.poet_max_pairs < 2:
+        raise ArgsError(f"--poet-max-pairs must be at least 2 (transfers need another pair), got {args.poet_max_pairs}")
     if any(h <= 0 for h in args.hidden):
         raise ArgsError(f"--hidden sizes must be positive, got {args.hidden}")
     if not 0 <= args.obs_stats_fraction <= 1:
@@ -170,7 +212,7 @@ def resolve_args(args: Args) -> Args:
                         f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance")
     if twin in ("cma-es", "snes") and args.pop_size < 4:
         raise ArgsError(f"--pop-size {args.pop_size} is too small for {args.algo} (at least 4: 2 parents)")
-    if twin == "openai-es" and args.pop_size % 2:
+    if twin in ("openai-es", "poet") and args.pop_size % 2:
         raise ArgsError(f"--pop-size must be even for antithetic sampling ({args.algo}), got {args.pop_size}")
     if args.algo == "map-elites":
         if on_function and args.num_dims < 2:
@@ -507,7 +549,82 @@ METHODS = {  # algo: (init, ask, tell)
     "snes": (diagonal_init, gaussian_ask, snes_tell),
     "map-elites": (map_elites_init, map_elites_ask, map_elites_tell),
     "evosax": (evosax_init, evosax_ask, evosax_tell),
-}
+}  # ite builds its map with map-elites' three; each POET pair steps with openai-es' ask and tell
+
+
+# ---- Intelligent Trial and Error (Cully, Clune, Tarapore, Mouret, Nature 2015): M-BOA over a MAP-Elites map ----
+ITE_NOISE = 1e-3  # σ²_noise of the GP, as in the paper's hexapod experiments (the arm here is deterministic)
+
+
+def matern52(a: jax.Array, b: jax.Array, length_scale: float) -> jax.Array:
+    """Matérn 5/2 kernel [n, m] between points a [n, d] and b [m, d], k(x, x) = 1 (Cully et al., Methods):
+    k = (1 + √5 r/ρ + 5r²/(3ρ²)) exp(-√5 r/ρ), r = ‖a - b‖."""
+    s = jnp.sqrt(jnp.sum((a[:, None] - b[None]) ** 2, -1)) * math.sqrt(5) / length_scale
+    return (1 + s + s**2 / 3) * jnp.exp(-s)
+
+
+def gp_posterior(points, prior, observed, residuals, mask, length_scale: float, noise: float = ITE_NOISE):
+    """Posterior mean [n] and variance [n] at points [n, d] of a GP whose prior mean is `prior` [n] (the map's
+    predictions), after observations at `observed` [t, d] of residuals y - prior [t]; slots with mask False are
+    ignored (they get an identity row, so the solve is exact for the others). M-BOA (Cully et al., Methods):
+        μ(x) = P(x) + kᵀ K⁻¹ (y - P(X)),   σ²(x) = k(x, x) - kᵀ K⁻¹ k,   K = k(X, X) + σ²_noise I."""
+    both = mask[:, None] & mask[None, :]
+    K = jnp.where(both, matern52(observed, observed, length_scale) + noise * jnp.eye(mask.shape[0]),
+                  jnp.eye(mask.shape[0]))
+    k = matern52(points, observed, length_scale) * mask  # [n, t]
+    mean = prior + k @ jnp.linalg.solve(K, jnp.where(mask, residuals, 0.0))
+    return mean, jnp.maximum(1.0 - jnp.sum(k * jnp.linalg.solve(K, k.T).T, 1), 0.0)
+
+
+def ite_adapt(behaviours, prior, real, args: Args, use_gp: bool = True):
+    """The trials on the damaged robot. behaviours [cells, 2] of the map's elites, prior [cells] their predicted
+    performance (-inf where the map is empty), real [cells] what each elite scores on the damaged robot (an
+    entry is read only when that elite is tried). Each trial runs the untried elite of highest μ + κσ, the GP
+    takes its result, and the loop stops once the best trial reaches --ite-stop-fraction of the highest μ among
+    the untried elites, or after --ite-max-trials. use_gp False is the baseline that tries the elites in order of
+    their prior (μ = prior, σ = 0) under the same stopping rule.
+    Returns (tried [T] cell indices, -1 where unused; their performances [T], -inf where unused)."""
+    cells, trials = prior.shape[0], args.ite_max_trials
+
+    def trial(carry, t):
+        tried, perf, done = carry
+        mask = tried >= 0
+        if use_gp:
+            mean, var = gp_posterior(behaviours, prior, behaviours[tried], perf - prior[tried], mask,
+                                     args.ite_length_scale)
+        else:
+            mean, var = prior, jnp.zeros(cells)
+        untried = jnp.isfinite(prior) & ~jnp.zeros(cells + 1, bool).at[jnp.where(mask, tried, cells)].set(True)[:-1]
+        best_predicted = jnp.max(jnp.where(untried, mean, -jnp.inf))
+        done = done | (mask.any() & (jnp.max(perf) >= args.ite_stop_fraction * best_predicted)) | ~untried.any()
+        pick = jnp.argmax(jnp.where(untried, mean + args.ite_kappa * jnp.sqrt(var), -jnp.inf))
+        tried, perf = tried.at[t].set(jnp.where(done, -1, pick)), perf.at[t].set(jnp.where(done, -jnp.inf, real[pick]))
+        return (tried, perf, done), None
+
+    start = (jnp.full(trials, -1), jnp.full(trials, -jnp.inf), jnp.array(False))
+    return jax.lax.scan(trial, start, jnp.arange(trials))[0][:2]
+
+
+# ---- POET (Wang, Lehman, Clune, Stanley 2019): the rules between the pairs' ES steps ----
+def minimal_criterion(scores: jax.Array, low: float, high: float) -> jax.Array:
+    """POET's minimal criterion: a child environment is kept only if the score of its parent's agent in it lies in
+    [low, high], neither too hard nor already solved. scores [n] -> bool [n]."""
+    return (scores >= low) & (scores <= high)
+
+
+def transfer_choice(resident: jax.Array, candidates: jax.Array, allowed: jax.Array):
+    """POET's transfer rule for one pair: the best allowed candidate (another pair's agent, directly or after one
+    ES step in this environment) replaces the resident agent only if it scores strictly higher.
+    resident [] score, candidates [c] scores, allowed bool [c] -> (replace bool, index of the best candidate)."""
+    scores = jnp.where(allowed, candidates, -jnp.inf)
+    best = jnp.argmax(scores)
+    return scores[best] > resident, best
+
+
+def novelty(candidates: np.ndarray, archive: np.ndarray, k: int = 5) -> np.ndarray:
+    """Novelty of environments [n, 2]: mean distance to the k nearest of every environment created so far [m, 2]."""
+    distances = np.sort(np.linalg.norm(candidates[:, None] - archive[None], axis=-1), axis=1)
+    return distances[:, :k].mean(1)
 
 
 # ---- Problems. Every problem maps a flat parameter vector x [num_dims] to a fitness to MAXIMISE. ----
@@ -621,8 +738,8 @@ DESCRIPTORS = {
 
 def descriptor_bounds(args: Args):
     """((low₀, high₀), (low₁, high₁)) of the problem's behaviour descriptor."""
-    if args.problem in TEST_FUNCTIONS:
-        return (FUNCTION_DOMAIN[args.problem],) * 2
+    if args.problem in TEST_FUNCTIONS or args.problem == "arm":  # "arm": ite's map of hand positions
+        return (FUNCTION_DOMAIN.get(args.problem, (-1.0, 1.0)),) * 2
     return DESCRIPTORS.get(args.problem, (None, ((0.0, 1.0), (0.0, 1.0))))[1]
 
 
@@ -690,6 +807,79 @@ def make_problem(args: Args) -> Problem:
         return f(x), (jnp.clip(x[:2], low, high) if n >= 2 else jnp.zeros(2)), no_obs
 
     return Problem(n, jnp.full(n, FUNCTION_START[args.problem]), evaluate, lambda x, key, obs_stats: f(x), 1)
+
+
+# ITE's robot: Cully et al.'s planar arm, 8 joints of ±90° and links of 1/8 (Extended Data Fig. 7), hand at (1, 0)
+# when straight. A controller x [8] is a posture, angles (π/2)·clip(x, ±1); its behaviour is where the hand ends;
+# the map's own performance is -var(angles) (smooth postures), a reach's is 1 - ‖hand - target‖ (the paper's
+# -distance, shifted so that ITE's 90% rule stops within 0.1 + 0.9·(the best predicted distance)). The damages are
+# the paper's 14: a joint stuck at 45°, a joint offset by 45°, or one of each (joints counted from the base).
+ARM_JOINTS, ARM_TARGET = 8, (0.5, 0.5)
+ARM_DAMAGES = [((5,), ()), ((4,), ()), ((3,), ()), ((2,), ()), ((), (5,)), ((), (4,)), ((), (3,)), ((), (2,)),
+               ((2,), (5,)), ((2,), (4,)), ((2,), (3,)), ((5,), (2,)), ((4,), (2,)), ((3,), (2,))]  # (stuck, offset)
+
+
+def arm_hand(x: jax.Array, stuck=None, offset=None) -> jax.Array:
+    """Hand position [2] of posture x [8]; stuck [8] bool joints held at 45°, offset [8] bool joints turned 45° more."""
+    angles = jnp.pi / 2 * jnp.clip(x, -1.0, 1.0)
+    if stuck is not None:
+        angles = jnp.where(stuck, jnp.pi / 4, angles) + jnp.pi / 4 * offset
+    heading = jnp.cumsum(angles)  # each link's direction
+    return jnp.stack([jnp.cos(heading).sum(), jnp.sin(heading).sum()]) / x.shape[0]
+
+
+def reach(hand: jax.Array, target: jax.Array) -> jax.Array:
+    """Reach performance 1 - ‖hand - target‖ (≤ 1; the arm is 1 long) of hand positions [..., 2]."""
+    return 1.0 - jnp.linalg.norm(hand - target, axis=-1)
+
+
+def arm_problem() -> Problem:
+    """The intact arm for MAP-Elites: fitness -var(angles), descriptor the hand position in [-1, 1]²."""
+    def evaluate(x, key, obs_stats):
+        return -jnp.var(jnp.pi / 2 * jnp.clip(x, -1, 1)), arm_hand(x), (jnp.zeros(1), jnp.zeros(1), jnp.zeros(()))
+
+    return Problem(ARM_JOINTS, jnp.zeros(ARM_JOINTS), evaluate, lambda x, key, obs_stats: evaluate(x, key, None)[0], 1)
+
+
+# POET's environment family, pure JAX: a runner on a 10 m track with a gap at 1 m, a wall at 4.5 m, a gap at 6.5 m and
+# a wall at 9.3 m. An environment e ∈ [0, 1]² sets both walls to 0.8·e₀ m high and both gaps to 2.2·e₁ m wide;
+# e = (0, 0) is a flat track. The agent sets its speed in [0, 3] m/s and jumps (4 m/s
+# up, only from the ground; 0.82 m high at most); a run ends when the runner passes a wall below its top or falls
+# into a gap, at the end of the track, or after 10 s.
+TRACK_END, WALLS, GAPS, WALL_MAX, GAP_MAX = 10.0, (4.5, 9.3), (1.0, 6.5), 0.8, 2.2
+RUN_STEPS, DT, MAX_SPEED, JUMP_SPEED, GRAVITY = 200, 0.05, 3.0, 4.0, 9.81
+RUNNER = types.SimpleNamespace(discrete=False, action_low=-1.0, action_high=1.0, obs_dim=7, action_dim=2)
+
+
+def run_track(params: list, env: jax.Array) -> jax.Array:
+    """Score in [0, 1] (distance covered / 10 m; 1 = reached the end) of a policy on environment env [2].
+    Observations [7]: height, vertical speed, distance to the next wall and to the next gap (each /3 m, clipped),
+    that wall's height (/0.8 m) and that gap's width (/2.2 m), distance covered / 10 m.
+    Actions [2]: speed 1.5·(a₀ + 1) m/s, jump if a₁ > 0."""
+    height, width = jnp.full(2, WALL_MAX * env[0]), jnp.full(2, GAP_MAX * env[1])
+    walls, gaps = jnp.array(WALLS), jnp.array(GAPS)
+
+    def over_gap(x):
+        return jnp.any((x >= gaps) & (x < gaps + width))
+
+    def step(carry, _):
+        x, y, vy, alive = carry
+        wall, gap = jnp.sum(walls < x), jnp.sum(gaps + width < x)  # the next wall's and gap's index (2: none)
+        to_wall, to_gap = jnp.append(walls, x + 3)[wall] - x, jnp.append(gaps, x + 3)[gap] - x  # to_gap < 0 over one
+        obs = jnp.stack([y, vy / JUMP_SPEED, jnp.minimum(to_wall, 3.0) / 3, jnp.clip(to_gap, -1.5, 3.0) / 3,
+                         jnp.append(height, 0.0)[wall] / WALL_MAX, jnp.append(width, 0.0)[gap] / GAP_MAX,
+                         x / TRACK_END])
+        action = policy_action(params, obs, RUNNER)
+        grounded = (y <= 0) & ~over_gap(x)
+        vy = jnp.where(grounded, JUMP_SPEED * (action[1] > 0), vy - GRAVITY * DT)
+        new_x, new_y = x + MAX_SPEED * (action[0] + 1) / 2 * DT, y + vy * DT
+        new_y = jnp.where(over_gap(new_x), new_y, jnp.maximum(new_y, 0.0))  # lands unless over a gap
+        crashed = jnp.any((x < walls) & (new_x >= walls) & (new_y < height))
+        alive = alive & ~crashed & ~(over_gap(new_x) & (new_y < 0)) & (x < TRACK_END)
+        return (jnp.where(alive, new_x, x), new_y, vy, alive), None
+
+    x = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.array(True)), None, RUN_STEPS)[0][0]
+    return jnp.minimum(x, TRACK_END) / TRACK_END
 
 
 # ---- The generation loop, distributed over devices with shared seeds (Salimans et al. Algorithm 2). ----
@@ -813,22 +1003,27 @@ def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
                 archive_cells=out.archive_cells)
 
 
-def plot_curves(path: str, table: dict, problem: str):
-    """fitness_curve.png: centre, population mean and best member against generations (test functions: f =
-    -fitness on a log scale)."""
+def save_figure(path: str, draw: Callable, ncols: int = 1):
+    """Call draw(*axes) on a new figure of ncols panels (matplotlib's Agg backend: no display) and save it as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 if ncols == 1 else 11, 4.2), squeeze=False)
+    draw(*axes[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(ax, table: dict, problem: str):
+    """fitness_curve.png: centre, population mean and best member against generations (test functions: f =
+    -fitness on a log scale)."""
     sign = -1.0 if problem in TEST_FUNCTIONS else 1.0
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"), ("best_fitness", "best")):
         ax.plot(table["generation"], sign * table[key], label=label)
     ax.set(xlabel="generation", ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)", title=problem,
            yscale="log" if sign < 0 else "linear")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
@@ -856,7 +1051,7 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
-    plot_curves(os.path.join(run_dir, "fitness_curve.png"), table, args.problem)
+    save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: plot_curves(ax, table, args.problem))
     np.savez(os.path.join(run_dir, "params.tmp.npz"), center=np.asarray(loop.es.mean),
              **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()})
     os.replace(os.path.join(run_dir, "params.tmp.npz"), os.path.join(run_dir, "params.npz"))
@@ -878,6 +1073,211 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     return summary
 
 
+def es_from_scratch(score: Callable, x0: jax.Array, args: Args, budget: int) -> np.ndarray:
+    """The baseline ES from scratch: the written-out CMA-ES (λ = 4 + ⌊3 ln n⌋, σ₀ = 0.5) from x0 on score(x [n]).
+    Returns the best fitness after each of the first `budget` trials [budget]."""
+    es_args = dataclasses.replace(args, algo="cma-es", pop_size=4 + int(3 * math.log(x0.shape[0])), sigma_init=0.5)
+    init, ask, tell = METHODS["cma-es"]
+    state, trials = init(None, x0, es_args), []
+    for g in range(-(-budget // es_args.pop_size)):
+        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), g)
+        population, state = ask(key, state, es_args)
+        fitness = jax.vmap(score)(population)
+        state, _ = tell(key, state, population, fitness, None, es_args)
+        trials += np.asarray(fitness).tolist()
+    return np.maximum.accumulate(trials[:budget])
+
+
+def write_csv(path: str, rows: list):
+    """rows: a header, then the data rows."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def run_ite(args: Args, run_dir: str) -> dict:
+    """--algo ite: MAP-Elites maps the intact arm (hand position -> smoothest posture, --num-generations of
+    --pop-size), then on each of the 14 damages ITE, the elites in order of prediction, and CMA-ES from scratch try
+    to reach ARM_TARGET in at most --ite-max-trials trials. Writes generations.csv (the map), ite_damages.csv,
+    ite.png; returns the summary (performances as fractions of the undamaged best)."""
+    loop, out = run_generations(dataclasses.replace(args, algo="map-elites", problem="arm"), arm_problem(), chunk=100)
+    table = columns(out, 0, args.pop_size)
+    write_csv(os.path.join(run_dir, "generations.csv"), [list(table)] + list(zip(*table.values())))
+    filled, postures, target = jnp.isfinite(loop.es.fitness), loop.es.solutions, jnp.array(ARM_TARGET)
+    behaviours = jnp.where(filled[:, None], jax.vmap(arm_hand)(postures), 0.0)
+    prior = jnp.where(filled, reach(behaviours, target), -jnp.inf)
+    undamaged = float(prior.max())
+    print(f"map: {int(filled.sum())} of {args.num_bins**2} cells filled; best predicted reach {undamaged:.3f}")
+    adapt = {gp: jax.jit(lambda b, p, r, gp=gp: ite_adapt(b, p, r, args, gp)) for gp in (True, False)}
+    rows = []
+    for stuck, offset in ARM_DAMAGES:
+        damage = (jnp.zeros(ARM_JOINTS, bool).at[jnp.array(stuck, int)].set(True),
+                  jnp.zeros(ARM_JOINTS).at[jnp.array(offset, int)].set(1.0))
+        damaged = lambda x, damage=damage: reach(arm_hand(x, *damage), target)  # noqa: E731
+        real = jnp.where(filled, jax.vmap(damaged)(postures), -jnp.inf)
+        row = dict(stuck=" ".join(map(str, stuck)), offset=" ".join(map(str, offset)))
+        for name, gp in (("ite", True), ("ordered", False)):
+            tried, perf = adapt[gp](behaviours, prior, real)
+            row[f"{name}_trials"], row[f"{name}_best"] = int((tried >= 0).sum()), float(perf.max())
+        es = es_from_scratch(damaged, jnp.zeros(ARM_JOINTS), args, args.ite_max_trials)
+        row.update(es_trials=args.ite_max_trials, es_best=float(es[-1]), es_at_ite_trials_best=float(es[
+            max(row["ite_trials"], 1) - 1]), best_in_map_best=float(real.max()))  # the last: trying every elite
+        rows.append(row)
+        print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    write_csv(os.path.join(run_dir, "ite_damages.csv"), [list(rows[0])] + [list(r.values()) for r in rows])
+    summary = dict(algo="ite", seed=args.seed, cells_filled=int(filled.sum()), map_evaluations=len(out.stop) *
+                   args.pop_size, target=ARM_TARGET, undamaged_best=undamaged, num_damages=len(rows))
+    for name in ("ite", "ordered", "es", "es_at_ite_trials", "best_in_map"):
+        fraction = np.array([r[f"{name}_best"] for r in rows]) / undamaged
+        summary.update({f"{name}_recovered_fraction": float(fraction.mean()),
+                        f"{name}_recovered_fraction_per_damage": fraction.round(4).tolist()})
+        if f"{name}_trials" in rows[0]:
+            summary[f"{name}_trials"] = float(np.mean([r[f"{name}_trials"] for r in rows]))
+
+    def draw(left, right):  # the map, coloured by predicted reach; the recovered fraction per damage
+        dots = left.scatter(*np.asarray(behaviours)[np.asarray(filled)].T, c=np.asarray(prior)[np.asarray(filled)], s=2)
+        left.plot(*ARM_TARGET, "r*", ms=12)
+        left.set(aspect="equal", title="map: the elites' hand positions and predicted reach", xlabel="x", ylabel="y")
+        left.figure.colorbar(dots, ax=left)
+        for i, (name, label) in enumerate((("ite", "IT&E"), ("ordered", "elites in order"), ("es", "CMA-ES"))):
+            right.bar(np.arange(len(rows)) + (i - 1) * 0.27, [r[f"{name}_best"] / undamaged for r in rows], 0.27,
+                      label=f"{label} ({summary[f'{name}_trials']:.1f} trials)")
+        right.set_xticks(range(len(rows)), [f"s{r['stuck']} o{r['offset']}" for r in rows], rotation=60, fontsize=7)
+        right.set(ylabel="recovered / undamaged best", title="damages (s: stuck joints, o: offset joints)")
+        right.legend(fontsize=8, loc="lower left")
+
+    save_figure(os.path.join(run_dir, "ite.png"), draw, ncols=2)
+    return summary
+
+
+POET_ADMITTED, POET_HARDEST, POET_STEP = 2, 3, (-0.1, 0.3)  # admitted per mutation; re-run by ES; e₀, e₁ changes
+
+
+def run_poet(args: Args, run_dir: str) -> dict:
+    """--algo poet (Wang et al. 2019; the lecture's Algorithm 2) on the track family, from one pair on the flat
+    track: every iteration each pair's agent takes one ES_STEP in its environment (openai-es ask and tell: Algorithm
+    1); every --poet-mutate-every iterations the environments whose agent solves them (score 1) propose
+    --poet-children children (e + U(POET_STEP) per knob), those passing the minimal criterion are ranked by novelty
+    and at most POET_ADMITTED join, each with the best current agent in it, the oldest pair archived beyond
+    --poet-max-pairs; every --poet-transfer-every iterations each agent is replaced by a better one from another
+    pair, taken directly or after one ES step in this environment. Then ES from scratch with POET's whole evaluation
+    budget on the POET_HARDEST hardest solved environments. Writes poet_history.csv, poet_envs.csv, poet.png."""
+    theta0, unravel = ravel_pytree(init_policy(jax.random.PRNGKey(args.seed), RUNNER.obs_dim, args.hidden,
+                                               RUNNER.action_dim))
+    score = jax.jit(jax.vmap(lambda x, env: run_track(unravel(x), env)))  # agents [n, dim] in envs [n, 2] -> [n]
+    cap, rng, key = args.poet_max_pairs, np.random.RandomState(args.seed), jax.random.PRNGKey(args.seed)
+
+    def es_step(state, env, key):  # ES_STEP: one OpenAI-ES update of an agent in its environment
+        population, _ = openai_es_ask(key, state, args)
+        fitness = jax.vmap(lambda x: run_track(unravel(x), env))(population)
+        return openai_es_tell(key, state, population, fitness, None, args)[0]
+
+    @jax.jit
+    def step_all(states, envs, key):  # every slot, active or not: states [cap], envs [cap, 2]
+        states = jax.vmap(es_step)(states, envs, jax.random.split(key, cap))
+        return states, score(states.mean, envs)
+
+    @jax.jit
+    def transfer_all(states, envs, scores, active, key):
+        def into(env, t):  # every other active agent in pair t's environment, directly and after one ES step
+            tuned = jax.vmap(lambda state: es_step(state, env, key))(states)
+            here = jnp.tile(env, (cap, 1))
+            tried = jnp.concatenate([score(states.mean, here), score(tuned.mean, here)])
+            replace, best = transfer_choice(scores[t], tried, jnp.tile(active & (jnp.arange(cap) != t), 2))
+            replace = replace & active[t]
+            chosen = jax.tree.map(lambda a, b: jnp.where(replace, jnp.concatenate([a, b])[best], a[t]), states, tuned)
+            return chosen, replace
+        return jax.vmap(into)(envs, jnp.arange(cap))
+
+    states = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, theta0, args))
+    envs, slot_env = np.zeros((cap, 2), np.float32), np.array([0] + [-1] * (cap - 1))  # slot -> environment id
+    created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0, evaluations_to_solve=None)]
+    rejected, history, evaluations, transfers, start = [], [], 0, 0, time.time()
+    for it in range(1, args.num_generations + 1):
+        active = slot_env >= 0
+        key_step, key_transfer = jax.random.split(jax.random.fold_in(key, it))  # a longer run repeats a shorter one
+        states, scores = step_all(states, jnp.asarray(envs), key_step)
+        scores, evaluations = np.asarray(scores), evaluations + int(active.sum()) * (args.pop_size + 1)
+        for slot in np.flatnonzero(active):
+            e = created[slot_env[slot]]
+            e["best_score"] = max(e["best_score"], float(scores[slot]))
+            if e["evaluations_to_solve"] is None and scores[slot] >= 1.0:  # POET's whole budget spent so far
+                e["evaluations_to_solve"] = evaluations
+            history.append((it, slot_env[slot], *envs[slot].tolist(), float(scores[slot])))
+        eligible = np.flatnonzero(active & (scores >= 1.0))
+        if it % args.poet_mutate_every == 0 and eligible.size:  # MUTATE_ENVS
+            parents = rng.choice(eligible, args.poet_children)
+            children = np.clip(envs[parents] + rng.uniform(*POET_STEP, (len(parents), 2)), 0, 1).astype(np.float32)
+            passed = np.asarray(minimal_criterion(score(states.mean[parents], jnp.asarray(children)),
+                                                  args.poet_mc_low, args.poet_mc_high))
+            rejected, evaluations = rejected + children[~passed].tolist(), evaluations + len(parents)
+            order = np.argsort(-novelty(children, np.array([[e["wall"], e["gap"]] for e in created])))
+            for c in [c for c in order if passed[c]][:POET_ADMITTED]:
+                in_child = np.where(slot_env >= 0, np.asarray(score(states.mean, jnp.tile(children[c], (cap, 1)))), -1)
+                free = np.flatnonzero(slot_env < 0)  # or archive the oldest pair
+                slot = free[0] if free.size else min(np.flatnonzero(slot_env >= 0), key=lambda s: slot_env[s])
+                states = jax.tree.map(lambda a: a.at[slot].set(a[int(np.argmax(in_child))]), states)
+                created.append(dict(id=len(created), wall=float(children[c][0]), gap=float(children[c][1]),
+                                    parent=int(slot_env[parents[c]]), iteration=it, best_score=float(in_child.max()),
+                                    evaluations_to_solve=evaluations if in_child.max() >= 1.0 else None))
+                envs[slot], slot_env[slot], evaluations = children[c], len(created) - 1, evaluations + cap
+        if it % args.poet_transfer_every == 0:
+            active = slot_env >= 0
+            states, replaced = transfer_all(states, jnp.asarray(envs), jnp.asarray(scores), jnp.asarray(active),
+                                            key_transfer)
+            transfers += int(replaced.sum())
+            evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
+        if it % 100 == 0 or it == args.num_generations:
+            print(f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
+                  f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
+                  f"{transfers} transfers, {time.time() - start:.0f} s", flush=True)
+    solved = [e for e in created if e["best_score"] >= 1.0]
+    hardest = sorted(solved, key=lambda e: -(e["wall"] + e["gap"]))[:POET_HARDEST]
+    generations = evaluations // (args.pop_size + 1)  # direct ES: POET's whole budget on each environment
+
+    @jax.jit
+    def direct_es(env):  # the centre's score after each generation [generations]
+        def generation(state, key):
+            state = es_step(state, env, key)
+            return state, run_track(unravel(state.mean), env)
+        keys = jax.random.split(jax.random.fold_in(key, 0), generations)
+        return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1]
+
+    write_csv(os.path.join(run_dir, "poet_envs.csv"), [list(created[0])] + [list(e.values()) for e in created])
+    for e in hardest:
+        curve = np.asarray(direct_es(jnp.array([e["wall"], e["gap"]])))
+        solved_at = np.flatnonzero(curve >= 1.0)
+        e.update(direct_es_best_score=float(curve.max()), direct_es_evaluations_to_solve=(int(solved_at[0]) + 1) *
+                 (args.pop_size + 1) if solved_at.size else None)
+        print(f"environment {e['id']} (wall {e['wall']:.2f}, gap {e['gap']:.2f}): POET solved it after "
+              f"{e['evaluations_to_solve']} evaluations in all; direct ES best {curve.max():.3f} in {generations} "
+              f"generations, solved after {e['direct_es_evaluations_to_solve']} evaluations")
+    write_csv(os.path.join(run_dir, "poet_history.csv"), [("iteration", "env_id", "wall", "gap", "score")] + history)
+
+    def draw(left, right):  # the environments created and the children rejected; each pair's score
+        left.scatter(*np.array(rejected).reshape(-1, 2).T, c="0.7", marker="x", s=12, label="failed the criterion")
+        for e in created:
+            left.scatter(e["wall"], e["gap"], s=30, c="tab:green" if e["best_score"] >= 1 else "tab:red")
+        for e in hardest:
+            solved = e["direct_es_best_score"] >= 1
+            label = "hardest: direct ES solved it" if solved else "hardest: direct ES did not"
+            left.scatter(e["wall"], e["gap"], s=90, marker="s" if solved else "X", facecolors="none" if solved else "k",
+                         edgecolors="k", label=label)
+        left.set(xlabel=f"walls e₀ (× {WALL_MAX} m)", ylabel=f"gaps e₁ (× {GAP_MAX} m)", xlim=(-0.05, 1.1),
+                 ylim=(-0.05, 1.1), title="environments created: green solved, red not")
+        handles = dict(zip(*left.get_legend_handles_labels()[::-1]))  # one entry per label
+        left.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+        rows = np.array(history)
+        for env_id in np.unique(rows[:, 1]):
+            right.plot(*rows[rows[:, 1] == env_id][:, [0, 4]].T, lw=0.8)
+        right.set(xlabel="iteration", ylabel="score of the pair's agent (1 = solved)", title="pairs")
+
+    save_figure(os.path.join(run_dir, "poet.png"), draw, ncols=2)
+    return dict(algo="poet", seed=args.seed, iterations=args.num_generations, evaluations=evaluations,
+                environments_created=len(created), environments_solved=len(solved), children_rejected=len(rejected),
+                transfers=transfers, direct_es_generations=generations, hardest_solved=hardest,
+                direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest))
+
+
 def main(args: Args) -> str:
     """Run one method; returns the run directory. Bad arguments: one line on stderr, exit code 2."""
     try:
@@ -887,9 +1287,15 @@ def main(args: Args) -> str:
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    problem = dict(ite="arm", poet="track").get(args.algo, args.problem)
     run_dir = args.run_dir or os.path.join(
-        "runs", f"{args.problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run(args, run_dir)
+        "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if args.algo in OWN_DEFAULTS:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+        write_json(os.path.join(run_dir, "summary.json"), (run_ite if args.algo == "ite" else run_poet)(args, run_dir))
+    else:
+        run(args, run_dir)
     print(f"run directory: {run_dir}")
     return run_dir
 

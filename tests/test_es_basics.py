@@ -287,6 +287,9 @@ def test_tyro_refuses_an_unknown_method_or_problem_without_a_traceback(flags, ex
     (["--algo", "evosax:Open_ES", "--pop-size", "7"], "even"),
     (["--algo", "map-elites", "--problem", "Pendulum-v1"], "descriptor"),
     (["--num-dims", "0"], "--num-dims"),
+    (["--algo", "poet", "--pop-size", "7"], "even"),
+    (["--algo", "poet", "--poet-max-pairs", "1"], "--poet-max-pairs"),
+    (["--algo", "ite", "--ite-max-trials", "0"], "--ite-max-trials"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -303,3 +306,94 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for field in dataclasses.fields(eb.Args):
         assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_gp_posterior_equals_the_closed_form_on_three_points():
+    """M-BOA's GP: μ(x) = P(x) + kᵀK⁻¹(y - P(X)), σ²(x) = 1 - kᵀK⁻¹k, written here in numpy; a fourth, masked
+    observation slot must change nothing."""
+    observed = np.array([[0.0, 0.0], [0.3, 0.1], [-0.2, 0.4], [9.0, 9.0]])
+    residuals, mask = np.array([0.5, -1.0, 0.2, 123.0]), np.array([True, True, True, False])
+    points = np.array([[0.1, 0.1], [0.0, 0.0], [1.0, -1.0]])
+    prior, rho, noise = np.array([0.3, -0.2, 0.7]), 0.25, 1e-3
+
+    def matern(a, b):
+        r = np.sqrt(5) * np.linalg.norm(a[:, None] - b[None], axis=-1) / rho
+        return (1 + r + r**2 / 3) * np.exp(-r)
+
+    K = matern(observed[:3], observed[:3]) + noise * np.eye(3)
+    k = matern(points, observed[:3])
+    mean = prior + k @ np.linalg.inv(K) @ residuals[:3]
+    var = 1 - np.einsum("ij,jk,ik->i", k, np.linalg.inv(K), k)
+    got_mean, got_var = eb.gp_posterior(jnp.asarray(points), jnp.asarray(prior), jnp.asarray(observed),
+                                        jnp.asarray(residuals), jnp.asarray(mask), rho, noise)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_var, var, rtol=1e-3, atol=1e-5)
+    assert got_var[1] < 0.01 and got_var[2] > 0.99  # at an observation and far from all of them
+
+
+def test_ite_trials_follow_the_predictions_and_stop_at_the_fraction():
+    """On a toy map whose elites all work as predicted, ITE and the baseline try the best-predicted elite and stop
+    after it; when that elite fails, the baseline tries the next in prior order and ITE lowers its neighbours."""
+    behaviours = jnp.array([[0.0, 0.0], [0.05, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    prior = jnp.array([1.0, 0.95, 0.9, -jnp.inf])  # the last cell is empty
+    args = eb.resolve_args(eb.Args(algo="ite", ite_max_trials=4))
+    for use_gp in (True, False):
+        tried, perf = eb.ite_adapt(behaviours, prior, prior, args, use_gp)
+        assert list(np.asarray(tried)) == [0, -1, -1, -1] and float(perf[0]) == 1.0
+    real = jnp.array([0.0, 0.0, 0.9, -jnp.inf])  # the two neighbours fail
+    assert list(np.asarray(eb.ite_adapt(behaviours, prior, real, args, False)[0])) == [0, 1, 2, -1]
+    assert list(np.asarray(eb.ite_adapt(behaviours, prior, real, args, True)[0])) == [0, 2, -1, -1]
+
+
+def test_minimal_criterion_novelty_and_transfer_rule_on_a_toy():
+    scores = jnp.array([0.1, 0.25, 0.6, 0.95, 1.0])
+    assert list(np.asarray(eb.minimal_criterion(scores, 0.25, 0.95))) == [False, True, True, True, False]
+    archive = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]])
+    novelty = eb.novelty(np.array([[0.05, 0.05], [1.0, 1.0]]), archive, k=2)
+    assert novelty[1] > 10 * novelty[0]
+    allowed = jnp.array([False, True, True, True])  # candidate 0 is the pair itself
+    replace, best = eb.transfer_choice(jnp.array(0.5), jnp.array([0.99, 0.4, 0.7, 0.6]), allowed)
+    assert bool(replace) and int(best) == 2
+    replace, _ = eb.transfer_choice(jnp.array(0.7), jnp.array([0.99, 0.4, 0.7, 0.6]), allowed)
+    assert not bool(replace)  # a tie keeps the resident
+
+
+def test_arm_kinematics_and_damage():
+    straight = jnp.zeros(eb.ARM_JOINTS)
+    np.testing.assert_allclose(eb.arm_hand(straight), [1.0, 0.0], atol=1e-6)
+    base_stuck = jnp.zeros(eb.ARM_JOINTS, bool).at[0].set(True)  # the whole arm turns 45°
+    np.testing.assert_allclose(eb.arm_hand(straight, base_stuck, jnp.zeros(eb.ARM_JOINTS)), [0.5**0.5] * 2, atol=1e-6)
+    offset = jnp.zeros(eb.ARM_JOINTS).at[4].set(1.0)  # the second half turns 45°
+    np.testing.assert_allclose(eb.arm_hand(straight, jnp.zeros(eb.ARM_JOINTS, bool), offset),
+                               [0.5 + 0.5 * 0.5**0.5, 0.5 * 0.5**0.5], atol=1e-6)
+
+
+def test_track_scores_running_crashing_and_falling():
+    """A linear policy that always runs at full speed and never jumps finishes the flat track, hits the first wall
+    (4.5 m) when walls are high and falls into the first gap (1 m) when gaps are wide."""
+    runner = [(jnp.zeros((eb.RUNNER.obs_dim, 2)), jnp.array([10.0, -10.0]))]
+    scores = [float(eb.run_track(runner, jnp.array(env))) for env in ([0.0, 0.0], [1.0, 0.0], [0.0, 1.0])]
+    np.testing.assert_allclose(scores, [1.0, 0.45, 0.1], atol=0.02)
+    jumper = [(jnp.zeros((eb.RUNNER.obs_dim, 2)), jnp.array([10.0, 10.0]))]  # jumps whenever it lands
+    assert float(eb.run_track(jumper, jnp.array([0.0, 0.0]))) == 1.0
+
+
+@pytest.mark.parametrize("flags, files, keys", [
+    (["--algo", "ite", "--num-generations", "20", "--num-bins", "10", "--ite-max-trials", "5"],
+     ["ite_damages.csv", "ite.png", "generations.csv"], ["ite_trials", "ite_recovered_fraction", "es_trials"]),
+    (["--algo", "poet", "--num-generations", "12", "--pop-size", "16", "--hidden", "8", "--poet-mutate-every", "3",
+      "--poet-transfer-every", "4", "--poet-max-pairs", "3"],
+     ["poet_history.csv", "poet_envs.csv", "poet.png"], ["environments_created", "environments_solved",
+                                                         "hardest_solved", "direct_es_generations"]),
+])
+def test_ite_and_poet_cli_smoke(tmp_path, flags, files, keys):
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--run-dir", run_dir],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert all(key in summary for key in keys), summary
+    for name in files + ["args.json"]:
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
