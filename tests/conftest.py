@@ -1,0 +1,11 @@
+"""Session set-up: one JAX compilation cache for the whole test session, shared with the subprocesses the tests
+start. Many tests compile the same training function twice (a run and its resumed or reloaded copy); the cache
+serves the second compilation from disk. It changes no number: a cached executable is the same program."""
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
