@@ -1024,7 +1024,7 @@ def run_meta_training(args: Args) -> str:
         key_ask, key_runs, key_tell = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), g), 3)
         population, es_state = ask(key_ask, es_state, es.default_params)
         scores, columns = [], []
-        for i, (env_id, init, fitness, baselines) in enumerate(envs):
+        for i, (_, init, fitness, baselines) in enumerate(envs):
             keys = jax.random.split(jax.random.fold_in(key_runs, i), 2 * args.num_rollouts)
             runners = init_seeds(init, keys[:args.num_rollouts])
             returns = np.asarray(fitness(population, runners, keys[args.num_rollouts:]), dtype=float)
@@ -1036,8 +1036,9 @@ def run_meta_training(args: Args) -> str:
         rows.append([g + 1, sigma, time.time() - t0] + columns)
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(rows[-1])
-        atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
+        # The drift file first: a run killed between the two writes redoes this generation and rewrites both.
         save_drift(os.path.join(run_dir, "drift.msgpack"), unravel(es_state.mean), args.ppo_init)  # the learned drift
+        atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
         progress = "".join(f"  {e} {columns[3 * i]:.1f} ({columns[3 * i + 1]:.1f})" for i, (e, *_) in enumerate(envs))
         print(f"generation {g + 1}/{args.num_generations}  mean return of members (of PPO on the same runs):{progress}"
               f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
