@@ -148,6 +148,8 @@ class Args:
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
+    drift_hidden: Optional[Tuple[int, ...]] = None
+    """drift network hidden sizes (LPO 128, the authors' DriftNet; LPO-Zero 256 256, section 5.1; Appendix A: 256)"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
     num_generations: int = 1025
@@ -218,19 +220,21 @@ def lpo_features(ratio: jax.Array, advantage: jax.Array) -> jax.Array:
     return jnp.concatenate([deltas, advantage[..., None] * deltas], axis=-1)
 
 
-def drift_layer_sizes(ppo_init: bool) -> Tuple[int, ...]:
-    """LPO: 8 → 128 tanh → 1 (the authors' DriftNet, main_drift_brax.py lines 39-45, and Appendix A's one
+def drift_layer_sizes(ppo_init: bool, hidden: Optional[Tuple[int, ...]] = None) -> Tuple[int, ...]:
+    """Default LPO: 8 → 128 tanh → 1 (the authors' DriftNet, main_drift_brax.py lines 39-45, and Appendix A's one
     hidden layer); LPO-Zero: 8 → 256 → 256 → 1 ReLU (section 5.1's two layers). No biases in either."""
-    return (8, 128, 1) if ppo_init else (8, 256, 256, 1)
+    return (8, *(hidden or ((128,) if ppo_init else (256, 256))), 1)
 
 
-def init_drift_params(key: jax.Array, ppo_init: bool = True) -> list:
+def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: Optional[Tuple[int, ...]] = None) -> list:
     """The drift network's weights, a list of matrices [in, out]: zeros for LPO (the authors' ES mean starts at
     zero, so generation 0 is PPO), LeCun-normal for LPO-Zero."""
-    shapes = list(zip(drift_layer_sizes(ppo_init), drift_layer_sizes(ppo_init)[1:]))
+    sizes = drift_layer_sizes(ppo_init, hidden)
+    shapes = list(zip(sizes, sizes[1:]))
     if ppo_init:
         return [jnp.zeros(shape) for shape in shapes]
-    return [jax.random.normal(k, shape) / jnp.sqrt(shape[0]) for k, shape in zip(jax.random.split(key, 3), shapes)]
+    keys = jax.random.split(key, len(shapes))
+    return [jax.random.normal(k, shape) / jnp.sqrt(shape[0]) for k, shape in zip(keys, shapes)]
 
 
 def lpo_drift(net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True) -> jax.Array:
@@ -933,7 +937,7 @@ def load_drift(path: str) -> Tuple[list, bool]:
         with open(file, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
         net, ppo_init = [jnp.asarray(state["net"][str(i)]) for i in range(len(state["net"]))], bool(state["ppo_init"])
-        sizes = drift_layer_sizes(ppo_init)
+        sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
         if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
             raise ValueError("shapes differ")
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
@@ -941,15 +945,15 @@ def load_drift(path: str) -> Tuple[list, bool]:
     return net, ppo_init
 
 
-def make_es(args: Args):
-    """evosax OpenAI-ES over the drift weights, set as the authors' evosax 0.0.4 OpenES defaults: antithetic
-    sampling, Adam (β1 --es-beta1) on the mean with a learning rate and σ that decay per generation to a floor."""
+def make_es(args: Args, solution: list):
+    """evosax OpenAI-ES over drift weights shaped as solution, set as the authors' evosax 0.0.4 OpenES defaults:
+    antithetic sampling, Adam (β1 --es-beta1) on the mean, a learning rate and σ decaying per generation to a floor."""
     from evosax.algorithms import Open_ES
     from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standardize_fitness_shaping_fn
 
     schedule = lambda init, decay, limit: optax.exponential_decay(init, 1, decay, end_value=limit)
-    return Open_ES(population_size=args.pop_size, solution=init_drift_params(jax.random.PRNGKey(0), args.ppo_init),
-                   use_antithetic_sampling=True, optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
+    return Open_ES(population_size=args.pop_size, solution=solution, use_antithetic_sampling=True,
+                   optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
                    std_schedule=schedule(*args.sigma),
                    fitness_shaping_fn={"z_score": standardize_fitness_shaping_fn,
                                        "centered_rank": centered_rank_fitness_shaping_fn}[args.fitness_shaping])
@@ -999,9 +1003,9 @@ def run_meta_training(args: Args) -> str:
     os.makedirs(run_dir, exist_ok=True)
     env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in args.env_ids or (args.env_id,)]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
-    es = make_es(args)
-    es_state = es.init(jax.random.PRNGKey(args.seed), init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init),
-                       es.default_params)
+    initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
+    es = make_es(args, initial)
+    es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
     fields = ["generation", "sigma", "seconds"] + [
         f"{e}_{k}" for e, *_ in envs for k in ("mean_return", "ppo_return", "untrained_return")]
     checkpoint_path, log_path = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv")
@@ -1014,7 +1018,7 @@ def run_meta_training(args: Args) -> str:
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + rows)
-    unravel = ravel_pytree(init_drift_params(jax.random.PRNGKey(0), args.ppo_init))[1]
+    unravel = ravel_pytree(initial)[1]
     print(f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(e for e, *_ in envs)}: "
           f"population {args.pop_size}, {args.num_rollouts} run(s) per env of "
           + ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args) + " steps", flush=True)

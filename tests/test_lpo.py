@@ -34,10 +34,11 @@ def test_features_are_the_authors_eight_and_vanish_at_ratio_one():
     np.testing.assert_array_equal(np.asarray(lpo.lpo_features(jnp.ones_like(A_LINE), A_LINE)), 0.0)
 
 
-@pytest.mark.parametrize("ppo_init", [True, False], ids=["lpo", "lpo-zero"])
+@pytest.mark.parametrize("ppo_init,hidden", [(True, None), (False, None), (False, (256,))],
+                         ids=["lpo", "lpo-zero", "lpo-zero-one-layer"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_drift_networks_are_valid_drifts(ppo_init, seed):
-    sizes = lpo.drift_layer_sizes(ppo_init)
+def test_random_drift_networks_are_valid_drifts(ppo_init, hidden, seed):
+    sizes = lpo.drift_layer_sizes(ppo_init, hidden)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
     net = [jax.random.normal(k, (i, o)) for k, i, o in zip(keys, sizes, sizes[1:])]  # far from 0 off r = 1
     drift = lambda r, a: lpo.lpo_drift(net, r, a, ppo_init)
@@ -61,6 +62,17 @@ def test_zero_weights_with_ppo_init_are_ppo_with_eps_0_2():
                                   np.asarray(jax.grad(ppo_loss)(r, a))[outside_band])
 
 
+@pytest.mark.parametrize("hidden", [(256,), (256, 256)], ids=["appendix-one-layer", "section-5.1-two-layers"])
+def test_an_lpo_zero_drift_file_keeps_its_architecture(tmp_path, hidden):
+    net = lpo.init_drift_params(jax.random.PRNGKey(3), False, hidden)
+    lpo.save_drift(str(tmp_path / "drift.msgpack"), net, False)
+    loaded, ppo_init = lpo.load_drift(str(tmp_path / "drift.msgpack"))
+    shapes = list(zip((8,) + hidden, hidden + (1,)))
+    assert not ppo_init and [w.shape for w in loaded] == [w.shape for w in net] == shapes
+    np.testing.assert_array_equal(np.asarray(lpo.lpo_drift(loaded, R_GRID, A_GRID, False)),
+                                  np.asarray(lpo.lpo_drift(net, R_GRID, A_GRID, False)))
+
+
 SHARED = ("compute_gae", "resolve_args", "batch_size", "num_updates", "GymnaxEnv", "BraxEnv", "make_env",
           "update_running_stats", "normalize", "Categorical", "TanhGaussian", "MLP", "make_networks", "policy",
           "Runner", "make_optimizer", "make_train", "max_chunk", "make_evaluate", "seed_keys", "over_seeds",
@@ -74,7 +86,7 @@ def test_the_training_loop_is_dpo_py_verbatim(name):
 
 
 def test_es_maximises_the_fitness_with_the_authors_schedules():
-    es = lpo.make_es(lpo.Args())
+    es = lpo.make_es(lpo.Args(), lpo.init_drift_params(jax.random.PRNGKey(0)))
     assert float(es.std_schedule(0)) == pytest.approx(0.04) and float(es.std_schedule(10**6)) == pytest.approx(0.01)
     state = es.init(jax.random.PRNGKey(0), lpo.init_drift_params(jax.random.PRNGKey(0)), es.default_params)
     for g in range(20):  # fitness = the sum of the weights, told negated as run_meta_training tells it
