@@ -1,14 +1,17 @@
 """Learned Policy Optimisation (LPO): a drift network meta-trained by evolution strategies, end to end in one file.
 
-Mirror Learning writes the policy objective as r·A - f(r, A): the importance ratio r times the advantage A, minus
-a "drift" f that is zero, and flat, at r = 1. LPO makes f a small network of (r, A) and searches its weights with
-OpenAI-ES: a candidate drift's fitness is the return of an agent after a whole PPO training run that uses it.
-The inner loop is dpo.py's, line for line (`diff dpo.py lpo.py` shows what LPO adds): the drift is a closure
-handed to `make_train`, so a population of training runs is one vmapped, compiled function.
+Mirror Learning writes the policy objective as r·A - f(r, A): the importance ratio r times the advantage A,
+minus a "drift" f that is zero, and flat, at r = 1. LPO makes f a small network of (r, A) and searches its
+weights with OpenAI-ES: a candidate drift's fitness is the return of an agent after a whole PPO training run that
+uses it. The inner loop is dpo.py's, line for line (`diff dpo.py lpo.py` shows what LPO adds): the drift is a
+closure handed to `make_train`, so a population of training runs is one vmapped, compiled function.
 
 Paper: Chris Lu, Jakub Grudzien Kuba, Alistair Letcher, Luke Metz, Christian Schroeder de Witt, Jakob Foerster,
 "Discovered Policy Optimisation", NeurIPS 2022, arXiv:2210.05639, sections 4-5 (LPO), eq. 8 and Appendix A.
 The ES and the drift network follow the authors' dpo/main_drift_brax.py and dpo/brax_drift.py (commit c412884).
+
+Training is a compiled function that advances every seed (vmapped, sharded over the JAX devices) by a chunk of
+updates, called from a short host loop that logs, checkpoints and prints between chunks.
 
 Example:
     python lpo.py --env-ids CartPole-v1 Acrobot-v1 --total-timesteps 65536 --num-generations 150  # CPU, docs/lpo.md
@@ -59,7 +62,7 @@ class Args:
     run_dir: Optional[str] = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: Optional[str] = None
-    """a run directory (meta-training, or one --eval-drift agent run) to continue from its checkpoint"""
+    """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
     load: Optional[str] = None
     """a finished run directory to evaluate again; use with --eval-only"""
     eval_only: bool = False
@@ -259,12 +262,10 @@ def make_drift(args: Args, net: Optional[list] = None):
     """The drift f(r, A) chosen by --drift, with its coefficients bound; lpo uses net or --drift-file."""
     if args.drift == "ppo":
         return lambda r, a: ppo_drift(r, a, args.clip_coef)
-    if args.drift == "dpo":
-        return lambda r, a: dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)
-    ppo_init = args.ppo_init
-    if net is None:
-        net, ppo_init = load_drift(args.drift_file)
-    return lambda r, a: lpo_drift(net, r, a, ppo_init)
+    if args.drift == "lpo":
+        net, ppo_init = (net, args.ppo_init) if net is not None else load_drift(args.drift_file)
+        return lambda r, a: lpo_drift(net, r, a, ppo_init)
+    return lambda r, a: dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):

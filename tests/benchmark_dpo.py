@@ -3,7 +3,8 @@
 Prints, from one process, so every number is a ratio against a reference measured alongside it:
   Brax envs: the ceiling, the same envs stepped alone with random actions through Brax's own training wrappers
     (brax.envs.training.wrap: EpisodeWrapper + AutoResetWrapper), dpo.py's compiled training at the same shape,
-    and their ratio;
+    their ratio, and dpo.py's rollouts alone (--update-epochs 0: acting and stepping, no SGD), which splits
+    training's time between acting and learning;
   any env: N seeds vmapped in one call against N one-seed calls.
 Every function is compiled first and then timed; each timing is the fastest of --repeats runs.
 
@@ -87,6 +88,10 @@ def main(bench: Bench):
         ceiling_sps = steps / fastest(run, key, repeats=bench.repeats)
         print(f"Brax wrappers, random actions alone: {ceiling_sps:12,.0f} env-steps/s")
         print(f"training / ceiling:                  {train_sps / ceiling_sps:12.3f}")
+        rollout_sps = steps / training_time(dataclasses.replace(args, update_epochs=0), bench.repeats)
+        print(f"dpo.py rollouts alone (0 epochs):    {rollout_sps:12,.0f} env-steps/s, "
+              f"{rollout_sps / ceiling_sps:.3f} of the ceiling; the epochs take "
+              f"{1 - train_sps / rollout_sps:.0%} of training")
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
         sequential = args.num_seeds * training_time(one, bench.repeats)
