@@ -1,24 +1,23 @@
 """Evolved Policy Gradients (EPG): evolve a loss function with which a fresh agent learns a new task.
 
-A freshly initialised Gaussian policy learns one task, drawn from a family of tasks, by gradient descent on a
-learned loss L_φ: a temporal-convolution network that reads the agent's last N steps of experience and the
-policy's own outputs and returns a scalar. Evolution strategies search φ; the fitness of a candidate loss is
-the return its agent reaches at the end of a whole learning lifetime, and the evolved loss then trains fresh
-agents on tasks it never saw, with no value function or advantage estimate of its own.
+A freshly initialised Gaussian policy learns one task, drawn from a family of tasks, by gradient descent on a learned
+loss L_φ: a temporal-convolution network that reads the agent's last N steps of experience and the policy's own
+outputs and returns a scalar. Evolution strategies search φ; a candidate loss's fitness is the return its agent
+reaches at the end of a whole learning lifetime, and the evolved loss then trains fresh agents on tasks it never
+saw, with no value function or advantage estimate of its own.
 
 Paper: Rein Houthooft, Richard Y. Chen, Phillip Isola, Bradly C. Stadie, Filip Wolski, Jonathan Ho,
 Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (sections 3-4, Algorithm 1).
 Relative to a policy-gradient method, the hand-written surrogate objective is replaced by L_φ; during the
 first part of meta-training it is mixed with a PPO loss, (1 - α)·L_φ + α·L_PPO, α annealed from 1 to 0.
 
-Example:
+Example (more in docs/epg.md: --test on left-half goals, --resume, the Brax families):
     python epg.py --task-family goal-point --num-generations 200        # meta-train on the CPU family
-    python epg.py --task-family goal-point --test --load-loss losses/goal_point.msgpack   # left-half goals
-    python epg.py --task-family goal-ant                                 # the paper's GoalAnt (GPU)
 """
 
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -36,6 +35,7 @@ import numpy as np
 import optax
 import tyro
 from jax.flatten_util import ravel_pytree
+from tqdm import tqdm
 
 TaskFamily = Literal["goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper",
                      "goal-reacher"]
@@ -44,12 +44,10 @@ BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfchee
 EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
-# Independent streams of randomness: every key of a run is fold_in(PRNGKey(--seed), STREAM), refined further.
-GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3
+GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3  # every key: fold_in(PRNGKey(--seed), STREAM)
 PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
-# The inner-loop settings a loss was evolved with: saved in its loss file and used again by --test.
 INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "inner_learning_rate",
-                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")
+                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")  # in a loss file, used by --test
 
 
 @dataclasses.dataclass
@@ -138,15 +136,13 @@ def resolve_args(args: Args) -> Args:
     defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
-                 "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
-                 "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
-                 "es_learning_rate"):
-        if not getattr(args, name) > 0:
+                 "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every", "num_seeds",
+                 "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma", "es_learning_rate",
+                 "ppo_rollouts", "ppo_epochs"):  # the tuples: every entry
+        if not np.all(np.asarray(getattr(args, name)) > 0):
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.memory_units < 0 or min(args.ppo_rollouts + args.ppo_epochs, default=1) <= 0:
-        raise ArgsError("--memory-units must be >= 0 and --ppo-rollouts, --ppo-epochs positive")
-    if args.weight_decay < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--weight-decay must be >= 0 and --ppo-anneal-frac in [0, 1]")
+    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
     for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
         if rollout % args.minibatch_size or args.lifetime % rollout:
             raise ArgsError(f"a rollout of {rollout} steps must be a multiple of --minibatch-size "
@@ -167,14 +163,11 @@ def resolve_args(args: Args) -> Args:
 
 # ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
 class EPGLoss(nn.Module):
-    """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93).
-
-    __call__(inputs [N, D], index [B]) -> scalar. `inputs`: one row per step of the buffer (loss_inputs).
-    Context: the whole buffer, features as channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU,
-    Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time, Dense(32). Head, for the B steps `index`:
-    [step features, context] → Dense(16), leaky ReLU, Dense(1); mean over the minibatch. Leaky slope 0.2
-    (chainer's default, which the reference uses).
-    """
+    """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93): __call__(inputs [N, D],
+    index [B]) -> scalar, `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as
+    channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU,
+    mean over time, Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU,
+    Dense(1); mean over the minibatch. Leaky slope 0.2 (chainer's default, which the reference uses)."""
 
     @nn.compact
     def __call__(self, inputs, index):
@@ -199,20 +192,15 @@ class Buffer(NamedTuple):
     valid: jax.Array  # [N]
 
 
-def memory_vector(agent: dict) -> jax.Array:
-    """The memory units [memory_units] = tanh(W·1 + b) (reference epg/networks.py:51-70): W and b are agent
-    parameters that only the learned loss reads and, through its gradient, moves (paper section 3.2)."""
-    return jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
-
-
 def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
     """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
     units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
-    gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
-    the reference (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
+    gradient of L_φ reaches the policy (also through the context) and the memory units [memory_units] =
+    tanh(W·1 + b), agent parameters W, b that only L_φ reads and moves (section 3.2; epg/networks.py:51-70).
+    The reward is raw (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
     obs = obs_stats.normalize(buffer.obs)
     pi = policy_distribution(agent, obs)
-    memory = memory_vector(agent)
+    memory = jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
     x = jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
                          buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
                          jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1)
@@ -304,9 +292,7 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     if family in ("dir-hopper", "dir-cheetah"):
         return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
     if family == "random-hopper":
-        not_floor = (jnp.arange(num_geoms) > 0)
-        scale = lambda k, shape: jnp.where(not_floor.reshape((1, num_geoms) + (1,) * (len(shape) - 2)),
-                                           uniform(k, shape, SCALE_RANGE), 1.0)
+        scale = lambda k, shape: uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
         return {"mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
                 "friction_scale": scale(keys[1], (n, num_geoms, 3)),
                 "thickness_scale": scale(keys[3], (n, num_geoms)), "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
@@ -425,12 +411,10 @@ class BraxTaskEnv:
 
     def step(self, key, state, action, task):
         next_state = self._with_task(task, lambda: self.env.step(state, action))
-        reward = self._task_reward(next_state, task)
         truncated = next_state.info["truncation"]
         terminated = next_state.done * (1.0 - truncated)
-        reset_state = self.reset(key, task)[1]
-        state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), reset_state, next_state)
-        return state.obs, state, reward, terminated, truncated, next_state.obs
+        state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), self.reset(key, task)[1], next_state)
+        return state.obs, state, self._task_reward(next_state, task), terminated, truncated, next_state.obs
 
 
 def make_env(args: Args):
@@ -512,17 +496,14 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
     {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
-    return {"policy": MLP(action_dim).init(key_pi, dummy),
-            "log_std": jnp.zeros(action_dim),
+    return {"policy": MLP(action_dim).init(key_pi, dummy), "log_std": jnp.zeros(action_dim),
             "memory": {"kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
-                       "bias": jnp.zeros(args.memory_units)},
-            "value": MLP(1).init(key_v, dummy)}
+                       "bias": jnp.zeros(args.memory_units)}, "value": MLP(1).init(key_v, dummy)}
 
 
 def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
-    mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
-    return DiagGaussian(mean, agent["log_std"])
+    return DiagGaussian(MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs), agent["log_std"])
 
 
 def value_fn(agent: dict, obs: jax.Array) -> jax.Array:
@@ -567,16 +548,15 @@ class LifetimeOutput(NamedTuple):
 def make_lifetime(args: Args, env) -> Callable:
     """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1).
 
-    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
-    steps the buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M
-    newest steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the
-    whole buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
-    (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
-    (epg/evolution.py:184). One lax.scan; jit and vmap freely (theta: the flattened EPGLoss [dim]).
+    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every steps the
+    buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
+    minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole buffer
+    (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190).
+    Fitness: the mean return of the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and
+    vmap freely (theta: the flattened EPGLoss [dim]).
     """
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     unravel = ravel_pytree(loss_template(args, env))[1]
-    num_minibatches = m // args.minibatch_size
     max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
@@ -627,7 +607,7 @@ def make_lifetime(args: Args, env) -> Callable:
         epoch_keys = jax.random.split(key_epochs, max_epochs)
 
         def epoch(i, carry):
-            indices = jax.random.permutation(epoch_keys[i], m).reshape(num_minibatches, args.minibatch_size)
+            indices = jax.random.permutation(epoch_keys[i], m).reshape(-1, args.minibatch_size)
             return jax.lax.scan(minibatch_step, carry, indices)[0]
 
         agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
@@ -694,11 +674,9 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
 
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
-
-    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks
-    tasks and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness
-    is the mean final return over them. The member axis is sharded over the JAX devices; only returns come back.
-    """
+    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks tasks
+    and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
+    mean final return over them. The member axis is sharded over the JAX devices; only returns come back."""
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
     population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
                                args.pop_size, (True, False, False, False))
@@ -753,14 +731,12 @@ def read_file(path: str, what: str, parse: Callable):
         raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
-GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
-
-
 def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
     """checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss) and generations.csv, both atomic."""
     state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
-    lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
+    fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
+    lines = [",".join(fields)] + [",".join(str(r[k]) for k in fields) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
 
 
@@ -799,21 +775,18 @@ def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    plt.switch_backend("Agg")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4), layout="tight")
+    ax = fig.subplots()
     for name, (x, y) in series.items():
-        with warnings.catch_warnings():  # points before any episode ended are NaN for every agent
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
             mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
         ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
     os.replace(path + ".tmp.png", path)
 
 
@@ -831,8 +804,6 @@ def resumed_args(args: Args) -> Args:
 
 def run_meta_training(args: Args) -> str:
     """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
-    from tqdm import tqdm
-
     name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
     os.makedirs(run_dir, exist_ok=True)
@@ -909,14 +880,12 @@ def run_test(args: Args) -> str:
     os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    start, runners = time.time(), {}
+    start = time.time()
+    runner = functools.cache(lambda every, size, n: make_runner(  # compiled once per shape
+        dataclasses.replace(args, update_every=every, buffer_size=size), env, n))
 
-    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:  # compiled once per shape
-        shape = (cfg.update_every, cfg.buffer_size, tasks[1].shape[0])
-        if shape not in runners:
-            runners[shape] = make_runner(dataclasses.replace(args, update_every=shape[0], buffer_size=shape[1]),
-                                         env, shape[2])
-        return runners[shape](theta, *tasks, InnerSettings.of(cfg, alpha))
+    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:
+        return runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(theta, *tasks, InnerSettings.of(cfg, alpha))
 
     outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
@@ -939,8 +908,7 @@ def run_test(args: Args) -> str:
     for name, out in outputs.items():
         final, curve = np.asarray(out.final_return), np.asarray(out.curve)
         steps = (np.arange(curve.shape[1]) + 1) * args.lifetime / curve.shape[1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
         trainers[name] = dict(final_return_mean=float(final.mean()), final_return_std=float(final.std()),
