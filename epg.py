@@ -175,8 +175,7 @@ class EPGLoss(nn.Module):
         x = leaky(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
         x = leaky(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
         context = nn.Dense(32)(x.mean(axis=0))
-        steps = inputs[index]
-        h = jnp.concatenate([steps, jnp.broadcast_to(context, (steps.shape[0], context.shape[0]))], axis=-1)
+        h = jnp.concatenate([inputs[index], jnp.broadcast_to(context, index.shape + context.shape)], axis=-1)
         return nn.Dense(1)(leaky(nn.Dense(16)(h))).mean()
 
 
@@ -193,18 +192,16 @@ class Buffer(NamedTuple):
 
 
 def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
-    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
-    units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
-    gradient of L_φ reaches the policy (also through the context) and the memory units [memory_units] =
-    tanh(W·1 + b), agent parameters W, b that only L_φ reads and moves (section 3.2; epg/networks.py:51-70).
-    The reward is raw (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
+    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory units
+    (epg/agents.py:90-104), zero on unfilled rows. Policy outputs and memory units [memory_units] = tanh(W·1 + b) are
+    recomputed from `agent`, so L_φ's gradient reaches the policy (also through the context) and W, b, which only L_φ
+    reads (section 3.2; networks.py:51-70). Reward: raw (agents.py:142), or zero if `reward_blind` (agents.py:123)."""
     obs = obs_stats.normalize(buffer.obs)
     pi = policy_distribution(agent, obs)
     memory = jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
-    x = jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
-                         buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
-                         jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1)
-    return x * buffer.valid[:, None]
+    return jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
+                            buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                            jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1) * buffer.valid[:, None]
 
 
 def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
@@ -266,10 +263,10 @@ def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_dec
     return centered_ranks(fitness) @ eps / eps.shape[0] - weight_decay * theta
 
 
-# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
-# family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action,
-# task) -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the
-# episode ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
+# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the family's
+# environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task) -> (obs,
+# state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode ended
+# (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
 SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
@@ -278,11 +275,10 @@ GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -
 
 def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0) -> dict:
     """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
-    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally
-    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
-    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, the floor (geom 0) unscaled.
-    random-pendulum: {"mass", "length", "gravity": [n]}. The non-goal families' `test` tasks are unseen draws of
-    the same distribution. Raises ValueError for an unknown family."""
+    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally likely
+    (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
+    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled.
+    random-pendulum: {"mass", "length", "gravity": [n]}; other `test` tasks: new draws. ValueError if unknown."""
     keys = jax.random.split(key, 4)
     uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
     if family in GOAL_RADIUS:
@@ -314,8 +310,7 @@ class GoalPointEnv:
     DT, DAMPING = 0.1, 0.1
 
     def reset(self, key, task):
-        state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2),
-                 "t": jnp.int32(0)}
+        state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2), "t": jnp.int32(0)}
         return jnp.concatenate([state["pos"], state["vel"]]), state
 
     def step(self, key, state, action, task):
@@ -379,11 +374,10 @@ class BraxTaskEnv:
         """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
         if self.family != "random-hopper":
             return fn()
-        size = jnp.asarray(self.sys.geom_size)
         self.base.sys = self.sys.tree_replace({
             "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
             "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
-            "geom_size": size.at[:, 0].multiply(task["thickness_scale"]),
+            "geom_size": jnp.asarray(self.sys.geom_size).at[:, 0].multiply(task["thickness_scale"]),
             "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"]})
         try:
             return fn()
@@ -546,15 +540,13 @@ class LifetimeOutput(NamedTuple):
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1).
-
-    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every steps the
-    buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
+    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1). A fresh
+    agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every steps the buffer
+    (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
     minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole buffer
     (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190).
     Fitness: the mean return of the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and
-    vmap freely (theta: the flattened EPGLoss [dim]).
-    """
+    vmap freely (theta: the flattened EPGLoss [dim])."""
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     unravel = ravel_pytree(loss_template(args, env))[1]
     max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
@@ -572,24 +564,26 @@ def make_lifetime(args: Args, env) -> Callable:
                                recent_returns=recent)
         return state, step
 
-    def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
+    def interval(state: LifetimeState, loss_params, task, settings: InnerSettings):
+        """M environment steps, the buffer refreshed, then the policy update: settings.update_epochs passes."""
+        state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
+        obs_stats = state.obs_stats.update(steps.obs)
+        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
+        # PPO's batch, fixed before the update: the M newest steps, their GAE advantages and the policy as it was
         recent = jax.tree.map(lambda x: x[n - m:], buffer)
         obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
-        values, next_values = value_fn(agent, obs), value_fn(agent, final_obs)
-        cuts = recent.done.at[-1].set(1.0)
-        advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
-                                        PPO_GAMMA, PPO_LAMBDA)
+        values, next_values = value_fn(state.agent, obs), value_fn(state.agent, final_obs)
+        cuts = recent.done.at[-1].set(1.0)  # episode ends and the window's last step
+        advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA,
+                                        PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-        pi = policy_distribution(agent, obs)
+        pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
-        return PPOBatch(obs, recent.action, old_pi, advantage, target)
-
-    def update(state: LifetimeState, loss_params, settings: InnerSettings):
-        batch = prepare_ppo(state.agent, state.buffer, state.obs_stats)
+        batch = PPOBatch(obs, recent.action, old_pi, advantage, target)
         optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
-            inputs = lambda: loss_inputs(agent, state.buffer, state.obs_stats, settings.reward_blind)
+            inputs = lambda: loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
             epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
             ppo = lambda: ppo_loss(agent, jax.tree.map(lambda x: x[index], batch))
             zero = lambda: jnp.float32(0.0)
@@ -611,13 +605,7 @@ def make_lifetime(args: Args, env) -> Callable:
             return jax.lax.scan(minibatch_step, carry, indices)[0]
 
         agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
-        return state._replace(agent=agent, opt_state=opt_state, key=key)
-
-    def interval(state: LifetimeState, loss_params, task, settings):
-        state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
-        obs_stats = state.obs_stats.update(steps.obs)
-        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
-        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, settings)
+        state = state._replace(agent=agent, opt_state=opt_state, obs_stats=obs_stats, buffer=buffer, key=key)
         return state, state.recent_returns[-1]
 
     def lifetime(theta, task, key, settings: InnerSettings):
@@ -626,9 +614,8 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
-        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim),
-                              buffer, env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan),
-                              key_run)
+        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim), buffer,
+                              env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
         loss_params = unravel(theta)
         state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, settings), state, None,
                                     args.lifetime // m)
@@ -689,8 +676,7 @@ def make_generation(args: Args, env) -> Callable:
         returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
                              InnerSettings.of(args, alpha))
         fitness = returns.mean(axis=1)
-        grad = es_gradient(theta, eps, fitness, args.weight_decay)
-        updates, opt_state = optimizer.update(-grad, opt_state, theta)
+        updates, opt_state = optimizer.update(-es_gradient(theta, eps, fitness, args.weight_decay), opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
     return jax.jit(generation)
@@ -731,13 +717,22 @@ def read_file(path: str, what: str, parse: Callable):
         raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
-def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss) and generations.csv, both atomic."""
+def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best: dict):
+    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss), generations.csv,
+    loss.msgpack (θ), best_loss.msgpack and fitness_curve.png."""
     state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
     lines = [",".join(fields)] + [",".join(str(r[k]) for k in fields) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
+    save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
+    save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
+    evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
+    series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
+        ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
+        ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
+    save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
+              f"EPG on {args.task_family}")
 
 
 def load_checkpoint(run_dir: str, theta, opt_state):
@@ -777,8 +772,7 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4), layout="tight")
-    ax = fig.subplots()
+    ax = Figure(figsize=(6.5, 4), layout="tight").subplots()
     for name, (x, y) in series.items():
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
             mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
@@ -786,7 +780,7 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    fig.savefig(path + ".tmp.png", dpi=120)
+    ax.figure.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
 
 
@@ -823,17 +817,6 @@ def run_meta_training(args: Args) -> str:
     eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
-    def checkpoint():
-        save_checkpoint(run_dir, theta, opt_state, rows, best)
-        save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
-        save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
-        series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
-            ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
-            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
-        save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
-                  f"EPG on {args.task_family}")
-
     with tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
               desc="generations", file=sys.stdout, mininterval=0) as bar:
         try:
@@ -842,11 +825,10 @@ def run_meta_training(args: Args) -> str:
                 new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
                 fitness = np.where(np.isfinite(fitness), fitness, np.nan)
                 seconds = time.time() - t0  # the generation alone, without the evaluation below
-                eval_fitness, new_best = float("nan"), best
+                eval_fitness = float("nan")
                 if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
                     eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
-                    if eval_fitness > best["fitness"]:
-                        new_best = {"fitness": eval_fitness, "theta": new_theta}
+                new_best = {"fitness": eval_fitness, "theta": new_theta} if eval_fitness > best["fitness"] else best
                 row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
                            mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
                 # commit the generation in one assignment, so an interruption sees it whole or not at all
@@ -854,9 +836,9 @@ def run_meta_training(args: Args) -> str:
                 bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
                                 sec=f"{seconds:.1f}")
                 if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                    checkpoint()
+                    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
         except KeyboardInterrupt:
-            checkpoint()
+            save_checkpoint(run_dir, args, theta, opt_state, rows, best)
             print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
                   f"--resume {run_dir}", file=sys.stderr)
             sys.exit(130)
