@@ -1,10 +1,9 @@
 """Evolved Policy Gradients (EPG): evolve a loss function with which a fresh agent learns a new task.
 
-A freshly initialised Gaussian policy learns one task, drawn from a family of tasks, by gradient descent on a learned
-loss L_φ: a temporal-convolution network that reads the agent's last N steps of experience and the policy's own
-outputs and returns a scalar. Evolution strategies search φ; a candidate loss's fitness is the return its agent
-reaches at the end of a whole learning lifetime, and the evolved loss then trains fresh agents on tasks it never
-saw, with no value function or advantage estimate of its own.
+A freshly initialised Gaussian policy learns one task of a family by gradient descent on a learned loss L_φ, a
+temporal-convolution network that reads the agent's last N steps of experience and the policy's own outputs. Evolution
+strategies search φ: a loss's fitness is the return its agent reaches at the end of a whole learning lifetime; the
+evolved loss then trains fresh agents on unseen tasks, with no value function or advantage estimate of its own.
 
 Paper: Rein Houthooft, Richard Y. Chen, Phillip Isola, Bradly C. Stadie, Filip Wolski, Jonathan Ho,
 Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (sections 3-4, Algorithm 1).
@@ -52,7 +51,6 @@ INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "up
 
 @dataclasses.dataclass
 class Args:
-    # ---- run ----
     exp_name: str = "epg"
     """name of this experiment, part of the run name"""
     seed: int = 1
@@ -61,14 +59,12 @@ class Args:
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
-    # ---- task family ----
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
-    # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
@@ -87,7 +83,6 @@ class Args:
     """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
-    # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
@@ -108,7 +103,6 @@ class Args:
     """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
-    # ---- --test: held-out tasks ----
     test: bool = False
     """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
     load_loss: Optional[str] = None
@@ -145,11 +139,9 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
     for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
         if rollout % args.minibatch_size or args.lifetime % rollout:
-            raise ArgsError(f"a rollout of {rollout} steps must be a multiple of --minibatch-size "
-                            f"{args.minibatch_size} and divide --lifetime {args.lifetime}")
+            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
     if args.buffer_size < max(args.update_every, MIN_BUFFER):
-        raise ArgsError(f"--buffer-size {args.buffer_size} is smaller than --update-every {args.update_every} "
-                        f"or than the {MIN_BUFFER} steps the loss's convolutions need")
+        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
     if args.lifetime < args.buffer_size:
         raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
     if args.test and args.load_loss is None:
@@ -163,11 +155,11 @@ def resolve_args(args: Args) -> Args:
 
 # ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
 class EPGLoss(nn.Module):
-    """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93): __call__(inputs [N, D],
-    index [B]) -> scalar, `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as
-    channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU,
-    mean over time, Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU,
-    Dense(1); mean over the minibatch. Leaky slope 0.2 (chainer's default, which the reference uses)."""
+    """The learned loss L_φ (paper Fig. 2; Conv1DLoss, epg/losses.py:36-93): (inputs [N, D], index [B]) -> scalar,
+    `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as channels, through
+    Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time,
+    Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU, Dense(1), mean over
+    the B. Leaky slope 0.2 (chainer's default, which the reference uses)."""
 
     @nn.compact
     def __call__(self, inputs, index):
@@ -219,32 +211,22 @@ def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, ga
     return advantages, advantages + values
 
 
-class PPOBatch(NamedTuple):
-    """The M newest steps, prepared for the PPO loss before the update starts: [M, ...]."""
-
-    obs: jax.Array  # normalised
-    action: jax.Array
-    old_pi: "DiagGaussian"
-    advantage: jax.Array  # normalised over the M steps
-    target: jax.Array  # value target (GAE return)
-
-
-def ppo_loss(agent: dict, batch: PPOBatch) -> jax.Array:
-    """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
+def ppo_loss(agent: dict, obs, action, old_pi: "DiagGaussian", advantage, target) -> jax.Array:
+    """The reference's PPO loss on a minibatch (epg/agents.py:106-117): obs [B, obs_dim] normalised, action
+    [B, action_dim], old_pi the policy before the update, advantage [B] normalised over the M steps, value target [B].
     -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
-    pi = policy_distribution(agent, batch.obs)
-    ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
+    pi = policy_distribution(agent, obs)
+    ratio = jnp.exp(pi.log_prob(action) - old_pi.log_prob(action))
     clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
-    policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
-    value = jnp.mean((value_fn(agent, batch.obs) - batch.target) ** 2)
-    return policy + PPO_KL * jnp.mean(batch.old_pi.kl(pi)) + value
+    policy = -jnp.mean(jnp.minimum(ratio * advantage, clipped * advantage))
+    value = jnp.mean((value_fn(agent, obs) - target) ** 2)
+    return policy + PPO_KL * jnp.mean(old_pi.kl(pi)) + value
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
-    """Centered-rank fitness shaping (Salimans et al. 2017, arXiv:1703.03864, section 2.2; the reference's
-    relative_ranks, epg/utils.py:55-62): [pop] -> [pop]. The member of rank k (0 = lowest fitness) gets
-    k / (pop - 1) - 0.5, in [-0.5, 0.5]; non-finite fitness counts as the lowest."""
+    """Centered ranks (Salimans et al. 2017, arXiv:1703.03864, section 2.2; relative_ranks, epg/utils.py:55-62):
+    [pop] -> [pop], rank k (0 = lowest fitness) → k / (pop - 1) - 0.5 in [-0.5, 0.5]; non-finite counts as lowest."""
     fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
     ranks = jnp.argsort(jnp.argsort(fitness))
     return ranks / (fitness.shape[0] - 1) - 0.5
@@ -451,9 +433,6 @@ class DiagGaussian(NamedTuple):
     mean: jax.Array
     log_std: jax.Array
 
-    def sample(self, key):
-        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
-
     def log_prob(self, action):
         z = (action - self.mean) / jnp.exp(self.log_std)
         return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
@@ -540,20 +519,20 @@ class LifetimeOutput(NamedTuple):
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1). A fresh
-    agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every steps the buffer
-    (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
-    minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the whole buffer
-    (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190).
-    Fitness: the mean return of the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and
-    vmap freely (theta: the flattened EPGLoss [dim])."""
+    """lifetime(theta [dim], task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1), theta
+    the flattened EPGLoss. A fresh agent acts for --lifetime steps, across episodes. Every M = --update-every steps the
+    buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
+    minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context the whole buffer (epg/agents.py:119-199);
+    a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190). Fitness: the mean return of
+    the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and vmap freely."""
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     unravel = ravel_pytree(loss_template(args, env))[1]
     max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
         key, key_action, key_env = jax.random.split(state.key, 3)
-        action = policy_distribution(state.agent, state.obs_stats.normalize(state.obs)).sample(key_action)
+        pi = policy_distribution(state.agent, state.obs_stats.normalize(state.obs))
+        action = pi.mean + jnp.exp(pi.log_std) * jax.random.normal(key_action, pi.mean.shape)
         obs, env_state, reward, terminated, truncated, final_obs = env.step(
             key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
@@ -565,7 +544,6 @@ def make_lifetime(args: Args, env) -> Callable:
         return state, step
 
     def interval(state: LifetimeState, loss_params, task, settings: InnerSettings):
-        """M environment steps, the buffer refreshed, then the policy update: settings.update_epochs passes."""
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
         obs_stats = state.obs_stats.update(steps.obs)
         buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
@@ -579,13 +557,13 @@ def make_lifetime(args: Args, env) -> Callable:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
-        batch = PPOBatch(obs, recent.action, old_pi, advantage, target)
+        batch = (obs, recent.action, old_pi, advantage, target)  # ppo_loss's arguments, [M, ...]
         optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
             inputs = lambda: loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
             epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
-            ppo = lambda: ppo_loss(agent, jax.tree.map(lambda x: x[index], batch))
+            ppo = lambda: ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
             zero = lambda: jnp.float32(0.0)
             return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
@@ -631,10 +609,9 @@ def loss_template(args: Args, env) -> dict:
     return EPGLoss().init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
 
 
-def ppo_alpha(args: Args, generation: int) -> float:
+def ppo_alpha(args: Args, g: int) -> float:
     """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
-    horizon = args.ppo_anneal_frac * args.num_generations
-    return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
+    return max(0.0, 1.0 - g / (args.ppo_anneal_frac * args.num_generations)) if args.ppo_anneal_frac > 0 else 0.0
 
 
 def generation_key(args: Args, generation: int) -> jax.Array:
@@ -697,7 +674,8 @@ def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
 def atomic_write(path: str, data):
-    """Write bytes, or a dict as JSON, via a temporary file and a rename, so a crash never leaves half a file."""
+    """Write bytes, or a dict as JSON, via a temporary file and a rename (never half a file); makes the directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = (json.dumps(data, indent=2) + "\n").encode() if isinstance(data, dict) else data
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -772,13 +750,12 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
     from matplotlib.figure import Figure
 
-    ax = Figure(figsize=(6.5, 4), layout="tight").subplots()
+    ax = Figure(figsize=(6.5, 4), layout="tight").add_subplot(xlabel=xlabel, ylabel=ylabel, title=title)
     for name, (x, y) in series.items():
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
             mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
         ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     ax.figure.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
@@ -787,10 +764,9 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 # ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
-    def parse(data):
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()}
-        return Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-
+    fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
+    parse = lambda data: Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()
+                                 if k in fields})
     saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
@@ -800,7 +776,6 @@ def run_meta_training(args: Args) -> str:
     """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
     name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
-    os.makedirs(run_dir, exist_ok=True)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
     opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
@@ -859,22 +834,18 @@ def run_test(args: Args) -> str:
     theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
-    os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
     runner = functools.cache(lambda every, size, n: make_runner(  # compiled once per shape
         dataclasses.replace(args, update_every=every, buffer_size=size), env, n))
-
-    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:
-        return runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(theta, *tasks, InnerSettings.of(cfg, alpha))
-
+    run = lambda cfg, theta, alpha, tasks=tasks: runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(
+        theta, *tasks, InnerSettings.of(cfg, alpha))  # -> LifetimeOutput with leading axis len(tasks)
     outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
-            raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
-                            f"with the evolved loss's inner-loop settings")
+            raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
     sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
