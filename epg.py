@@ -1,24 +1,22 @@
 """Evolved Policy Gradients (EPG): evolve a loss function with which a fresh agent learns a new task.
 
-A freshly initialised Gaussian policy learns one task, drawn from a family of tasks, by gradient descent on a
-learned loss L_φ: a temporal-convolution network that reads the agent's last N steps of experience and the
-policy's own outputs and returns a scalar. Evolution strategies search φ; the fitness of a candidate loss is
-the return its agent reaches at the end of a whole learning lifetime, and the evolved loss then trains fresh
-agents on tasks it never saw, with no value function or advantage estimate of its own.
+A freshly initialised Gaussian policy learns one task of a family by gradient descent on a learned loss L_φ, a
+temporal-convolution network that reads the agent's last N steps of experience and the policy's own outputs. Evolution
+strategies search φ: a loss's fitness is the return its agent reaches at the end of a whole learning lifetime; the
+evolved loss then trains fresh agents on unseen tasks, with no value function or advantage estimate of its own.
 
 Paper: Rein Houthooft, Richard Y. Chen, Phillip Isola, Bradly C. Stadie, Filip Wolski, Jonathan Ho,
 Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (sections 3-4, Algorithm 1).
 Relative to a policy-gradient method, the hand-written surrogate objective is replaced by L_φ; during the
 first part of meta-training it is mixed with a PPO loss, (1 - α)·L_φ + α·L_PPO, α annealed from 1 to 0.
 
-Example:
+Example (more in docs/epg.md: --test on left-half goals, --resume, the Brax families):
     python epg.py --task-family goal-point --num-generations 200        # meta-train on the CPU family
-    python epg.py --task-family goal-point --test --load-loss losses/goal_point.msgpack   # left-half goals
-    python epg.py --task-family goal-ant                                 # the paper's GoalAnt (GPU)
 """
 
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -36,6 +34,7 @@ import numpy as np
 import optax
 import tyro
 from jax.flatten_util import ravel_pytree
+from tqdm import tqdm
 
 TaskFamily = Literal["goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper",
                      "goal-reacher"]
@@ -44,17 +43,14 @@ BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfchee
 EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
-# Independent streams of randomness: every key of a run is fold_in(PRNGKey(--seed), STREAM), refined further.
-GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3
+GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3  # every key: fold_in(PRNGKey(--seed), STREAM)
 PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
-# The inner-loop settings a loss was evolved with: saved in its loss file and used again by --test.
 INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "inner_learning_rate",
-                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")
+                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")  # in a loss file, used by --test
 
 
 @dataclasses.dataclass
 class Args:
-    # ---- run ----
     exp_name: str = "epg"
     """name of this experiment, part of the run name"""
     seed: int = 1
@@ -63,14 +59,12 @@ class Args:
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: Optional[str] = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
-    # ---- task family ----
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
     episode_length: Optional[int] = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
-    # ---- the inner loop: one agent's lifetime ----
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
@@ -89,7 +83,6 @@ class Args:
     """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
-    # ---- the outer loop: evolution strategies on the loss ----
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
@@ -110,7 +103,6 @@ class Args:
     """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
-    # ---- --test: held-out tasks ----
     test: bool = False
     """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
     load_loss: Optional[str] = None
@@ -138,22 +130,18 @@ def resolve_args(args: Args) -> Args:
     defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
-                 "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every",
-                 "num_seeds", "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma",
-                 "es_learning_rate"):
-        if not getattr(args, name) > 0:
+                 "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every", "num_seeds",
+                 "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma", "es_learning_rate",
+                 "ppo_rollouts", "ppo_epochs"):  # the tuples: every entry
+        if not np.all(np.asarray(getattr(args, name)) > 0):
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.memory_units < 0 or min(args.ppo_rollouts + args.ppo_epochs, default=1) <= 0:
-        raise ArgsError("--memory-units must be >= 0 and --ppo-rollouts, --ppo-epochs positive")
-    if args.weight_decay < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--weight-decay must be >= 0 and --ppo-anneal-frac in [0, 1]")
+    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
     for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
         if rollout % args.minibatch_size or args.lifetime % rollout:
-            raise ArgsError(f"a rollout of {rollout} steps must be a multiple of --minibatch-size "
-                            f"{args.minibatch_size} and divide --lifetime {args.lifetime}")
+            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
     if args.buffer_size < max(args.update_every, MIN_BUFFER):
-        raise ArgsError(f"--buffer-size {args.buffer_size} is smaller than --update-every {args.update_every} "
-                        f"or than the {MIN_BUFFER} steps the loss's convolutions need")
+        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
     if args.lifetime < args.buffer_size:
         raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
     if args.test and args.load_loss is None:
@@ -167,14 +155,11 @@ def resolve_args(args: Args) -> Args:
 
 # ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
 class EPGLoss(nn.Module):
-    """The learned loss L_φ (paper Fig. 2; the reference's Conv1DLoss, epg/losses.py:36-93).
-
-    __call__(inputs [N, D], index [B]) -> scalar. `inputs`: one row per step of the buffer (loss_inputs).
-    Context: the whole buffer, features as channels, through Conv1d(D→16, kernel 6, stride 5), leaky ReLU,
-    Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time, Dense(32). Head, for the B steps `index`:
-    [step features, context] → Dense(16), leaky ReLU, Dense(1); mean over the minibatch. Leaky slope 0.2
-    (chainer's default, which the reference uses).
-    """
+    """The learned loss L_φ (paper Fig. 2; Conv1DLoss, epg/losses.py:36-93): (inputs [N, D], index [B]) -> scalar,
+    `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as channels, through
+    Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time,
+    Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU, Dense(1), mean over
+    the B. Leaky slope 0.2 (chainer's default, which the reference uses)."""
 
     @nn.compact
     def __call__(self, inputs, index):
@@ -182,8 +167,7 @@ class EPGLoss(nn.Module):
         x = leaky(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
         x = leaky(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
         context = nn.Dense(32)(x.mean(axis=0))
-        steps = inputs[index]
-        h = jnp.concatenate([steps, jnp.broadcast_to(context, (steps.shape[0], context.shape[0]))], axis=-1)
+        h = jnp.concatenate([inputs[index], jnp.broadcast_to(context, index.shape + context.shape)], axis=-1)
         return nn.Dense(1)(leaky(nn.Dense(16)(h))).mean()
 
 
@@ -199,24 +183,17 @@ class Buffer(NamedTuple):
     valid: jax.Array  # [N]
 
 
-def memory_vector(agent: dict) -> jax.Array:
-    """The memory units [memory_units] = tanh(W·1 + b) (reference epg/networks.py:51-70): W and b are agent
-    parameters that only the learned loss reads and, through its gradient, moves (paper section 3.2)."""
-    return jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
-
-
 def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
-    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory
-    units (epg/agents.py:90-104), zero on unfilled rows. The policy outputs are recomputed from `agent`, so the
-    gradient of L_φ reaches the policy (also through the context) and the memory. The reward is raw, as in
-    the reference (agents.py:142), or zero if `reward_blind` (the switch commented out at agents.py:123)."""
+    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory units
+    (epg/agents.py:90-104), zero on unfilled rows. Policy outputs and memory units [memory_units] = tanh(W·1 + b) are
+    recomputed from `agent`, so L_φ's gradient reaches the policy (also through the context) and W, b, which only L_φ
+    reads (section 3.2; networks.py:51-70). Reward: raw (agents.py:142), or zero if `reward_blind` (agents.py:123)."""
     obs = obs_stats.normalize(buffer.obs)
     pi = policy_distribution(agent, obs)
-    memory = memory_vector(agent)
-    x = jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
-                         buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
-                         jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1)
-    return x * buffer.valid[:, None]
+    memory = jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
+    return jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
+                            buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                            jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1) * buffer.valid[:, None]
 
 
 def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
@@ -234,32 +211,22 @@ def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, ga
     return advantages, advantages + values
 
 
-class PPOBatch(NamedTuple):
-    """The M newest steps, prepared for the PPO loss before the update starts: [M, ...]."""
-
-    obs: jax.Array  # normalised
-    action: jax.Array
-    old_pi: "DiagGaussian"
-    advantage: jax.Array  # normalised over the M steps
-    target: jax.Array  # value target (GAE return)
-
-
-def ppo_loss(agent: dict, batch: PPOBatch) -> jax.Array:
-    """The reference's PPO loss on a minibatch [B, ...] (epg/agents.py:106-117):
+def ppo_loss(agent: dict, obs, action, old_pi: "DiagGaussian", advantage, target) -> jax.Array:
+    """The reference's PPO loss on a minibatch (epg/agents.py:106-117): obs [B, obs_dim] normalised, action
+    [B, action_dim], old_pi the policy before the update, advantage [B] normalised over the M steps, value target [B].
     -mean(min(r·A, clip(r, 1±ε)·A)) + 0.001·mean(KL(π_old ‖ π)) + mean((V - V_target)²), ε = 0.2
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7, plus the value error and a small KL penalty)."""
-    pi = policy_distribution(agent, batch.obs)
-    ratio = jnp.exp(pi.log_prob(batch.action) - batch.old_pi.log_prob(batch.action))
+    pi = policy_distribution(agent, obs)
+    ratio = jnp.exp(pi.log_prob(action) - old_pi.log_prob(action))
     clipped = jnp.clip(ratio, 1 - PPO_CLIP, 1 + PPO_CLIP)
-    policy = -jnp.mean(jnp.minimum(ratio * batch.advantage, clipped * batch.advantage))
-    value = jnp.mean((value_fn(agent, batch.obs) - batch.target) ** 2)
-    return policy + PPO_KL * jnp.mean(batch.old_pi.kl(pi)) + value
+    policy = -jnp.mean(jnp.minimum(ratio * advantage, clipped * advantage))
+    value = jnp.mean((value_fn(agent, obs) - target) ** 2)
+    return policy + PPO_KL * jnp.mean(old_pi.kl(pi)) + value
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
-    """Centered-rank fitness shaping (Salimans et al. 2017, arXiv:1703.03864, section 2.2; the reference's
-    relative_ranks, epg/utils.py:55-62): [pop] -> [pop]. The member of rank k (0 = lowest fitness) gets
-    k / (pop - 1) - 0.5, in [-0.5, 0.5]; non-finite fitness counts as the lowest."""
+    """Centered ranks (Salimans et al. 2017, arXiv:1703.03864, section 2.2; relative_ranks, epg/utils.py:55-62):
+    [pop] -> [pop], rank k (0 = lowest fitness) → k / (pop - 1) - 0.5 in [-0.5, 0.5]; non-finite counts as lowest."""
     fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
     ranks = jnp.argsort(jnp.argsort(fitness))
     return ranks / (fitness.shape[0] - 1) - 0.5
@@ -278,10 +245,10 @@ def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_dec
     return centered_ranks(fitness) @ eps / eps.shape[0] - weight_decay * theta
 
 
-# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
-# family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action,
-# task) -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the
-# episode ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
+# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the family's
+# environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task) -> (obs,
+# state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode ended
+# (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
 SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
@@ -290,11 +257,10 @@ GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -
 
 def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0) -> dict:
     """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
-    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally
-    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
-    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, the floor (geom 0) unscaled.
-    random-pendulum: {"mass", "length", "gravity": [n]}. The non-goal families' `test` tasks are unseen draws of
-    the same distribution. Raises ValueError for an unknown family."""
+    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally likely
+    (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
+    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled.
+    random-pendulum: {"mass", "length", "gravity": [n]}; other `test` tasks: new draws. ValueError if unknown."""
     keys = jax.random.split(key, 4)
     uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
     if family in GOAL_RADIUS:
@@ -304,9 +270,7 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     if family in ("dir-hopper", "dir-cheetah"):
         return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
     if family == "random-hopper":
-        not_floor = (jnp.arange(num_geoms) > 0)
-        scale = lambda k, shape: jnp.where(not_floor.reshape((1, num_geoms) + (1,) * (len(shape) - 2)),
-                                           uniform(k, shape, SCALE_RANGE), 1.0)
+        scale = lambda k, shape: uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
         return {"mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
                 "friction_scale": scale(keys[1], (n, num_geoms, 3)),
                 "thickness_scale": scale(keys[3], (n, num_geoms)), "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
@@ -328,8 +292,7 @@ class GoalPointEnv:
     DT, DAMPING = 0.1, 0.1
 
     def reset(self, key, task):
-        state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2),
-                 "t": jnp.int32(0)}
+        state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2), "t": jnp.int32(0)}
         return jnp.concatenate([state["pos"], state["vel"]]), state
 
     def step(self, key, state, action, task):
@@ -393,11 +356,10 @@ class BraxTaskEnv:
         """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
         if self.family != "random-hopper":
             return fn()
-        size = jnp.asarray(self.sys.geom_size)
         self.base.sys = self.sys.tree_replace({
             "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
             "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
-            "geom_size": size.at[:, 0].multiply(task["thickness_scale"]),
+            "geom_size": jnp.asarray(self.sys.geom_size).at[:, 0].multiply(task["thickness_scale"]),
             "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"]})
         try:
             return fn()
@@ -425,12 +387,10 @@ class BraxTaskEnv:
 
     def step(self, key, state, action, task):
         next_state = self._with_task(task, lambda: self.env.step(state, action))
-        reward = self._task_reward(next_state, task)
         truncated = next_state.info["truncation"]
         terminated = next_state.done * (1.0 - truncated)
-        reset_state = self.reset(key, task)[1]
-        state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), reset_state, next_state)
-        return state.obs, state, reward, terminated, truncated, next_state.obs
+        state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), self.reset(key, task)[1], next_state)
+        return state.obs, state, self._task_reward(next_state, task), terminated, truncated, next_state.obs
 
 
 def make_env(args: Args):
@@ -473,9 +433,6 @@ class DiagGaussian(NamedTuple):
     mean: jax.Array
     log_std: jax.Array
 
-    def sample(self, key):
-        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
-
     def log_prob(self, action):
         z = (action - self.mean) / jnp.exp(self.log_std)
         return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
@@ -512,17 +469,14 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
     {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
-    return {"policy": MLP(action_dim).init(key_pi, dummy),
-            "log_std": jnp.zeros(action_dim),
+    return {"policy": MLP(action_dim).init(key_pi, dummy), "log_std": jnp.zeros(action_dim),
             "memory": {"kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
-                       "bias": jnp.zeros(args.memory_units)},
-            "value": MLP(1).init(key_v, dummy)}
+                       "bias": jnp.zeros(args.memory_units)}, "value": MLP(1).init(key_v, dummy)}
 
 
 def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
-    mean = MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs)
-    return DiagGaussian(mean, agent["log_std"])
+    return DiagGaussian(MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs), agent["log_std"])
 
 
 def value_fn(agent: dict, obs: jax.Array) -> jax.Array:
@@ -565,23 +519,20 @@ class LifetimeOutput(NamedTuple):
 
 
 def make_lifetime(args: Args, env) -> Callable:
-    """lifetime(theta, task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1).
-
-    A fresh agent acts for --lifetime steps in one environment, across episodes. Every M = --update-every
-    steps the buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M
-    newest steps in minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context computed from the
-    whole buffer (epg/agents.py:119-199); a term of weight 0 is not computed, a non-finite gradient is skipped
-    (agents.py:190). Fitness: the mean return of the lifetime's last --num-eval-episodes episodes
-    (epg/evolution.py:184). One lax.scan; jit and vmap freely (theta: the flattened EPGLoss [dim]).
-    """
+    """lifetime(theta [dim], task, key, settings) -> LifetimeOutput: one agent learning one task (Algorithm 1), theta
+    the flattened EPGLoss. A fresh agent acts for --lifetime steps, across episodes. Every M = --update-every steps the
+    buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
+    minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context the whole buffer (epg/agents.py:119-199);
+    a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190). Fitness: the mean return of
+    the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and vmap freely."""
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     unravel = ravel_pytree(loss_template(args, env))[1]
-    num_minibatches = m // args.minibatch_size
     max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
         key, key_action, key_env = jax.random.split(state.key, 3)
-        action = policy_distribution(state.agent, state.obs_stats.normalize(state.obs)).sample(key_action)
+        pi = policy_distribution(state.agent, state.obs_stats.normalize(state.obs))
+        action = pi.mean + jnp.exp(pi.log_std) * jax.random.normal(key_action, pi.mean.shape)
         obs, env_state, reward, terminated, truncated, final_obs = env.step(
             key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
         done = jnp.maximum(terminated, truncated)
@@ -592,26 +543,27 @@ def make_lifetime(args: Args, env) -> Callable:
                                recent_returns=recent)
         return state, step
 
-    def prepare_ppo(agent, buffer, obs_stats) -> PPOBatch:
+    def interval(state: LifetimeState, loss_params, task, settings: InnerSettings):
+        state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
+        obs_stats = state.obs_stats.update(steps.obs)
+        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
+        # PPO's batch, fixed before the update: the M newest steps, their GAE advantages and the policy as it was
         recent = jax.tree.map(lambda x: x[n - m:], buffer)
         obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
-        values, next_values = value_fn(agent, obs), value_fn(agent, final_obs)
-        cuts = recent.done.at[-1].set(1.0)
-        advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts,
-                                        PPO_GAMMA, PPO_LAMBDA)
+        values, next_values = value_fn(state.agent, obs), value_fn(state.agent, final_obs)
+        cuts = recent.done.at[-1].set(1.0)  # episode ends and the window's last step
+        advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA,
+                                        PPO_LAMBDA)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-        pi = policy_distribution(agent, obs)
+        pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
-        return PPOBatch(obs, recent.action, old_pi, advantage, target)
-
-    def update(state: LifetimeState, loss_params, settings: InnerSettings):
-        batch = prepare_ppo(state.agent, state.buffer, state.obs_stats)
+        batch = (obs, recent.action, old_pi, advantage, target)  # ppo_loss's arguments, [M, ...]
         optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
-            inputs = lambda: loss_inputs(agent, state.buffer, state.obs_stats, settings.reward_blind)
+            inputs = lambda: loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
             epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
-            ppo = lambda: ppo_loss(agent, jax.tree.map(lambda x: x[index], batch))
+            ppo = lambda: ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
             zero = lambda: jnp.float32(0.0)
             return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
@@ -627,17 +579,11 @@ def make_lifetime(args: Args, env) -> Callable:
         epoch_keys = jax.random.split(key_epochs, max_epochs)
 
         def epoch(i, carry):
-            indices = jax.random.permutation(epoch_keys[i], m).reshape(num_minibatches, args.minibatch_size)
+            indices = jax.random.permutation(epoch_keys[i], m).reshape(-1, args.minibatch_size)
             return jax.lax.scan(minibatch_step, carry, indices)[0]
 
         agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
-        return state._replace(agent=agent, opt_state=opt_state, key=key)
-
-    def interval(state: LifetimeState, loss_params, task, settings):
-        state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
-        obs_stats = state.obs_stats.update(steps.obs)
-        buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
-        state = update(state._replace(obs_stats=obs_stats, buffer=buffer), loss_params, settings)
+        state = state._replace(agent=agent, opt_state=opt_state, obs_stats=obs_stats, buffer=buffer, key=key)
         return state, state.recent_returns[-1]
 
     def lifetime(theta, task, key, settings: InnerSettings):
@@ -646,9 +592,8 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
-        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim),
-                              buffer, env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan),
-                              key_run)
+        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim), buffer,
+                              env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
         loss_params = unravel(theta)
         state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, settings), state, None,
                                     args.lifetime // m)
@@ -664,10 +609,9 @@ def loss_template(args: Args, env) -> dict:
     return EPGLoss().init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
 
 
-def ppo_alpha(args: Args, generation: int) -> float:
+def ppo_alpha(args: Args, g: int) -> float:
     """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
-    horizon = args.ppo_anneal_frac * args.num_generations
-    return 0.0 if horizon <= 0 else max(0.0, 1.0 - generation / horizon)
+    return max(0.0, 1.0 - g / (args.ppo_anneal_frac * args.num_generations)) if args.ppo_anneal_frac > 0 else 0.0
 
 
 def generation_key(args: Args, generation: int) -> jax.Array:
@@ -694,11 +638,9 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
 
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
-
-    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks
-    tasks and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness
-    is the mean final return over them. The member axis is sharded over the JAX devices; only returns come back.
-    """
+    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks tasks
+    and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
+    mean final return over them. The member axis is sharded over the JAX devices; only returns come back."""
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
     population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
                                args.pop_size, (True, False, False, False))
@@ -711,8 +653,7 @@ def make_generation(args: Args, env) -> Callable:
         returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
                              InnerSettings.of(args, alpha))
         fitness = returns.mean(axis=1)
-        grad = es_gradient(theta, eps, fitness, args.weight_decay)
-        updates, opt_state = optimizer.update(-grad, opt_state, theta)
+        updates, opt_state = optimizer.update(-es_gradient(theta, eps, fitness, args.weight_decay), opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
     return jax.jit(generation)
@@ -733,7 +674,8 @@ def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
 def atomic_write(path: str, data):
-    """Write bytes, or a dict as JSON, via a temporary file and a rename, so a crash never leaves half a file."""
+    """Write bytes, or a dict as JSON, via a temporary file and a rename (never half a file); makes the directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = (json.dumps(data, indent=2) + "\n").encode() if isinstance(data, dict) else data
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -753,15 +695,22 @@ def read_file(path: str, what: str, parse: Callable):
         raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
-GEN_FIELDS = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
-
-
-def save_checkpoint(run_dir: str, theta, opt_state, rows: list, best: dict):
-    """checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss) and generations.csv, both atomic."""
+def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best: dict):
+    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss), generations.csv,
+    loss.msgpack (θ), best_loss.msgpack and fitness_curve.png."""
     state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
-    lines = [",".join(GEN_FIELDS)] + [",".join(str(r[k]) for k in GEN_FIELDS) for r in rows]
+    fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
+    lines = [",".join(fields)] + [",".join(str(r[k]) for k in fields) for r in rows]
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
+    save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
+    save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
+    evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
+    series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
+        ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
+        ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
+    save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
+              f"EPG on {args.task_family}")
 
 
 def load_checkpoint(run_dir: str, theta, opt_state):
@@ -799,31 +748,25 @@ def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
     """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    plt.switch_backend("Agg")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax = Figure(figsize=(6.5, 4), layout="tight").add_subplot(xlabel=xlabel, ylabel=ylabel, title=title)
     for name, (x, y) in series.items():
-        with warnings.catch_warnings():  # points before any episode ended are NaN for every agent
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
             mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
         ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
+    ax.figure.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
 
 
 # ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
-    def parse(data):
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()}
-        return Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-
+    fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
+    parse = lambda data: Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()
+                                 if k in fields})
     saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
@@ -831,11 +774,8 @@ def resumed_args(args: Args) -> Args:
 
 def run_meta_training(args: Args) -> str:
     """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
-    from tqdm import tqdm
-
     name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
-    os.makedirs(run_dir, exist_ok=True)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
     opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
@@ -852,17 +792,6 @@ def run_meta_training(args: Args) -> str:
     eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
-    def checkpoint():
-        save_checkpoint(run_dir, theta, opt_state, rows, best)
-        save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
-        save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-        evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
-        series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
-            ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
-            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
-        save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
-                  f"EPG on {args.task_family}")
-
     with tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
               desc="generations", file=sys.stdout, mininterval=0) as bar:
         try:
@@ -871,11 +800,10 @@ def run_meta_training(args: Args) -> str:
                 new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
                 fitness = np.where(np.isfinite(fitness), fitness, np.nan)
                 seconds = time.time() - t0  # the generation alone, without the evaluation below
-                eval_fitness, new_best = float("nan"), best
+                eval_fitness = float("nan")
                 if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
                     eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
-                    if eval_fitness > best["fitness"]:
-                        new_best = {"fitness": eval_fitness, "theta": new_theta}
+                new_best = {"fitness": eval_fitness, "theta": new_theta} if eval_fitness > best["fitness"] else best
                 row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
                            mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
                 # commit the generation in one assignment, so an interruption sees it whole or not at all
@@ -883,9 +811,9 @@ def run_meta_training(args: Args) -> str:
                 bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
                                 sec=f"{seconds:.1f}")
                 if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                    checkpoint()
+                    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
         except KeyboardInterrupt:
-            checkpoint()
+            save_checkpoint(run_dir, args, theta, opt_state, rows, best)
             print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
                   f"--resume {run_dir}", file=sys.stderr)
             sys.exit(130)
@@ -906,24 +834,18 @@ def run_test(args: Args) -> str:
     theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
-    os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    start, runners = time.time(), {}
-
-    def run(cfg: Args, theta, alpha: float, tasks=tasks) -> LifetimeOutput:  # compiled once per shape
-        shape = (cfg.update_every, cfg.buffer_size, tasks[1].shape[0])
-        if shape not in runners:
-            runners[shape] = make_runner(dataclasses.replace(args, update_every=shape[0], buffer_size=shape[1]),
-                                         env, shape[2])
-        return runners[shape](theta, *tasks, InnerSettings.of(cfg, alpha))
-
+    start = time.time()
+    runner = functools.cache(lambda every, size, n: make_runner(  # compiled once per shape
+        dataclasses.replace(args, update_every=every, buffer_size=size), env, n))
+    run = lambda cfg, theta, alpha, tasks=tasks: runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(
+        theta, *tasks, InnerSettings.of(cfg, alpha))  # -> LifetimeOutput with leading axis len(tasks)
     outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
-            raise ArgsError(f"--load-reward-blind-loss {args.load_reward_blind_loss}: not a --reward-blind loss "
-                            f"with the evolved loss's inner-loop settings")
+            raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
     sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
@@ -939,8 +861,7 @@ def run_test(args: Args) -> str:
     for name, out in outputs.items():
         final, curve = np.asarray(out.final_return), np.asarray(out.curve)
         steps = (np.arange(curve.shape[1]) + 1) * args.lifetime / curve.shape[1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
         trainers[name] = dict(final_return_mean=float(final.mean()), final_return_std=float(final.std()),
