@@ -999,6 +999,8 @@ def run_meta_training(args: Args) -> str:
     """
     if args.pop_size < 2 or args.pop_size % 2:
         raise SystemExit(f"error: --pop-size {args.pop_size} must be even and positive (antithetic pairs)")
+    if args.drift_hidden is not None and min(args.drift_hidden, default=0) <= 0:
+        raise SystemExit(f"error: --drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
     run_dir = args.resume or args.run_dir or os.path.join(
         "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}")
     os.makedirs(run_dir, exist_ok=True)

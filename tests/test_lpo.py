@@ -86,9 +86,10 @@ def test_the_training_loop_is_dpo_py_verbatim(name):
 
 
 def test_es_maximises_the_fitness_with_the_authors_schedules():
-    es = lpo.make_es(lpo.Args(), lpo.init_drift_params(jax.random.PRNGKey(0)))
+    initial = lpo.init_drift_params(jax.random.PRNGKey(0))
+    es = lpo.make_es(lpo.Args(), initial)
     assert float(es.std_schedule(0)) == pytest.approx(0.04) and float(es.std_schedule(10**6)) == pytest.approx(0.01)
-    state = es.init(jax.random.PRNGKey(0), lpo.init_drift_params(jax.random.PRNGKey(0)), es.default_params)
+    state = es.init(jax.random.PRNGKey(0), initial, es.default_params)
     for g in range(20):  # fitness = the sum of the weights, told negated as run_meta_training tells it
         population, state = es.ask(jax.random.PRNGKey(g), state, es.default_params)
         fitness = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0].sum())(population)
@@ -148,6 +149,7 @@ def test_plot_drift_draws_the_shipped_drift(tmp_path):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
+    (["--drift-hidden", "-4", "--env-ids", "CartPole-v1"], "positive layer sizes"),
     (["--env-id", "Pong-v5"], "CartPole-v1"),
     (["--fitness-shaping", "rank"], "centered_rank"),
     (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
