@@ -686,21 +686,17 @@ FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRIC
 def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)",
                 ylabel: str = "episodic return"):
     """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     for label, (x, y, band) in curves.items():
         x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
         ax.plot(x, y, label=label)
         ax.fill_between(x, y - band, y + band, alpha=0.25)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def run_eval_only(args: Args) -> str:

@@ -767,21 +767,17 @@ FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRIC
 def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)",
                 ylabel: str = "episodic return"):
     """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     for label, (x, y, band) in curves.items():
         x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
         ax.plot(x, y, label=label)
         ax.fill_between(x, y - band, y + band, alpha=0.25)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def run_eval_only(args: Args) -> str:
@@ -1048,15 +1044,12 @@ def run_eval_drift(args: Args) -> str:
 def plot_drifts(path: str, drifts: dict):
     """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0, 2] and
     A ∈ [-2, 2], for PPO, DPO and each named drift f(r, A), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     drifts = {"PPO": lambda r, a: ppo_drift(r, a, 0.2), "DPO": dpo_drift, **drifts}
     ratios, advantages = jnp.linspace(0.01, 2.0, 200), jnp.linspace(-2.0, 2.0, 161)
-    fig, axes = plt.subplots(1, len(drifts), figsize=(4.2 * len(drifts), 3.6))
-    for ax, (name, drift) in zip(axes, drifts.items()):
+    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
+    for ax, (name, drift) in zip(fig.subplots(1, len(drifts)), drifts.items()):
         objective = lambda r, a: r * a - drift(r, a)
         grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
         bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
@@ -1064,9 +1057,7 @@ def plot_drifts(path: str, drifts: dict):
                           extent=(0.01, 2.0, -2.0, 2.0))
         ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main(args: Args) -> str:
