@@ -650,7 +650,8 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 
 def atomic_write(path: str, data: bytes):
-    """Write bytes to path via a temporary file and a rename, so an interrupted run never leaves half a file."""
+    """Write bytes to path (its directory created) via a temporary file and a rename: never half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.replace(path + ".tmp", path)
@@ -705,7 +706,6 @@ def run_eval_only(args: Args) -> str:
     params, obs_stats = load_tree(os.path.join(args.load, "params.msgpack"),
                                   (template.train_state.params, template.obs_stats))
     run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
     summary = dict(loaded_from=os.path.abspath(args.load), env_id=saved.env_id, drift=saved.drift,
                    num_eval_envs=saved.num_eval_envs, **evaluate_seeds(saved, params, obs_stats))
     atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -718,7 +718,6 @@ def run_training(args: Args) -> str:
     """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
     run_dir = args.resume or args.run_dir or os.path.join(
         "runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
     n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])

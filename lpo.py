@@ -1,10 +1,9 @@
 """Learned Policy Optimisation (LPO): a drift network meta-trained by evolution strategies, end to end in one file.
 
 Mirror Learning writes the policy objective as r·A - f(r, A): the importance ratio r times the advantage A,
-minus a "drift" f that is zero, and flat, at r = 1. LPO makes f a small network of (r, A) and searches its
-weights with OpenAI-ES: a candidate drift's fitness is the return of an agent after a whole PPO training run that
-uses it. The inner loop is dpo.py's, line for line (`diff dpo.py lpo.py` shows what LPO adds): the drift is a
-closure handed to `make_train`, so a population of training runs is one vmapped, compiled function.
+minus a "drift" f that is zero, and flat, at r = 1. LPO makes f a small network of (r, A) whose weights OpenAI-ES
+searches, scoring each candidate by the return of an agent after a whole PPO run with it. The loop is dpo.py's, line
+for line (`diff dpo.py lpo.py` shows LPO): the drift is a closure, so a population of runs is one compiled vmap.
 
 Paper: Chris Lu, Jakub Grudzien Kuba, Alistair Letcher, Luke Metz, Christian Schroeder de Witt, Jakob Foerster,
 "Discovered Policy Optimisation", NeurIPS 2022, arXiv:2210.05639, sections 4-5 (LPO), eq. 8 and Appendix A.
@@ -49,8 +48,7 @@ BRAX_ENVS = typing.get_args(EnvId)[:11]
 
 @dataclasses.dataclass
 class Args:
-    """Meta-train an LPO drift (default), compare one with DPO and PPO (--eval-drift), or draw one (--plot-drift).
-    Fields showing None take the env family's default (see docs/dpo.md)."""
+    """Meta-train an LPO drift, compare one with DPO and PPO (--eval-drift) or draw one. None: the family default."""
 
     # ---- run ----
     exp_name: str = "lpo"  # name of this experiment, part of the run name
@@ -188,11 +186,8 @@ def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: Optional[Tu
     """The drift network's weights, a list of matrices [in, out]: zeros for LPO (the authors' ES mean starts at
     zero, so generation 0 is PPO), LeCun-normal for LPO-Zero."""
     sizes = drift_layer_sizes(ppo_init, hidden)
-    shapes = list(zip(sizes, sizes[1:]))
-    if ppo_init:
-        return [jnp.zeros(shape) for shape in shapes]
-    keys = jax.random.split(key, len(shapes))
-    return [jax.random.normal(k, shape) / jnp.sqrt(shape[0]) for k, shape in zip(keys, shapes)]
+    return [jnp.zeros((m, n)) if ppo_init else jax.random.normal(k, (m, n)) / jnp.sqrt(m)
+            for k, m, n in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:])]
 
 
 def lpo_drift(net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True) -> jax.Array:
@@ -731,7 +726,8 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 
 def atomic_write(path: str, data: bytes):
-    """Write bytes to path via a temporary file and a rename, so an interrupted run never leaves half a file."""
+    """Write bytes to path (its directory created) via a temporary file and a rename: never half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.replace(path + ".tmp", path)
@@ -786,7 +782,6 @@ def run_eval_only(args: Args) -> str:
     params, obs_stats = load_tree(os.path.join(args.load, "params.msgpack"),
                                   (template.train_state.params, template.obs_stats))
     run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
     summary = dict(loaded_from=os.path.abspath(args.load), env_id=saved.env_id, drift=saved.drift,
                    num_eval_envs=saved.num_eval_envs, **evaluate_seeds(saved, params, obs_stats))
     atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -799,7 +794,6 @@ def run_training(args: Args) -> str:
     """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
     run_dir = args.resume or args.run_dir or os.path.join(
         "runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
     n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
@@ -905,8 +899,7 @@ def make_es(args: Args, solution: list):
 
     schedule = lambda init, decay, limit: optax.exponential_decay(init, 1, decay, end_value=limit)
     return Open_ES(population_size=args.pop_size, solution=solution, use_antithetic_sampling=True,
-                   optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
-                   std_schedule=schedule(*args.sigma),
+                   optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1), std_schedule=schedule(*args.sigma),
                    fitness_shaping_fn={"z_score": standardize_fitness_shaping_fn,
                                        "centered_rank": centered_rank_fitness_shaping_fn}[args.fitness_shaping])
 
@@ -954,21 +947,19 @@ def run_meta_training(args: Args) -> str:
         raise SystemExit(f"error: --drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
     run_dir = args.resume or args.run_dir or os.path.join(
         "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
     env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in args.env_ids or (args.env_id,)]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
     fields = ["generation", "sigma", "seconds"] + [
-        f"{e}_{k}" for e, *_ in envs for k in ("mean_return", "ppo_return", "untrained_return")]
+        f"{e}_{k}_return" for e, *_ in envs for k in ("mean", "ppo", "untrained")]
     checkpoint_path, log_path = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv")
     rows = []
     if args.resume:
         es_state = load_tree(checkpoint_path, es_state)
         with open(log_path) as f:
-            rows = [[int(r["generation"])] + [float(r[k]) for k in fields[1:]] for r in csv.DictReader(f)]
-        rows = rows[:int(es_state.generation_counter)]
+            rows = [[r[k] for k in fields] for r in csv.DictReader(f)][:int(es_state.generation_counter)]
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + rows)
@@ -989,8 +980,7 @@ def run_meta_training(args: Args) -> str:
             returns = np.where(np.isfinite(returns), returns, np.min(returns[np.isfinite(returns)], initial=0.0))
             scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env
             columns += [float(returns.mean()), *(float(x) for x in baselines(runners, keys[args.num_rollouts:]))]
-        score = np.mean(scores, axis=0)
-        es_state, _ = tell(key_tell, population, -jnp.asarray(score), es_state, es.default_params)  # evosax minimises
+        es_state, _ = tell(key_tell, population, -np.mean(scores, 0), es_state, es.default_params)  # evosax minimises
         rows.append([g + 1, sigma, time.time() - t0] + columns)
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(rows[-1])
@@ -1002,13 +992,12 @@ def run_meta_training(args: Args) -> str:
               f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
               flush=True)
     table = dict(zip(fields, np.array(rows, dtype=float).T))
+    gen, zero = table["generation"], 0 * table["generation"]
     for e, *_ in envs:
-        plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"population mean": (
-            table["generation"], table[f"{e}_mean_return"], 0 * table["generation"]), "PPO, same runs": (
-            table["generation"], table[f"{e}_ppo_return"], 0 * table["generation"])}, e, "generation", "final return")
-    net, name = unravel(es_state.mean), "LPO" if args.ppo_init else "LPO-Zero"
-    learned = lambda r, a: lpo_drift(net, r, a, args.ppo_init)
-    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{name} (ES mean)": learned})
+        plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"members' mean": (gen, table[f"{e}_mean_return"], zero),
+                    "PPO, same runs": (gen, table[f"{e}_ppo_return"], zero)}, e, "generation", "final return")
+    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": make_drift(
+        dataclasses.replace(args, drift="lpo"), unravel(es_state.mean))})
     return run_dir
 
 
@@ -1018,7 +1007,6 @@ def run_eval_drift(args: Args) -> str:
     interrupted ones resumed when the command is run again with the same --run-dir."""
     base = args.run_dir or os.path.join("runs", f"{args.env_id}__lpo_eval__{args.seed}__{int(time.time())}")
     load_drift(args.eval_drift)  # refuse a bad file before any training
-    keys = ("final_return_mean", "final_return_std", "final_return_iqm", "final_returns", "final_mode_return_mean")
     summary, curves = dict(env_id=args.env_id, drift_file=os.path.abspath(args.eval_drift), drifts={}), {}
     for drift in args.compare:
         run_dir = os.path.join(base, drift)
@@ -1027,9 +1015,7 @@ def run_eval_drift(args: Args) -> str:
             run_training(dataclasses.replace(args, drift=drift, drift_file=os.path.abspath(args.eval_drift),
                                              eval_drift=None, run_dir=run_dir, resume=resume))
         with open(os.path.join(run_dir, "summary.json")) as f:
-            result = json.load(f)
-        summary.update(num_seeds=result["num_seeds"], total_timesteps=result["total_timesteps"])
-        summary["drifts"][drift] = {k: result[k] for k in keys}
+            summary["drifts"][drift] = json.load(f)
         steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
         curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
     atomic_write(os.path.join(base, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -1061,25 +1047,21 @@ def plot_drifts(path: str, drifts: dict):
 
 
 def main(args: Args) -> str:
-    """Meta-train (default; --resume continues), --eval-drift, --plot-drift, or with --load --eval-only evaluate an
-    agent run; returns the run directory."""
-    if args.plot_drift:
-        net, ppo_init = load_drift(args.plot_drift)
-        run_dir = args.run_dir or (args.plot_drift if os.path.isdir(args.plot_drift)
-                                   else os.path.dirname(args.plot_drift))
-        plot_drifts(os.path.join(run_dir or ".", "drift.png"), {"LPO": lambda r, a: lpo_drift(net, r, a, ppo_init)})
-        print(f"drew {os.path.join(run_dir or '.', 'drift.png')}")
-        return run_dir
-    meta = not (args.eval_drift or args.eval_only)
+    """Meta-train (default; --resume continues), --eval-drift, --plot-drift, --load --eval-only; returns the run dir."""
+    meta = not (args.eval_drift or args.eval_only or args.plot_drift)
     if args.resume:
         meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
         args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
-    if meta:  # each env's defaults are filled in per env
+    if args.plot_drift:  # drift.png in --run-dir, or beside the drift file
+        folder = args.plot_drift if os.path.isdir(args.plot_drift) else os.path.dirname(args.plot_drift)
+        run_dir = args.run_dir or folder or "."
+        plot_drifts(os.path.join(run_dir, "drift.png"), {"LPO": make_drift(dataclasses.replace(
+            args, drift="lpo", drift_file=args.plot_drift))})
+    elif meta:  # each env's defaults are filled in per env
         run_dir = run_meta_training(args)
-    elif args.eval_drift:
-        run_dir = run_eval_drift(resolve_args(args))
     else:
-        run_dir = run_eval_only(resolve_args(args)) if args.eval_only else run_training(resolve_args(args))
+        args = resolve_args(args)
+        run_dir = (run_eval_drift if args.eval_drift else run_eval_only if args.eval_only else run_training)(args)
     print(f"run directory: {run_dir}")
     return run_dir
 
