@@ -4,7 +4,8 @@ Prints, from one process, so every number is a ratio against a reference measure
   Brax envs: the ceiling, the same envs stepped alone with random actions through Brax's own training wrappers
     (brax.envs.training.wrap: EpisodeWrapper + AutoResetWrapper), dpo.py's compiled training at the same shape,
     their ratio, and dpo.py's rollouts alone (--update-epochs 0: acting and stepping, no SGD), which splits
-    training's time between acting and learning;
+    training's time between acting and learning, and the actor's and critic's forward and backward passes alone on
+    minibatch-shaped inputs, which bound from above the training / ceiling ratio that any PPO could reach here;
   any env: N seeds vmapped in one call against N one-seed calls.
 Every function is compiled first and then timed; each timing is the fastest of --repeats runs.
 
@@ -72,6 +73,30 @@ def training_time(args: dpo.Args, repeats: int) -> float:
     return fastest(chunk, runners, repeats=repeats)
 
 
+def mlp_steps_time(args: dpo.Args, repeats: int) -> float:
+    """Seconds of the SGD steps' unavoidable part over the whole run: forward and backward passes of dpo.py's actor
+    and critic on minibatch-shaped inputs, a plain gradient step each, nothing else (no GAE, Adam or sampling).
+    Any PPO with these networks and minibatches computes at least this between its rollouts."""
+    env = dpo.make_env(args)
+    actor, critic = dpo.make_networks(args, env)
+    unrolls = args.num_envs * args.num_unrolls // args.num_minibatches
+    rows, steps = args.num_steps * unrolls, dpo.num_updates(args) * args.update_epochs * args.num_minibatches
+    key_actor, key_critic = jax.random.split(jax.random.PRNGKey(0))
+    params = (actor.init(key_actor, jnp.zeros((1, env.obs_dim))), critic.init(key_critic, jnp.zeros((1, env.obs_dim))))
+
+    def loss(params, obs):
+        return jnp.sum(actor.apply(params[0], obs[:rows]) ** 2) + jnp.sum(critic.apply(params[1], obs) ** 2)
+
+    def step(params, key):
+        grads = jax.grad(loss)(params, jax.random.normal(key, (rows + unrolls, env.obs_dim)))
+        return jax.tree.map(lambda p, g: p - 1e-6 * g, params, grads), None
+
+    run = jax.jit(lambda params, key: jax.lax.scan(step, params, jax.random.split(key, steps))[0])
+    key = jax.random.PRNGKey(1)
+    jax.block_until_ready(run(params, key))
+    return fastest(run, params, key, repeats=repeats)
+
+
 def main(bench: Bench):
     args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
     args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args)
@@ -92,6 +117,9 @@ def main(bench: Bench):
         print(f"dpo.py rollouts alone (0 epochs):    {rollout_sps:12,.0f} env-steps/s, "
               f"{rollout_sps / ceiling_sps:.3f} of the ceiling; the epochs take "
               f"{1 - train_sps / rollout_sps:.0%} of training")
+        floor = mlp_steps_time(args, bench.repeats)
+        print(f"the MLPs' SGD steps alone:           {floor:12.2f} s (any PPO's epochs take at least this); "
+              f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}")
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
         sequential = args.num_seeds * training_time(one, bench.repeats)
