@@ -51,77 +51,122 @@ class Args:
     """Meta-train an LPO drift, compare one with DPO and PPO (--eval-drift) or draw one. None: the family default."""
 
     # ---- run ----
-    exp_name: str = "lpo"  # name of this experiment, part of the run name
-    seed: int = 1  # seed of the experiment; seed i of --num-seeds gets an independent key split from it
-    num_seeds: int = 1  # independent training runs, vmapped and sharded over the JAX devices (the paper reports 10)
-    run_dir: Optional[str] = None  # results directory (default runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})
-    resume: Optional[str] = None  # a run directory to continue from its checkpoint and args.json (other flags ignored)
-    load: Optional[str] = None  # a finished run directory to evaluate again; use with --eval-only
-    eval_only: bool = False  # with --load: evaluate the saved policies without training
-    num_eval_envs: int = 128  # evaluation episodes per seed, in parallel, each to its end or time limit (Brax PPO: 128)
-    track: bool = False  # log to Weights & Biases (needs `pip install wandb`)
-    wandb_project_name: str = "lpo"  # the wandb project name
-    tensorboard: bool = False  # also write TensorBoard event files (tensorboardX) into the run directory
+    exp_name: str = "lpo"
+    """name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
+    num_seeds: int = 1
+    """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
+    run_dir: Optional[str] = None
+    """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
+    resume: Optional[str] = None
+    """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
+    load: Optional[str] = None
+    """a finished run directory to evaluate again; use with --eval-only"""
+    eval_only: bool = False
+    """with --load: evaluate the saved policies without training"""
+    num_eval_envs: int = 128
+    """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "lpo"
+    """the wandb project name"""
+    tensorboard: bool = False
+    """also write TensorBoard event files (tensorboardX) into the run directory"""
 
     # ---- environment ----
-    env_id: EnvId = "ant"  # a Brax env (physics by --backend) or a gymnax classic-control or MinAtar env
+    env_id: EnvId = "ant"
+    """a Brax env (physics by --backend) or a gymnax classic-control or MinAtar env"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "spring"
     """Brax physics backend (ignored for gymnax envs); spring is the fastest on CPU, generalized the most accurate"""
-    episode_length: int = 1000  # Brax: physics steps before a time-limit truncation
-    action_repeat: Optional[int] = None  # Brax: physics steps per agent step (1; reacher 4)
+    episode_length: int = 1000
+    """Brax: physics steps before a time-limit truncation"""
+    action_repeat: Optional[int] = None
+    """Brax: physics steps per agent step (1; reacher 4)"""
 
     # ---- the method ----
-    drift: Literal["lpo", "dpo", "ppo"] = "lpo"  # an agent run's drift: --drift-file's network, eq. 9 or eq. 6
-    drift_file: Optional[str] = None  # a learned drift: lpo.py's .msgpack (drifts/ ships one) or a meta-training run
-    dpo_alpha: float = 2.0  # DPO drift α, the scale of the positive-advantage branch (eq. 9)
-    dpo_beta: float = 0.6  # DPO drift β, the scale of the negative-advantage branch (eq. 9)
-    clip_coef: Optional[float] = None  # PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)
+    drift: Literal["lpo", "dpo", "ppo"] = "lpo"
+    """drift f in r·A - f(r, A) of an agent run: lpo (the network in --drift-file), dpo (eq. 9), ppo (eq. 6)"""
+    drift_file: Optional[str] = None
+    """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory"""
+    dpo_alpha: float = 2.0
+    """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
+    dpo_beta: float = 0.6
+    """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
+    clip_coef: Optional[float] = None
+    """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
 
     # ---- PPO loop ----
     total_timesteps: Optional[int] = None
     """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
-    num_envs: Optional[int] = None  # parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)
+    num_envs: Optional[int] = None
+    """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
     num_steps: Optional[int] = None
     """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 32, Pendulum 16; MinAtar 128)"""
     num_unrolls: Optional[int] = None
     """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; classic 4)"""
-    num_minibatches: Optional[int] = None  # minibatches of unrolls per epoch (Brax 32; classic 4; Pendulum, MinAtar 8)
-    update_epochs: Optional[int] = None  # epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)
-    learning_rate: Optional[float] = None  # Adam learning rate (Brax 3e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)
-    anneal_lr: Optional[bool] = None  # anneal the learning rate linearly to 0 (Brax no; gymnax yes)
-    gamma: Optional[float] = None  # discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)
-    gae_lambda: float = 0.95  # GAE λ
-    ent_coef: Optional[float] = None  # entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)
-    vf_coef: float = 0.5  # value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)
-    max_grad_norm: Optional[float] = None  # global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)
-    adam_eps: Optional[float] = None  # Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)
-    reward_scaling: Optional[float] = None  # reward multiplier before GAE (ant 10; classic 1, Pendulum 0.1; MinAtar 1)
-    normalize_observations: Optional[bool] = None  # by running mean and variance (Brax, Pendulum yes; others no)
-    actor_hidden: Optional[Tuple[int, ...]] = None  # policy MLP widths (Brax 32 ×4; classic 64 64; MinAtar 256 256)
-    critic_hidden: Optional[Tuple[int, ...]] = None  # value MLP widths (Brax 256 ×5; classic 64 64; MinAtar 256 256)
-    activation: Optional[Literal["tanh", "relu", "swish"]] = None  # Brax swish; classic tanh; MinAtar relu
+    num_minibatches: Optional[int] = None
+    """minibatches of whole unrolls per epoch (Brax 32; classic 4; Pendulum and MinAtar 8)"""
+    update_epochs: Optional[int] = None
+    """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate (Brax 3e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
+    anneal_lr: Optional[bool] = None
+    """anneal the learning rate linearly to 0 (Brax no; gymnax yes)"""
+    gamma: Optional[float] = None
+    """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    ent_coef: Optional[float] = None
+    """entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)"""
+    vf_coef: float = 0.5
+    """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
+    max_grad_norm: Optional[float] = None
+    """global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)"""
+    adam_eps: Optional[float] = None
+    """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
+    reward_scaling: Optional[float] = None
+    """rewards are multiplied by this before GAE (ant 10; classic 1, Pendulum 0.1; MinAtar 1)"""
+    normalize_observations: Optional[bool] = None
+    """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
+    actor_hidden: Optional[Tuple[int, ...]] = None
+    """policy MLP hidden sizes (Brax 32 32 32 32; classic 64 64; MinAtar 256 256)"""
+    critic_hidden: Optional[Tuple[int, ...]] = None
+    """value MLP hidden sizes (Brax 256 ×5; classic 64 64; MinAtar 256 256)"""
+    activation: Optional[Literal["tanh", "relu", "swish"]] = None
+    """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
 
     # ---- LPO: what to do (default: meta-train) ----
     eval_drift: Optional[str] = None
     """a learned drift (file or run directory): train fresh agents on --env-id with it and with --compare's drifts"""
     compare: Tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
     """the drifts --eval-drift trains, each with the same seeds and flags, one run directory each"""
-    plot_drift: Optional[str] = None  # a learned drift (file or run directory): draw it beside PPO's and DPO's
+    plot_drift: Optional[str] = None
+    """a learned drift (file or run directory): draw it beside PPO's and DPO's (drift.png)"""
 
     # ---- LPO: meta-training (the authors' dpo/main_drift_brax.py and evosax 0.0.4 OpenES defaults) ----
-    env_ids: Tuple[EnvId, ...] = ()  # meta-training envs, fitness z-scored per env and averaged (empty: --env-id alone)
-    ppo_init: bool = True  # LPO: network + PPO's drift, ES mean starting at zero (PPO); --no-ppo-init: LPO-Zero
+    env_ids: Tuple[EnvId, ...] = ()
+    """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
+    ppo_init: bool = True
+    """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
     drift_hidden: Optional[Tuple[int, ...]] = None
     """drift network hidden sizes (LPO 128, the authors' DriftNet; LPO-Zero 256 256, section 5.1; Appendix A: 256)"""
-    pop_size: int = 32  # ES population (antithetic pairs)
-    num_generations: int = 1025  # ES generations (the authors' script: 1025 on Brax ant; docs/lpo.md's CPU run: 150)
-    num_rollouts: int = 1  # inner training runs per member and env per generation (the same runs for every member)
-    sigma: Tuple[float, float, float] = (0.04, 0.999, 0.01)  # ES noise σ: at generation 0, factor per generation, floor
+    pop_size: int = 32
+    """ES population (antithetic pairs)"""
+    num_generations: int = 1025
+    """ES generations (the authors' script: 1025 on Brax ant; the CPU setting in docs/lpo.md: 150)"""
+    num_rollouts: int = 1
+    """inner training runs per member and env per generation (the same runs for every member)"""
+    sigma: Tuple[float, float, float] = (0.04, 0.999, 0.01)
+    """ES noise σ: at generation 0, factor per generation, floor"""
     es_lr: Tuple[float, float, float] = (0.01, 0.999, 0.001)
     """Adam learning rate on the ES mean: at generation 0, factor per generation, floor (1e-2 1 1e-2: constant)"""
-    es_beta1: float = 0.99  # Adam β1 on the ES mean (evosax 0.0.4's default; optax's is 0.9)
-    fitness_shaping: Literal["z_score", "centered_rank"] = "z_score"  # fitness to ES weights (the authors: z-score)
-    mode_fitness: bool = False  # fitness from mode actions (Brax's evaluator and the authors' fitness sample actions)
+    es_beta1: float = 0.99
+    """Adam β1 on the ES mean (evosax 0.0.4's default; optax's is 0.9)"""
+    fitness_shaping: Literal["z_score", "centered_rank"] = "z_score"
+    """how fitness becomes ES weights (the authors: z-score)"""
+    mode_fitness: bool = False
+    """fitness from mode actions instead of sampled ones (Brax's evaluator, the authors' fitness, samples)"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
