@@ -49,7 +49,7 @@ class Args:
     """Train DPO (or PPO with --drift ppo). Fields showing None take the env family's default (see docs/dpo.md)."""
 
     # ---- run ----
-    exp_name: str = "dpo"
+    exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
     """name of this experiment, part of the run name"""
     seed: int = 1
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
@@ -67,7 +67,7 @@ class Args:
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "dpo"
+    wandb_project_name: str = os.path.splitext(os.path.basename(__file__))[0]
     """the wandb project name"""
     tensorboard: bool = False
     """also write TensorBoard event files (tensorboardX) into the run directory"""

@@ -15,7 +15,6 @@ updates, called from a short host loop that logs, checkpoints and prints between
 Example:
     python lpo.py --env-ids CartPole-v1 Acrobot-v1 --total-timesteps 65536 --num-generations 150  # CPU, docs/lpo.md
     python lpo.py --eval-drift drifts/lpo_classic.msgpack --env-id Breakout-MinAtar --num-seeds 10
-    python lpo.py --plot-drift drifts/lpo_classic.msgpack
 """
 
 import csv
@@ -36,7 +35,6 @@ import numpy as np
 import optax
 import scipy.stats
 import tyro
-from jax.flatten_util import ravel_pytree
 from flax.training.train_state import TrainState
 
 EnvId = Literal["ant", "halfcheetah", "hopper", "humanoid", "humanoidstandup", "inverted_pendulum",
@@ -51,7 +49,7 @@ class Args:
     """Meta-train an LPO drift, compare one with DPO and PPO (--eval-drift) or draw one. None: the family default."""
 
     # ---- run ----
-    exp_name: str = "lpo"
+    exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
     """name of this experiment, part of the run name"""
     seed: int = 1
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
@@ -69,7 +67,7 @@ class Args:
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "lpo"
+    wandb_project_name: str = os.path.splitext(os.path.basename(__file__))[0]
     """the wandb project name"""
     tensorboard: bool = False
     """also write TensorBoard event files (tensorboardX) into the run directory"""
@@ -136,15 +134,13 @@ class Args:
     activation: Optional[Literal["tanh", "relu", "swish"]] = None
     """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
 
-    # ---- LPO: what to do (default: meta-train) ----
+    # ---- LPO: --eval-drift or --plot-drift, else meta-training (the authors' main_drift_brax.py, evosax 0.0.4) ----
     eval_drift: Optional[str] = None
     """a learned drift (file or run directory): train fresh agents on --env-id with it and with --compare's drifts"""
     compare: Tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
     """the drifts --eval-drift trains, each with the same seeds and flags, one run directory each"""
     plot_drift: Optional[str] = None
     """a learned drift (file or run directory): draw it beside PPO's and DPO's (drift.png)"""
-
-    # ---- LPO: meta-training (the authors' dpo/main_drift_brax.py and evosax 0.0.4 OpenES defaults) ----
     env_ids: Tuple[EnvId, ...] = ()
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
@@ -253,12 +249,12 @@ def lpo_drift(net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool 
     return jax.nn.relu(f_tilde - XI + (ppo_drift(ratio, advantage, PPO_INIT_EPS) if ppo_init else 0.0))
 
 
-def make_drift(args: Args, net: Optional[list] = None):
-    """The drift f(r, A) chosen by --drift, with its coefficients bound; lpo uses net or --drift-file."""
+def make_drift(args: Args):
+    """The drift f(r, A) chosen by --drift, with its coefficients bound."""
     if args.drift == "ppo":
         return lambda r, a: ppo_drift(r, a, args.clip_coef)
     if args.drift == "lpo":
-        net, ppo_init = (net, args.ppo_init) if net is not None else load_drift(args.drift_file)
+        net, ppo_init = load_drift(args.drift_file)
         return lambda r, a: lpo_drift(net, r, a, ppo_init)
     return lambda r, a: dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)
 
@@ -966,7 +962,7 @@ def make_env_fitness(args: Args):
         return evaluate(runner.train_state.params, runner.obs_stats, key, args.mode_fitness)
 
     def member(net, runners, keys):
-        drift = make_drift(dataclasses.replace(args, drift="lpo"), net)
+        drift = lambda r, a: lpo_drift(net, r, a, args.ppo_init)
         return jnp.mean(jax.vmap(lambda r, k: final_return(drift, r, k))(runners, keys))
 
     def baselines(runners, keys):
@@ -1008,7 +1004,6 @@ def run_meta_training(args: Args) -> str:
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + rows)
-    unravel = ravel_pytree(initial)[1]
     print(f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(e for e, *_ in envs)}: "
           f"population {args.pop_size}, {args.num_rollouts} run(s) per env of "
           + ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args) + " steps", flush=True)
@@ -1030,19 +1025,18 @@ def run_meta_training(args: Args) -> str:
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(rows[-1])
         # The drift file first: a run killed between the two writes redoes this generation and rewrites both.
-        save_drift(os.path.join(run_dir, "drift.msgpack"), unravel(es_state.mean), args.ppo_init)  # the learned drift
+        save_drift(os.path.join(run_dir, "drift.msgpack"), es.get_mean(es_state), args.ppo_init)  # the learned drift
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
         progress = "".join(f"  {e} {columns[3 * i]:.1f} ({columns[3 * i + 1]:.1f})" for i, (e, *_) in enumerate(envs))
-        print(f"generation {g + 1}/{args.num_generations}  mean return of members (of PPO on the same runs):{progress}"
-              f"  σ {sigma:.4f}  {rows[-1][2]:.0f}s  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
-              flush=True)
+        print(f"generation {g + 1}/{args.num_generations}  σ {sigma:.4f}  {rows[-1][2]:.0f}s  members' return (PPO's):"
+              f"{progress}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min", flush=True)
     table = dict(zip(fields, np.array(rows, dtype=float).T))
     gen, zero = table["generation"], 0 * table["generation"]
     for e, *_ in envs:
         plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"members' mean": (gen, table[f"{e}_mean_return"], zero),
                     "PPO, same runs": (gen, table[f"{e}_ppo_return"], zero)}, e, "generation", "final return")
-    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": make_drift(
-        dataclasses.replace(args, drift="lpo"), unravel(es_state.mean))})
+    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": lambda r, a:
+                                                     lpo_drift(es.get_mean(es_state), r, a, args.ppo_init)})
     return run_dir
 
 
@@ -1100,6 +1094,7 @@ def main(args: Args) -> str:
     if args.plot_drift:  # drift.png in --run-dir, or beside the drift file
         folder = args.plot_drift if os.path.isdir(args.plot_drift) else os.path.dirname(args.plot_drift)
         run_dir = args.run_dir or folder or "."
+        os.makedirs(run_dir, exist_ok=True)
         plot_drifts(os.path.join(run_dir, "drift.png"), {"LPO": make_drift(dataclasses.replace(
             args, drift="lpo", drift_file=args.plot_drift))})
     elif meta:  # each env's defaults are filled in per env

@@ -143,8 +143,8 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
 
 
 def test_plot_drift_draws_the_shipped_drift(tmp_path):
-    lpo.main(tyro.cli(lpo.Args, args=["--plot-drift", SHIPPED, "--run-dir", str(tmp_path)]))
-    assert os.path.getsize(tmp_path / "drift.png") > 10_000
+    lpo.main(tyro.cli(lpo.Args, args=["--plot-drift", SHIPPED, "--run-dir", str(tmp_path / "new")]))
+    assert os.path.getsize(tmp_path / "new" / "drift.png") > 10_000  # the directory is created
 
 
 @pytest.mark.parametrize("flags, expected", [
