@@ -36,17 +36,33 @@ import tyro
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-TaskFamily = Literal["goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper",
-                     "goal-reacher"]
-BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfcheetah", "random-hopper": "hopper",
-             "goal-reacher": "reacher"}  # Brax family -> the Brax environment it changes
+TaskFamily = Literal[
+    "goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper", "goal-reacher"
+]
+BRAX_BASE = {
+    "goal-ant": "ant",
+    "dir-hopper": "hopper",
+    "dir-cheetah": "halfcheetah",
+    "random-hopper": "hopper",
+    "goal-reacher": "reacher",
+}  # Brax family -> the Brax environment it changes
 EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
 GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3  # every key: fold_in(PRNGKey(--seed), STREAM)
 PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
-INNER_FIELDS = ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "inner_learning_rate",
-                "memory_units", "num_eval_episodes", "episode_length", "reward_blind")  # in a loss file, used by --test
+INNER_FIELDS = (
+    "lifetime",
+    "buffer_size",
+    "update_every",
+    "minibatch_size",
+    "update_epochs",
+    "inner_learning_rate",
+    "memory_units",
+    "num_eval_episodes",
+    "episode_length",
+    "reward_blind",
+)  # in a loss file, used by --test
 
 
 @dataclasses.dataclass
@@ -129,10 +145,28 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError naming the problem."""
     defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    for name in ("lifetime", "buffer_size", "update_every", "minibatch_size", "update_epochs", "num_eval_episodes",
-                 "pop_size", "num_tasks", "num_generations", "eval_every", "num_eval_tasks", "save_every", "num_seeds",
-                 "episode_length", "num_sweep_tasks", "inner_learning_rate", "sigma", "es_learning_rate",
-                 "ppo_rollouts", "ppo_epochs"):  # the tuples: every entry
+    for name in (
+        "lifetime",
+        "buffer_size",
+        "update_every",
+        "minibatch_size",
+        "update_epochs",
+        "num_eval_episodes",
+        "pop_size",
+        "num_tasks",
+        "num_generations",
+        "eval_every",
+        "num_eval_tasks",
+        "save_every",
+        "num_seeds",
+        "episode_length",
+        "num_sweep_tasks",
+        "inner_learning_rate",
+        "sigma",
+        "es_learning_rate",
+        "ppo_rollouts",
+        "ppo_epochs",
+    ):  # the tuples: every entry
         if not np.all(np.asarray(getattr(args, name)) > 0):
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
@@ -191,23 +225,37 @@ def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_b
     obs = obs_stats.normalize(buffer.obs)
     pi = policy_distribution(agent, obs)
     memory = jnp.tanh(jnp.ones(MEMORY_INPUTS) @ agent["memory"]["kernel"] + agent["memory"]["bias"])
-    return jnp.concatenate([obs, buffer.action, jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
-                            buffer.done[:, None], pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape),
-                            jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0]))], axis=-1) * buffer.valid[:, None]
+    return (
+        jnp.concatenate(
+            [
+                obs,
+                buffer.action,
+                jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
+                buffer.done[:, None],
+                pi.mean,
+                jnp.broadcast_to(pi.log_std, pi.mean.shape),
+                jnp.broadcast_to(memory, (obs.shape[0], memory.shape[0])),
+            ],
+            axis=-1,
+        )
+        * buffer.valid[:, None]
+    )
 
 
 def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
     """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T]:
     δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the true next
     state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns (A, A + V)."""
+
     def backward(next_advantage, step):
         reward, value, next_value, term, cut = step
         delta = reward + gamma * (1.0 - term) * next_value - value
         advantage = delta + gamma * gae_lambda * (1.0 - cut) * next_advantage
         return advantage, advantage
 
-    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]),
-                                 (rewards, values, next_values, terminated, cuts), reverse=True)
+    _, advantages = jax.lax.scan(
+        backward, jnp.zeros_like(values[0]), (rewards, values, next_values, terminated, cuts), reverse=True
+    )
     return advantages, advantages + values
 
 
@@ -271,12 +319,18 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
         return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
     if family == "random-hopper":
         scale = lambda k, shape: uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
-        return {"mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
-                "friction_scale": scale(keys[1], (n, num_geoms, 3)),
-                "thickness_scale": scale(keys[3], (n, num_geoms)), "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
+        return {
+            "mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
+            "friction_scale": scale(keys[1], (n, num_geoms, 3)),
+            "thickness_scale": scale(keys[3], (n, num_geoms)),
+            "gravity": uniform(keys[2], (n,), GRAVITY_RANGE),
+        }
     if family == "random-pendulum":
-        return {"mass": uniform(keys[0], (n,), SCALE_RANGE), "length": uniform(keys[1], (n,), SCALE_RANGE),
-                "gravity": uniform(keys[2], (n,), GRAVITY_RANGE)}
+        return {
+            "mass": uniform(keys[0], (n,), SCALE_RANGE),
+            "length": uniform(keys[1], (n,), SCALE_RANGE),
+            "gravity": uniform(keys[2], (n,), GRAVITY_RANGE),
+        }
     raise ValueError(f"unknown task family {family!r}")
 
 
@@ -303,8 +357,9 @@ class GoalPointEnv:
         truncated = (state["t"] + 1 >= self.episode_length).astype(jnp.float32)
         final_obs = jnp.concatenate([pos, vel])
         reset_obs, reset_state = self.reset(key, task)
-        state = jax.tree.map(lambda r, s: jnp.where(truncated > 0, r, s), reset_state,
-                             {"pos": pos, "vel": vel, "t": state["t"] + 1})
+        state = jax.tree.map(
+            lambda r, s: jnp.where(truncated > 0, r, s), reset_state, {"pos": pos, "vel": vel, "t": state["t"] + 1}
+        )
         return jnp.where(truncated > 0, reset_obs, final_obs), state, reward, jnp.float32(0.0), truncated, final_obs
 
 
@@ -356,11 +411,14 @@ class BraxTaskEnv:
         """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
         if self.family != "random-hopper":
             return fn()
-        self.base.sys = self.sys.tree_replace({
-            "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
-            "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
-            "geom_size": jnp.asarray(self.sys.geom_size).at[:, 0].multiply(task["thickness_scale"]),
-            "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"]})
+        self.base.sys = self.sys.tree_replace(
+            {
+                "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
+                "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
+                "geom_size": jnp.asarray(self.sys.geom_size).at[:, 0].multiply(task["thickness_scale"]),
+                "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"],
+            }
+        )
         try:
             return fn()
         finally:
@@ -446,9 +504,11 @@ class DiagGaussian(NamedTuple):
 def normc(scale: float) -> Callable:
     """The reference's initialisation (epg/networks.py:20-22): a normal matrix [in, out], each input's row of
     norm `scale`; no QR (batched LAPACK calls inside a vmap deadlock jaxlib 0.10.2's CPU thread pool)."""
+
     def init(key, shape, dtype=jnp.float32):
         w = jax.random.normal(key, shape, dtype)
         return w * scale / jnp.sqrt(jnp.sum(w**2, axis=-1, keepdims=True))
+
     return init
 
 
@@ -469,9 +529,15 @@ def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dic
     {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
-    return {"policy": MLP(action_dim).init(key_pi, dummy), "log_std": jnp.zeros(action_dim),
-            "memory": {"kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
-                       "bias": jnp.zeros(args.memory_units)}, "value": MLP(1).init(key_v, dummy)}
+    return {
+        "policy": MLP(action_dim).init(key_pi, dummy),
+        "log_std": jnp.zeros(action_dim),
+        "memory": {
+            "kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
+            "bias": jnp.zeros(args.memory_units),
+        },
+        "value": MLP(1).init(key_v, dummy),
+    }
 
 
 def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
@@ -496,8 +562,12 @@ class InnerSettings(NamedTuple):
 
     @staticmethod
     def of(args: Args, alpha) -> "InnerSettings":
-        return InnerSettings(jnp.float32(alpha), jnp.float32(args.inner_learning_rate),
-                             jnp.int32(args.update_epochs), jnp.bool_(args.reward_blind))
+        return InnerSettings(
+            jnp.float32(alpha),
+            jnp.float32(args.inner_learning_rate),
+            jnp.int32(args.update_epochs),
+            jnp.bool_(args.reward_blind),
+        )
 
 
 class LifetimeState(NamedTuple):
@@ -534,13 +604,15 @@ def make_lifetime(args: Args, env) -> Callable:
         pi = policy_distribution(state.agent, state.obs_stats.normalize(state.obs))
         action = pi.mean + jnp.exp(pi.log_std) * jax.random.normal(key_action, pi.mean.shape)
         obs, env_state, reward, terminated, truncated, final_obs = env.step(
-            key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task)
+            key_env, state.env_state, jnp.clip(action, env.action_low, env.action_high), task
+        )
         done = jnp.maximum(terminated, truncated)
         episode_return = state.episode_return + reward
         recent = jnp.where(done > 0, jnp.append(state.recent_returns[1:], episode_return), state.recent_returns)
         step = Buffer(state.obs, action, reward, done, terminated, final_obs, jnp.float32(1.0))
-        state = state._replace(env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done),
-                               recent_returns=recent)
+        state = state._replace(
+            env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done), recent_returns=recent
+        )
         return state, step
 
     def interval(state: LifetimeState, loss_params, task, settings: InnerSettings):
@@ -548,12 +620,13 @@ def make_lifetime(args: Args, env) -> Callable:
         obs_stats = state.obs_stats.update(steps.obs)
         buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
         # PPO's batch, fixed before the update: the M newest steps, their GAE advantages and the policy as it was
-        recent = jax.tree.map(lambda x: x[n - m:], buffer)
+        recent = jax.tree.map(lambda x: x[n - m :], buffer)
         obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
         values, next_values = value_fn(state.agent, obs), value_fn(state.agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)  # episode ends and the window's last step
-        advantage, target = compute_gae(recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA,
-                                        PPO_LAMBDA)
+        advantage, target = compute_gae(
+            recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA, PPO_LAMBDA
+        )
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
@@ -592,11 +665,21 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, env_state = env.reset(key_reset, task)
         zeros = lambda *shape: jnp.zeros((n,) + shape)
         buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
-        state = LifetimeState(agent, optax.adam(settings.learning_rate).init(agent), RunningStats.init(obs_dim), buffer,
-                              env_state, obs, jnp.float32(0.0), jnp.full(args.num_eval_episodes, jnp.nan), key_run)
+        state = LifetimeState(
+            agent,
+            optax.adam(settings.learning_rate).init(agent),
+            RunningStats.init(obs_dim),
+            buffer,
+            env_state,
+            obs,
+            jnp.float32(0.0),
+            jnp.full(args.num_eval_episodes, jnp.nan),
+            key_run,
+        )
         loss_params = unravel(theta)
-        state, curve = jax.lax.scan(lambda s, _: interval(s, loss_params, task, settings), state, None,
-                                    args.lifetime // m)
+        state, curve = jax.lax.scan(
+            lambda s, _: interval(s, loss_params, task, settings), state, None, args.lifetime // m
+        )
         return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
 
     return lifetime
@@ -642,16 +725,20 @@ def make_generation(args: Args, env) -> Callable:
     and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
     mean final return over them. The member axis is sharded over the JAX devices; only returns come back."""
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
-    population = shard_leading(jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
-                               args.pop_size, (True, False, False, False))
+    population = shard_leading(
+        jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
+        args.pop_size,
+        (True, False, False, False),
+    )
     optimizer = make_es_optimizer(args)
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
         tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
-        returns = population(theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks),
-                             InnerSettings.of(args, alpha))
+        returns = population(
+            theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
+        )
         fitness = returns.mean(axis=1)
         updates, opt_state = optimizer.update(-es_gradient(theta, eps, fitness, args.weight_decay), opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
@@ -706,15 +793,26 @@ def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best
     save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
     save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
     evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
-    series = {label: ([r["generation"] for r in some], [r[k] for r in some]) for label, k, some in [
-        ("mean fitness", "mean_fitness", rows), ("best fitness", "best_fitness", rows),
-        ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated)]}
-    save_plot(os.path.join(run_dir, "fitness_curve.png"), series, "generation", "final return (mean over tasks)",
-              f"EPG on {args.task_family}")
+    series = {
+        label: ([r["generation"] for r in some], [r[k] for r in some])
+        for label, k, some in [
+            ("mean fitness", "mean_fitness", rows),
+            ("best fitness", "best_fitness", rows),
+            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated),
+        ]
+    }
+    save_plot(
+        os.path.join(run_dir, "fitness_curve.png"),
+        series,
+        "generation",
+        "final return (mean over tasks)",
+        f"EPG on {args.task_family}",
+    )
 
 
 def load_checkpoint(run_dir: str, theta, opt_state):
     """(theta, opt_state, rows, best) restored into the given templates; ArgsError if missing or damaged."""
+
     def parse(data):
         template = dict(theta=theta, opt_state=opt_state, rows="", best={"fitness": 0.0, "theta": theta})
         state = flax.serialization.from_bytes(template, data)
@@ -727,14 +825,18 @@ def load_checkpoint(run_dir: str, theta, opt_state):
 
 def save_loss(path: str, theta, args: Args):
     """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS it was evolved with."""
-    state = {"theta": np.asarray(theta), "task_family": args.task_family,
-             "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS})}
+    state = {
+        "theta": np.asarray(theta),
+        "task_family": args.task_family,
+        "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS}),
+    }
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
 def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
     """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
     Raises ArgsError when the file is missing or damaged, or was evolved on another family than --task-family."""
+
     def parse(data):
         state = flax.serialization.msgpack_restore(data)
         return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
@@ -765,8 +867,9 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
     fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
-    parse = lambda data: Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items()
-                                 if k in fields})
+    parse = lambda data: Args(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items() if k in fields}
+    )
     saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
@@ -782,18 +885,26 @@ def run_meta_training(args: Args) -> str:
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    print(f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
-          f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
-          f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
-          f"device(s), generations {len(rows)}..{args.num_generations}")
+    print(
+        f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
+        f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
+        f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
+        f"device(s), generations {len(rows)}..{args.num_generations}"
+    )
     start = time.time()
     generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
     evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
     eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
-    with tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations,
-              desc="generations", file=sys.stdout, mininterval=0) as bar:
+    with tqdm(
+        range(len(rows), args.num_generations),
+        initial=len(rows),
+        total=args.num_generations,
+        desc="generations",
+        file=sys.stdout,
+        mininterval=0,
+    ) as bar:
         try:
             for g in bar:
                 t0, alpha = time.time(), ppo_alpha(args, g)
@@ -804,24 +915,43 @@ def run_meta_training(args: Args) -> str:
                 if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
                     eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
                 new_best = {"fitness": eval_fitness, "theta": new_theta} if eval_fitness > best["fitness"] else best
-                row = dict(generation=g + 1, alpha=alpha, best_fitness=float(np.nanmax(fitness)),
-                           mean_fitness=float(np.nanmean(fitness)), eval_fitness=eval_fitness, seconds=seconds)
+                row = dict(
+                    generation=g + 1,
+                    alpha=alpha,
+                    best_fitness=float(np.nanmax(fitness)),
+                    mean_fitness=float(np.nanmean(fitness)),
+                    eval_fitness=eval_fitness,
+                    seconds=seconds,
+                )
                 # commit the generation in one assignment, so an interruption sees it whole or not at all
                 theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-                bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}",
-                                sec=f"{seconds:.1f}")
+                bar.set_postfix(
+                    mean=f"{row['mean_fitness']:.2f}",
+                    eval=f"{eval_fitness:.2f}",
+                    alpha=f"{alpha:.2f}",
+                    sec=f"{seconds:.1f}",
+                )
                 if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
                     save_checkpoint(run_dir, args, theta, opt_state, rows, best)
         except KeyboardInterrupt:
             save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-            print(f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
-                  f"--resume {run_dir}", file=sys.stderr)
+            print(
+                f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
+                f"--resume {run_dir}",
+                file=sys.stderr,
+            )
             sys.exit(130)
-    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2):]])
-    summary = dict(task_family=args.task_family, reward_blind=args.reward_blind, num_generations=len(rows),
-                   best_eval_fitness=best["fitness"], final_mean_fitness=rows[-1]["mean_fitness"],
-                   lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
-                   wall_seconds=time.time() - start, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
+    summary = dict(
+        task_family=args.task_family,
+        reward_blind=args.reward_blind,
+        num_generations=len(rows),
+        best_eval_fitness=best["fitness"],
+        final_mean_fitness=rows[-1]["mean_fitness"],
+        lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
+        wall_seconds=time.time() - start,
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    )
     atomic_write(os.path.join(run_dir, "summary.json"), summary)
     print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
     return run_dir
@@ -837,10 +967,14 @@ def run_test(args: Args) -> str:
     atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
-    runner = functools.cache(lambda every, size, n: make_runner(  # compiled once per shape
-        dataclasses.replace(args, update_every=every, buffer_size=size), env, n))
+    runner = functools.cache(
+        lambda every, size, n: make_runner(  # compiled once per shape
+            dataclasses.replace(args, update_every=every, buffer_size=size), env, n
+        )
+    )
     run = lambda cfg, theta, alpha, tasks=tasks: runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(
-        theta, *tasks, InnerSettings.of(cfg, alpha))  # -> LifetimeOutput with leading axis len(tasks)
+        theta, *tasks, InnerSettings.of(cfg, alpha)
+    )  # -> LifetimeOutput with leading axis len(tasks)
     outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
@@ -849,8 +983,14 @@ def run_test(args: Args) -> str:
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
     sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo = dataclasses.replace(args, update_every=rollout, update_epochs=epochs, inner_learning_rate=lr,
-                                  buffer_size=max(args.buffer_size, rollout), reward_blind=False)
+        ppo = dataclasses.replace(
+            args,
+            update_every=rollout,
+            update_epochs=epochs,
+            inner_learning_rate=lr,
+            buffer_size=max(args.buffer_size, rollout),
+            reward_blind=False,
+        )
         score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
         sweep.append((score, ppo))
         print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
@@ -864,23 +1004,50 @@ def run_test(args: Args) -> str:
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
-        trainers[name] = dict(final_return_mean=float(final.mean()), final_return_std=float(final.std()),
-                              auc_mean=float(auc.mean()), auc_std=float(auc.std()), final_returns=final.tolist())
+        trainers[name] = dict(
+            final_return_mean=float(final.mean()),
+            final_return_std=float(final.std()),
+            auc_mean=float(auc.mean()),
+            auc_std=float(auc.std()),
+            final_returns=final.tolist(),
+        )
         series[name] = (steps, curve)
-        print(f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± "
-              f"{auc.std():.3f}")
+        print(
+            f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± {auc.std():.3f}"
+        )
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    atomic_write(os.path.join(run_dir, "summary.json"), dict(
-        task_family=args.task_family, split=f"test: {split}", lifetime=args.lifetime, num_seeds=args.num_seeds,
-        trainers=trainers, loss_file=os.path.abspath(args.load_loss),
-        ppo_sweep=[dict(rollout=p.update_every, epochs=p.update_epochs, learning_rate=p.inner_learning_rate,
-                        final_return_mean=score) for score, p in sweep],
-        ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
-        wall_seconds=time.time() - start, tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()}))
+    atomic_write(
+        os.path.join(run_dir, "summary.json"),
+        dict(
+            task_family=args.task_family,
+            split=f"test: {split}",
+            lifetime=args.lifetime,
+            num_seeds=args.num_seeds,
+            trainers=trainers,
+            loss_file=os.path.abspath(args.load_loss),
+            ppo_sweep=[
+                dict(
+                    rollout=p.update_every,
+                    epochs=p.update_epochs,
+                    learning_rate=p.inner_learning_rate,
+                    final_return_mean=score,
+                )
+                for score, p in sweep
+            ],
+            ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
+            wall_seconds=time.time() - start,
+            tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()},
+        ),
+    )
     with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
-    save_plot(os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode",
-              f"{args.task_family}, {split}, {args.num_seeds} agents per trainer")
+    save_plot(
+        os.path.join(run_dir, "test_curves.png"),
+        series,
+        "lifetime step",
+        "return of the last finished episode",
+        f"{args.task_family}, {split}, {args.num_seeds} agents per trainer",
+    )
     return run_dir
 
 

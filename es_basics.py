@@ -40,13 +40,47 @@ import numpy as np
 import tyro
 from jax.flatten_util import ravel_pytree
 
-Algo = Literal["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites", "ite", "poet",
-               "evosax:CMA_ES", "evosax:Sep_CMA_ES", "evosax:SNES", "evosax:xNES", "evosax:Open_ES"]
-ProblemName = Literal["sphere", "rosenbrock", "rastrigin",
-                      "CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0",
-                      "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
-                      "Seaquest-MinAtar", "ant", "halfcheetah", "hopper", "humanoid", "humanoidstandup",
-                      "inverted_pendulum", "inverted_double_pendulum", "pusher", "reacher", "swimmer", "walker2d"]
+Algo = Literal[
+    "cem",
+    "cma-es",
+    "plain-es",
+    "openai-es",
+    "snes",
+    "map-elites",
+    "ite",
+    "poet",
+    "evosax:CMA_ES",
+    "evosax:Sep_CMA_ES",
+    "evosax:SNES",
+    "evosax:xNES",
+    "evosax:Open_ES",
+]
+ProblemName = Literal[
+    "sphere",
+    "rosenbrock",
+    "rastrigin",
+    "CartPole-v1",
+    "Acrobot-v1",
+    "MountainCar-v0",
+    "Pendulum-v1",
+    "MountainCarContinuous-v0",
+    "Breakout-MinAtar",
+    "Asterix-MinAtar",
+    "Freeway-MinAtar",
+    "SpaceInvaders-MinAtar",
+    "Seaquest-MinAtar",
+    "ant",
+    "halfcheetah",
+    "hopper",
+    "humanoid",
+    "humanoidstandup",
+    "inverted_pendulum",
+    "inverted_double_pendulum",
+    "pusher",
+    "reacher",
+    "swimmer",
+    "walker2d",
+]
 TEST_FUNCTIONS, BRAX_ENVS = get_args(ProblemName)[:3], get_args(ProblemName)[13:]  # the rest are gymnax envs
 
 
@@ -140,20 +174,50 @@ class Args:
 FUNCTION_DEFAULTS = {
     "cem": dict(pop_size=50, num_generations=1000, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
     "cma-es": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
-    "plain-es": dict(pop_size=50, num_generations=1000, sigma_init=0.5, sigma_decay=0.99, sigma_limit=1e-3,
-                     learning_rate=0.1, lr_decay=0.98),
-    "openai-es": dict(pop_size=50, num_generations=1000, sigma_init=0.2, sigma_decay=0.99, sigma_limit=1e-3,
-                      learning_rate=0.1, lr_decay=0.99, weight_decay=0.0),
+    "plain-es": dict(
+        pop_size=50,
+        num_generations=1000,
+        sigma_init=0.5,
+        sigma_decay=0.99,
+        sigma_limit=1e-3,
+        learning_rate=0.1,
+        lr_decay=0.98,
+    ),
+    "openai-es": dict(
+        pop_size=50,
+        num_generations=1000,
+        sigma_init=0.2,
+        sigma_decay=0.99,
+        sigma_limit=1e-3,
+        learning_rate=0.1,
+        lr_decay=0.99,
+        weight_decay=0.0,
+    ),
     "snes": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
     "map-elites": dict(pop_size=50, num_generations=1000, sigma_init=0.3),
 }
 POLICY_DEFAULTS = {
     "cem": dict(pop_size=64, num_generations=50, sigma_init=0.5, elite_ratio=0.2, cem_noise=1e-3),
     "cma-es": dict(pop_size=64, num_generations=50, sigma_init=0.5),
-    "plain-es": dict(pop_size=64, num_generations=50, sigma_init=0.1, sigma_decay=1.0, sigma_limit=0.01,
-                     learning_rate=0.05, lr_decay=1.0),
-    "openai-es": dict(pop_size=64, num_generations=50, sigma_init=0.1, sigma_decay=1.0, sigma_limit=0.01,
-                      learning_rate=0.03, lr_decay=1.0, weight_decay=0.005),
+    "plain-es": dict(
+        pop_size=64,
+        num_generations=50,
+        sigma_init=0.1,
+        sigma_decay=1.0,
+        sigma_limit=0.01,
+        learning_rate=0.05,
+        lr_decay=1.0,
+    ),
+    "openai-es": dict(
+        pop_size=64,
+        num_generations=50,
+        sigma_init=0.1,
+        sigma_decay=1.0,
+        sigma_limit=0.01,
+        learning_rate=0.03,
+        lr_decay=1.0,
+        weight_decay=0.005,
+    ),
     "snes": dict(pop_size=64, num_generations=50, sigma_init=0.1),
     "map-elites": dict(pop_size=64, num_generations=50, sigma_init=0.1),
 }
@@ -162,8 +226,15 @@ OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (it
     "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
 }
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
-TARGETS = {"sphere": -1e-3, "rosenbrock": -1e-3, "rastrigin": -1.0, "CartPole-v1": 475.0,
-           "Acrobot-v1": -100.0, "MountainCar-v0": -110.0, "Pendulum-v1": -200.0}
+TARGETS = {
+    "sphere": -1e-3,
+    "rosenbrock": -1e-3,
+    "rastrigin": -1.0,
+    "CartPole-v1": 475.0,
+    "Acrobot-v1": -100.0,
+    "MountainCar-v0": -110.0,
+    "Pendulum-v1": -200.0,
+}
 
 
 class ArgsError(ValueError):
@@ -193,8 +264,20 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError(f"--num-dims must be positive, got {args.num_dims}")
     if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
         args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
-    for name in ("pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "num_bins", "episode_length",
-                 "sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio"):
+    for name in (
+        "pop_size",
+        "num_generations",
+        "num_rollouts",
+        "num_eval_episodes",
+        "num_bins",
+        "episode_length",
+        "sigma_init",
+        "sigma_decay",
+        "sigma_limit",
+        "learning_rate",
+        "lr_decay",
+        "elite_ratio",
+    ):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -208,8 +291,10 @@ def resolve_args(args: Args) -> Args:
     if not 0 <= args.obs_stats_fraction <= 1:
         raise ArgsError(f"--obs-stats-fraction must lie in [0, 1], got {args.obs_stats_fraction}")
     if args.algo == "cem" and not (args.elite_ratio <= 1 and int(args.elite_ratio * args.pop_size) >= 2):
-        raise ArgsError(f"--pop-size {args.pop_size} with --elite-ratio {args.elite_ratio} leaves "
-                        f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance")
+        raise ArgsError(
+            f"--pop-size {args.pop_size} with --elite-ratio {args.elite_ratio} leaves "
+            f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance"
+        )
     if twin in ("cma-es", "snes") and args.pop_size < 4:
         raise ArgsError(f"--pop-size {args.pop_size} is too small for {args.algo} (at least 4: 2 parents)")
     if twin in ("openai-es", "poet") and args.pop_size % 2:
@@ -218,8 +303,10 @@ def resolve_args(args: Args) -> Args:
         if on_function and args.num_dims < 2:
             raise ArgsError("map-elites on a test function needs --num-dims ≥ 2 (the descriptor is (x₀, x₁))")
         if not on_function and args.problem not in DESCRIPTORS:
-            raise ArgsError(f"map-elites has no behaviour descriptor for {args.problem!r}; valid: "
-                            f"{', '.join(TEST_FUNCTIONS + tuple(DESCRIPTORS))}")
+            raise ArgsError(
+                f"map-elites has no behaviour descriptor for {args.problem!r}; valid: "
+                f"{', '.join(TEST_FUNCTIONS + tuple(DESCRIPTORS))}"
+            )
     if args.pop_size % jax.device_count():
         raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
     return args
@@ -263,6 +350,7 @@ def es_gradient(fitness: jax.Array, noise: jax.Array, sigma) -> jax.Array:
 # ---- CEM: cross-entropy method with a diagonal Gaussian ----
 class DiagonalGaussian(NamedTuple):
     """The search distribution of CEM and SNES: N(μ, diag σ²)."""
+
     mean: jax.Array  # μ [dim]
     sigma: jax.Array  # per-coordinate std [dim]
 
@@ -274,7 +362,7 @@ def diagonal_init(key, mean, args) -> DiagonalGaussian:
 def cem_tell(key, state: DiagonalGaussian, population, fitness, descriptors, args):
     """Refit the Gaussian to the elite (CMU 10-403; Szita & Lőrincz 2006 for the added noise η):
     E = the ⌊ρn⌋ fittest;  μ ← mean(E);  σ² ← var(E) + η."""
-    elite = population[best_first(fitness)[:int(args.elite_ratio * args.pop_size)]]
+    elite = population[best_first(fitness)[: int(args.elite_ratio * args.pop_size)]]
     return DiagonalGaussian(elite.mean(0), jnp.sqrt(elite.var(0) + args.cem_noise)), GO_ON
 
 
@@ -299,8 +387,17 @@ def cma_init(key, mean, args) -> CMAState:
     n = mean.shape[0]
     eye = jnp.eye(n)
     history = jnp.full(10 + math.ceil(30 * n / args.pop_size), jnp.nan)  # TolFun looks back 10 + ⌈30n/λ⌉
-    return CMAState(mean, jnp.asarray(args.sigma_init, jnp.float32), eye, jnp.zeros(n), jnp.zeros(n), eye,
-                    jnp.ones(n), jnp.array(0), history)
+    return CMAState(
+        mean,
+        jnp.asarray(args.sigma_init, jnp.float32),
+        eye,
+        jnp.zeros(n),
+        jnp.zeros(n),
+        eye,
+        jnp.ones(n),
+        jnp.array(0),
+        history,
+    )
 
 
 def cma_ask(key, state: CMAState, args):
@@ -341,8 +438,9 @@ def cma_tell(key, state: CMAState, population, fitness, descriptors, args):
     norm_p_sigma = jnp.linalg.norm(p_sigma)
     sigma = state.sigma * jnp.exp((c_sigma / d_sigma) * (norm_p_sigma / chi_n - 1))  # longer path: larger σ
     # h_σ stalls the rank-one path while ‖p_σ‖ is large (σ is growing), so C does not grow along with σ
-    h_sigma = (norm_p_sigma / jnp.sqrt(1 - (1 - c_sigma) ** (2 * (state.generation + 1)))
-               < (1.4 + 2 / (n + 1)) * chi_n).astype(jnp.float32)
+    h_sigma = (
+        norm_p_sigma / jnp.sqrt(1 - (1 - c_sigma) ** (2 * (state.generation + 1))) < (1.4 + 2 / (n + 1)) * chi_n
+    ).astype(jnp.float32)
     p_c = (1 - c_c) * state.p_c + h_sigma * math.sqrt(c_c * (2 - c_c) * mu_eff) * y_w
     delta_h = (1 - h_sigma) * c_c * (2 - c_c)
     rank_mu = (w[:, None] * y).T @ y  # Σ w_i y_i y_iᵀ
@@ -352,12 +450,14 @@ def cma_tell(key, state: CMAState, population, fitness, descriptors, args):
     D = jnp.sqrt(jnp.maximum(eigenvalues, 1e-20))
     history = jnp.roll(state.best_history, 1).at[0].set(fitness[best_first(fitness)[0]])
     recent = jnp.concatenate([history, fitness])
-    stops = jnp.array([
-        (state.generation + 1 >= history.shape[0]) & (jnp.max(recent) - jnp.min(recent) < TOL_FUN),
-        jnp.all(sigma * jnp.maximum(jnp.abs(p_c), jnp.sqrt(jnp.diag(C))) < TOL_X * args.sigma_init),
-        jnp.max(D) ** 2 > MAX_CONDITION * jnp.min(D) ** 2,
-        jnp.any(mean + 0.2 * sigma * jnp.sqrt(jnp.diag(C)) == mean) | ~jnp.isfinite(sigma),
-    ])
+    stops = jnp.array(
+        [
+            (state.generation + 1 >= history.shape[0]) & (jnp.max(recent) - jnp.min(recent) < TOL_FUN),
+            jnp.all(sigma * jnp.maximum(jnp.abs(p_c), jnp.sqrt(jnp.diag(C))) < TOL_X * args.sigma_init),
+            jnp.max(D) ** 2 > MAX_CONDITION * jnp.min(D) ** 2,
+            jnp.any(mean + 0.2 * sigma * jnp.sqrt(jnp.diag(C)) == mean) | ~jnp.isfinite(sigma),
+        ]
+    )
     stop = jnp.where(stops.any(), jnp.argmax(stops) + 1, 0).astype(jnp.int32)
     return CMAState(mean, sigma, C, p_sigma, p_c, B, D, state.generation + 1, history), stop
 
@@ -365,6 +465,7 @@ def cma_tell(key, state: CMAState, population, fitness, descriptors, args):
 # ---- plain ES: the lecture's Algorithm 1 (Salimans et al. Algorithm 1) with z-scored fitness ----
 class GradientESState(NamedTuple):
     """Plain ES and OpenAI-ES: N(μ, σ²I) moved by an estimated gradient (plain ES leaves Adam's fields at 0)."""
+
     mean: jax.Array  # μ [dim]
     sigma: jax.Array  # σ
     learning_rate: jax.Array  # α
@@ -375,8 +476,14 @@ class GradientESState(NamedTuple):
 
 def gradient_es_init(key, mean, args) -> GradientESState:
     zeros = jnp.zeros_like(mean)
-    return GradientESState(mean, jnp.asarray(args.sigma_init, jnp.float32),
-                           jnp.asarray(args.learning_rate, jnp.float32), zeros, zeros, jnp.array(0))
+    return GradientESState(
+        mean,
+        jnp.asarray(args.sigma_init, jnp.float32),
+        jnp.asarray(args.learning_rate, jnp.float32),
+        zeros,
+        zeros,
+        jnp.array(0),
+    )
 
 
 def plain_es_tell(key, state: GradientESState, population, fitness, descriptors, args):
@@ -437,8 +544,8 @@ def snes_utilities(pop_size: int) -> jax.Array:
 def snes_tell(key, state: DiagonalGaussian, population, fitness, descriptors, args):
     """Natural-gradient step of the mean and of the per-coordinate σ, fitness replaced by rank utilities:
 
-        ∇_μ = Σ u_i z_i;  ∇_σ = Σ u_i (z_i² - 1)
-        μ ← μ + η_μ σ ⊙ ∇_μ  (η_μ = 1);   σ ← σ ⊙ exp(η_σ/2 · ∇_σ),  η_σ = (3 + ln d)/(5√d)
+    ∇_μ = Σ u_i z_i;  ∇_σ = Σ u_i (z_i² - 1)
+    μ ← μ + η_μ σ ⊙ ∇_μ  (η_μ = 1);   σ ← σ ⊙ exp(η_σ/2 · ∇_σ),  η_σ = (3 + ln d)/(5√d)
     """
     d = state.mean.shape[0]
     u = jnp.zeros(args.pop_size).at[best_first(fitness)].set(snes_utilities(args.pop_size))
@@ -459,8 +566,9 @@ class MapElitesState(NamedTuple):
 
 def map_elites_init(key, mean, args) -> MapElitesState:
     cells = args.num_bins**2
-    return MapElitesState(jnp.full(cells, -jnp.inf), jnp.zeros((cells, mean.shape[0])), mean,
-                          jnp.asarray(args.sigma_init, jnp.float32))
+    return MapElitesState(
+        jnp.full(cells, -jnp.inf), jnp.zeros((cells, mean.shape[0])), mean, jnp.asarray(args.sigma_init, jnp.float32)
+    )
 
 
 def map_elites_cell(descriptor: jax.Array, bounds, num_bins: int) -> jax.Array:
@@ -513,11 +621,13 @@ def evosax_strategy(args: Args, num_dims: int):
     1/σ (Adam divides it by its running RMS). The others keep their own learning rates."""
     import optax
     from evosax.algorithms import algorithms
+
     name, kwargs = args.algo[7:], {}
     if name == "Open_ES":
-        kwargs = dict(optimizer=optax.adam(optax.exponential_decay(args.learning_rate, 1, args.lr_decay)),
-                      std_schedule=optax.exponential_decay(args.sigma_init, 1, args.sigma_decay,
-                                                           end_value=args.sigma_limit))
+        kwargs = dict(
+            optimizer=optax.adam(optax.exponential_decay(args.learning_rate, 1, args.lr_decay)),
+            std_schedule=optax.exponential_decay(args.sigma_init, 1, args.sigma_decay, end_value=args.sigma_limit),
+        )
     es = algorithms[name](population_size=args.pop_size, solution=jnp.zeros(num_dims), **kwargs)
     params = es.default_params  # Open_ES has no parameters: its σ comes from the schedule
     return es, params if name == "Open_ES" else params.replace(std_init=jnp.asarray(args.sigma_init, jnp.float32))
@@ -569,8 +679,9 @@ def gp_posterior(points, prior, observed, residuals, mask, length_scale: float, 
     ignored (they get an identity row, so the solve is exact for the others). M-BOA (Cully et al., Methods):
         μ(x) = P(x) + kᵀ K⁻¹ (y - P(X)),   σ²(x) = k(x, x) - kᵀ K⁻¹ k,   K = k(X, X) + σ²_noise I."""
     both = mask[:, None] & mask[None, :]
-    K = jnp.where(both, matern52(observed, observed, length_scale) + noise * jnp.eye(mask.shape[0]),
-                  jnp.eye(mask.shape[0]))
+    K = jnp.where(
+        both, matern52(observed, observed, length_scale) + noise * jnp.eye(mask.shape[0]), jnp.eye(mask.shape[0])
+    )
     k = matern52(points, observed, length_scale) * mask  # [n, t]
     mean = prior + k @ jnp.linalg.solve(K, jnp.where(mask, residuals, 0.0))
     return mean, jnp.maximum(1.0 - jnp.sum(k * jnp.linalg.solve(K, k.T).T, 1), 0.0)
@@ -590,8 +701,9 @@ def ite_adapt(behaviours, prior, real, args: Args, use_gp: bool = True):
         tried, perf, done = carry
         mask = tried >= 0
         if use_gp:
-            mean, var = gp_posterior(behaviours, prior, behaviours[tried], perf - prior[tried], mask,
-                                     args.ite_length_scale)
+            mean, var = gp_posterior(
+                behaviours, prior, behaviours[tried], perf - prior[tried], mask, args.ite_length_scale
+            )
         else:
             mean, var = prior, jnp.zeros(cells)
         untried = jnp.isfinite(prior) & ~jnp.zeros(cells + 1, bool).at[jnp.where(mask, tried, cells)].set(True)[:-1]
@@ -640,6 +752,7 @@ FUNCTION_DOMAIN = {"sphere": (-5.12, 5.12), "rosenbrock": (-2.048, 2.048), "rast
 
 class ObsStats(NamedTuple):
     """Observation statistics as sums, initialised like Salimans et al.'s RunningStat (eps = 1e-2)."""
+
     total: jax.Array  # Σo [obs_dim]
     total_sq: jax.Array  # Σo² [obs_dim]
     count: jax.Array  # number of observations, scalar
@@ -660,6 +773,7 @@ class GymnaxEnv:
     def __init__(self, env_id: str):
         import gymnax
         from gymnax.environments import spaces
+
         self.env, self.params = gymnax.make(env_id)
         self.obs_dim = int(np.prod(self.env.observation_space(self.params).shape))
         space = self.env.action_space(self.params)
@@ -685,6 +799,7 @@ class BraxEnv:
 
     def __init__(self, env_id: str, backend: str, episode_length: int):
         from brax import envs
+
         self.env = envs.get_environment(env_id, backend=backend)
         self.obs_dim, self.action_dim = int(self.env.observation_size), int(self.env.action_size)
         self.discrete, self.action_low, self.action_high = False, -1.0, 1.0
@@ -703,8 +818,10 @@ def init_policy(key: jax.Array, obs_dim: int, hidden: Tuple[int, ...], action_di
     """Weights of the deterministic MLP: a list of (w [in, out], b [out]); w ~ N(0, 1/in), b = 0."""
     sizes = (obs_dim,) + tuple(hidden) + (action_dim,)
     keys = jax.random.split(key, len(sizes) - 1)
-    return [(jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), jnp.zeros(n_out))
-            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])]
+    return [
+        (jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), jnp.zeros(n_out))
+        for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
+    ]
 
 
 def policy_action(params: list, obs: jax.Array, env) -> jax.Array:
@@ -720,6 +837,7 @@ def policy_action(params: list, obs: jax.Array, env) -> jax.Array:
 
 class Episode(NamedTuple):
     """What one episode of a policy returns; the sums run over the steps before the episode ended."""
+
     ret: jax.Array  # scalar, undiscounted return
     last_obs: jax.Array  # [obs_dim], the last observation the policy acted on
     obs_sum: jax.Array  # [obs_dim], raw observations
@@ -731,8 +849,10 @@ class Episode(NamedTuple):
 # CartPole-v1 (obs: x, ẋ, θ, θ̇): where the cart ended, and the mean pole angle, in the ranges the episode
 # terminates at (|x| ≤ 2.4, |θ| ≤ 12° ≈ 0.2095 rad).
 DESCRIPTORS = {
-    "CartPole-v1": (lambda ep: jnp.stack([ep.last_obs[0], ep.obs_sum[2] / jnp.maximum(ep.steps, 1.0)]),
-                    ((-2.4, 2.4), (-0.2095, 0.2095))),
+    "CartPole-v1": (
+        lambda ep: jnp.stack([ep.last_obs[0], ep.obs_sum[2] / jnp.maximum(ep.steps, 1.0)]),
+        ((-2.4, 2.4), (-0.2095, 0.2095)),
+    ),
 }
 
 
@@ -745,6 +865,7 @@ def descriptor_bounds(args: Args):
 
 class Problem(NamedTuple):
     """A problem as the generation loop sees it (see make_problem)."""
+
     num_dims: int
     init_mean: jax.Array  # [num_dims], the search's starting mean
     # evaluate(x [num_dims], key, obs_stats) -> (fitness, descriptor [2], (Σo [obs_dim], Σo² [obs_dim], steps))
@@ -757,10 +878,14 @@ def make_policy_problem(args: Args) -> Problem:
     """Policy search: x is the flattened MLP; fitness = mean return over --num-rollouts episodes, each run to
     its end or the time limit. Members evaluated with the same key share their episodes' reset and step keys
     (common random numbers). The starting mean is init_policy(PRNGKey(seed)), flattened."""
-    env = BraxEnv(args.problem, args.backend, args.episode_length) if args.problem in BRAX_ENVS \
+    env = (
+        BraxEnv(args.problem, args.backend, args.episode_length)
+        if args.problem in BRAX_ENVS
         else GymnaxEnv(args.problem)
-    init_mean, unravel = ravel_pytree(init_policy(jax.random.PRNGKey(args.seed), env.obs_dim, args.hidden,
-                                                  env.action_dim))
+    )
+    init_mean, unravel = ravel_pytree(
+        init_policy(jax.random.PRNGKey(args.seed), env.obs_dim, args.hidden, env.action_dim)
+    )
     descriptor_fn = DESCRIPTORS.get(args.problem, (lambda ep: jnp.zeros(2), None))[0]
 
     def episode(x, key, obs_stats) -> Episode:
@@ -772,8 +897,13 @@ def make_policy_problem(args: Args) -> Problem:
             obs, state, alive, ep = carry
             action = policy_action(params, normalize(obs, obs_stats, args.normalize_observations), env)
             next_obs, state, reward, done = env.step(key, state, action)
-            ep = Episode(ep.ret + alive * reward, jnp.where(alive > 0, obs, ep.last_obs), ep.obs_sum + alive * obs,
-                         ep.obs_sq_sum + alive * obs**2, ep.steps + alive)
+            ep = Episode(
+                ep.ret + alive * reward,
+                jnp.where(alive > 0, obs, ep.last_obs),
+                ep.obs_sum + alive * obs,
+                ep.obs_sq_sum + alive * obs**2,
+                ep.steps + alive,
+            )
             return (next_obs, state, alive * (1.0 - done), ep), None
 
         zeros = jnp.zeros(env.obs_dim)
@@ -786,8 +916,11 @@ def make_policy_problem(args: Args) -> Problem:
 
     def evaluate(x, key, obs_stats):
         eps = episodes(x, key, obs_stats, args.num_rollouts)
-        return (eps.ret.mean(), jax.vmap(descriptor_fn)(eps).mean(0),
-                (eps.obs_sum.sum(0), eps.obs_sq_sum.sum(0), eps.steps.sum()))
+        return (
+            eps.ret.mean(),
+            jax.vmap(descriptor_fn)(eps).mean(0),
+            (eps.obs_sum.sum(0), eps.obs_sq_sum.sum(0), eps.steps.sum()),
+        )
 
     def evaluate_center(x, key, obs_stats):
         return episodes(x, key, obs_stats, args.num_eval_episodes).ret.mean()
@@ -815,8 +948,22 @@ def make_problem(args: Args) -> Problem:
 # -distance, shifted so that ITE's 90% rule stops within 0.1 + 0.9·(the best predicted distance)). The damages are
 # the paper's 14: a joint stuck at 45°, a joint offset by 45°, or one of each (joints counted from the base).
 ARM_JOINTS, ARM_TARGET = 8, (0.5, 0.5)
-ARM_DAMAGES = [((5,), ()), ((4,), ()), ((3,), ()), ((2,), ()), ((), (5,)), ((), (4,)), ((), (3,)), ((), (2,)),
-               ((2,), (5,)), ((2,), (4,)), ((2,), (3,)), ((5,), (2,)), ((4,), (2,)), ((3,), (2,))]  # (stuck, offset)
+ARM_DAMAGES = [
+    ((5,), ()),
+    ((4,), ()),
+    ((3,), ()),
+    ((2,), ()),
+    ((), (5,)),
+    ((), (4,)),
+    ((), (3,)),
+    ((), (2,)),
+    ((2,), (5,)),
+    ((2,), (4,)),
+    ((2,), (3,)),
+    ((5,), (2,)),
+    ((4,), (2,)),
+    ((3,), (2,)),
+]  # (stuck, offset)
 
 
 def arm_hand(x: jax.Array, stuck=None, offset=None) -> jax.Array:
@@ -835,6 +982,7 @@ def reach(hand: jax.Array, target: jax.Array) -> jax.Array:
 
 def arm_problem() -> Problem:
     """The intact arm for MAP-Elites: fitness -var(angles), descriptor the hand position in [-1, 1]²."""
+
     def evaluate(x, key, obs_stats):
         return -jnp.var(jnp.pi / 2 * jnp.clip(x, -1, 1)), arm_hand(x), (jnp.zeros(1), jnp.zeros(1), jnp.zeros(()))
 
@@ -866,9 +1014,17 @@ def run_track(params: list, env: jax.Array) -> jax.Array:
         x, y, vy, alive = carry
         wall, gap = jnp.sum(walls < x), jnp.sum(gaps + width < x)  # the next wall's and gap's index (2: none)
         to_wall, to_gap = jnp.append(walls, x + 3)[wall] - x, jnp.append(gaps, x + 3)[gap] - x  # to_gap < 0 over one
-        obs = jnp.stack([y, vy / JUMP_SPEED, jnp.minimum(to_wall, 3.0) / 3, jnp.clip(to_gap, -1.5, 3.0) / 3,
-                         jnp.append(height, 0.0)[wall] / WALL_MAX, jnp.append(width, 0.0)[gap] / GAP_MAX,
-                         x / TRACK_END])
+        obs = jnp.stack(
+            [
+                y,
+                vy / JUMP_SPEED,
+                jnp.minimum(to_wall, 3.0) / 3,
+                jnp.clip(to_gap, -1.5, 3.0) / 3,
+                jnp.append(height, 0.0)[wall] / WALL_MAX,
+                jnp.append(width, 0.0)[gap] / GAP_MAX,
+                x / TRACK_END,
+            ]
+        )
         action = policy_action(params, obs, RUNNER)
         grounded = (y <= 0) & ~over_gap(x)
         vy = jnp.where(grounded, JUMP_SPEED * (action[1] > 0), vy - GRAVITY * DT)
@@ -943,9 +1099,13 @@ def make_generations(args: Args, problem: Problem) -> Callable:
         center_fitness = problem.evaluate_center(new_es.mean, key_center, obs_stats)
         is_map_elites = args.algo == "map-elites"
         out = GenerationOutput(
-            fitness, center_fitness, new_es.fitness.max() if is_map_elites else jnp.float32(jnp.nan),
+            fitness,
+            center_fitness,
+            new_es.fitness.max() if is_map_elites else jnp.float32(jnp.nan),
             jnp.mean(es.sigma),
-            jnp.isfinite(new_es.fitness).sum() if is_map_elites else jnp.int32(-1), jnp.where(running, stop, loop.stop))
+            jnp.isfinite(new_es.fitness).sum() if is_map_elites else jnp.int32(-1),
+            jnp.where(running, stop, loop.stop),
+        )
         return LoopState(new_es, obs_stats, out.stop), out
 
     def generations(loop: LoopState, keys):
@@ -955,12 +1115,14 @@ def make_generations(args: Args, problem: Problem) -> Callable:
         return jax.jit(generations)
     mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
     replicated = jax.sharding.PartitionSpec()
-    return jax.jit(jax.shard_map(generations, mesh=mesh, in_specs=(replicated, replicated), out_specs=replicated,
-                                 check_vma=False))
+    return jax.jit(
+        jax.shard_map(generations, mesh=mesh, in_specs=(replicated, replicated), out_specs=replicated, check_vma=False)
+    )
 
 
-def run_generations(args: Args, problem: Problem, on_chunk: Optional[Callable] = None, chunk: Optional[int] = None
-                    ) -> Tuple[LoopState, GenerationOutput]:
+def run_generations(
+    args: Args, problem: Problem, on_chunk: Optional[Callable] = None, chunk: Optional[int] = None
+) -> Tuple[LoopState, GenerationOutput]:
     """Run resolved args for --num-generations, `chunk` per compiled call (default: 100 on test functions, 1 on
     policies) between progress reports, ending early after the
     generation whose update returned a stop code. Returns the final loop state and every generation's output
@@ -973,7 +1135,7 @@ def run_generations(args: Args, problem: Problem, on_chunk: Optional[Callable] =
         out = jax.tree.map(np.asarray, out)
         stopped = np.flatnonzero(out.stop)
         if stopped.size:  # keep the generations up to and including the one that stopped
-            out = jax.tree.map(lambda a: a[:stopped[0] + 1], out)
+            out = jax.tree.map(lambda a: a[: stopped[0] + 1], out)
         outputs.append(out)
         if on_chunk is not None:
             on_chunk(done, out)
@@ -996,18 +1158,25 @@ def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
     members out (NaN if none is finite), best_fitness ranks NaN as -inf."""
     finite = np.isfinite(out.fitness)
     generation = first + 1 + np.arange(len(out.stop))
-    return dict(generation=generation, evaluations=generation * pop_size,
-                best_fitness=np.where(np.isnan(out.fitness), -np.inf, out.fitness).max(1),
-                mean_fitness=np.where(finite, out.fitness, 0).sum(1) / np.where(finite.any(1), finite.sum(1), np.nan),
-                center_fitness=out.center_fitness, elite_fitness=out.elite_fitness, sigma=out.sigma,
-                archive_cells=out.archive_cells)
+    return dict(
+        generation=generation,
+        evaluations=generation * pop_size,
+        best_fitness=np.where(np.isnan(out.fitness), -np.inf, out.fitness).max(1),
+        mean_fitness=np.where(finite, out.fitness, 0).sum(1) / np.where(finite.any(1), finite.sum(1), np.nan),
+        center_fitness=out.center_fitness,
+        elite_fitness=out.elite_fitness,
+        sigma=out.sigma,
+        archive_cells=out.archive_cells,
+    )
 
 
 def save_figure(path: str, draw: Callable, ncols: int = 1):
     """Call draw(*axes) on a new figure of ncols panels (matplotlib's Agg backend: no display) and save it as PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 if ncols == 1 else 11, 4.2), squeeze=False)
     draw(*axes[0])
     fig.tight_layout()
@@ -1021,8 +1190,12 @@ def plot_curves(ax, table: dict, problem: str):
     sign = -1.0 if problem in TEST_FUNCTIONS else 1.0
     for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"), ("best_fitness", "best")):
         ax.plot(table["generation"], sign * table[key], label=label)
-    ax.set(xlabel="generation", ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)", title=problem,
-           yscale="log" if sign < 0 else "linear")
+    ax.set(
+        xlabel="generation",
+        ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)",
+        title=problem,
+        yscale="log" if sign < 0 else "linear",
+    )
     ax.legend(fontsize=8)
 
 
@@ -1030,11 +1203,14 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     """One ES run (resolved args) into run_dir: args.json, generations.csv, fitness_curve.png, params.npz and
     summary.json (also returned)."""
     from tqdm import tqdm
+
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     problem = make_problem(args)
-    print(f"{args.algo} on {args.problem}: {problem.num_dims} parameters, population {args.pop_size} over "
-          f"{jax.device_count()} {jax.default_backend()} device(s), up to {args.num_generations} generations")
+    print(
+        f"{args.algo} on {args.problem}: {problem.num_dims} parameters, population {args.pop_size} over "
+        f"{jax.device_count()} {jax.default_backend()} device(s), up to {args.num_generations} generations"
+    )
     csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
 
@@ -1052,24 +1228,41 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
     save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: plot_curves(ax, table, args.problem))
-    np.savez(os.path.join(run_dir, "params.tmp.npz"), center=np.asarray(loop.es.mean),
-             **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()})
+    np.savez(
+        os.path.join(run_dir, "params.tmp.npz"),
+        center=np.asarray(loop.es.mean),
+        **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()},
+    )
     os.replace(os.path.join(run_dir, "params.tmp.npz"), os.path.join(run_dir, "params.npz"))
     reached = np.flatnonzero(table["center_fitness"] >= (np.inf if args.target is None else args.target))
     summary = dict(
-        algo=args.algo, problem=args.problem, seed=args.seed, num_dims=problem.num_dims, pop_size=args.pop_size,
-        num_generations=len(out.stop), evaluations=len(out.stop) * args.pop_size, stop_reason=stop,
-        best_fitness=float(table["best_fitness"].max()), final_mean_fitness=float(table["mean_fitness"][-1]),
-        final_center_fitness=float(out.center_fitness[-1]), final_elite_fitness=float(out.elite_fitness[-1]),
-        target=args.target, generations_to_target=int(reached[0]) + 1 if reached.size else None,
+        algo=args.algo,
+        problem=args.problem,
+        seed=args.seed,
+        num_dims=problem.num_dims,
+        pop_size=args.pop_size,
+        num_generations=len(out.stop),
+        evaluations=len(out.stop) * args.pop_size,
+        stop_reason=stop,
+        best_fitness=float(table["best_fitness"].max()),
+        final_mean_fitness=float(table["mean_fitness"][-1]),
+        final_center_fitness=float(out.center_fitness[-1]),
+        final_elite_fitness=float(out.elite_fitness[-1]),
+        target=args.target,
+        generations_to_target=int(reached[0]) + 1 if reached.size else None,
         evaluations_to_target=(int(reached[0]) + 1) * args.pop_size if reached.size else None,
         final_archive_cells=int(out.archive_cells[-1]) if args.algo == "map-elites" else None,
-        wall_seconds=seconds, generations_per_second=len(out.stop) / seconds, num_devices=jax.device_count(),
-        device=jax.devices()[0].device_kind)
+        wall_seconds=seconds,
+        generations_per_second=len(out.stop) / seconds,
+        num_devices=jax.device_count(),
+        device=jax.devices()[0].device_kind,
+    )
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # JSON
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    print(f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
-          f"target {args.target} reached at generation {summary['generations_to_target']}")
+    print(
+        f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
+        f"target {args.target} reached at generation {summary['generations_to_target']}"
+    )
     return summary
 
 
@@ -1110,8 +1303,10 @@ def run_ite(args: Args, run_dir: str) -> dict:
     adapt = {gp: jax.jit(lambda b, p, r, gp=gp: ite_adapt(b, p, r, args, gp)) for gp in (True, False)}
     rows = []
     for stuck, offset in ARM_DAMAGES:
-        damage = (jnp.zeros(ARM_JOINTS, bool).at[jnp.array(stuck, int)].set(True),
-                  jnp.zeros(ARM_JOINTS).at[jnp.array(offset, int)].set(1.0))
+        damage = (
+            jnp.zeros(ARM_JOINTS, bool).at[jnp.array(stuck, int)].set(True),
+            jnp.zeros(ARM_JOINTS).at[jnp.array(offset, int)].set(1.0),
+        )
         damaged = lambda x, damage=damage: reach(arm_hand(x, *damage), target)  # noqa: E731
         real = jnp.where(filled, jax.vmap(damaged)(postures), -jnp.inf)
         row = dict(stuck=" ".join(map(str, stuck)), offset=" ".join(map(str, offset)))
@@ -1119,17 +1314,32 @@ def run_ite(args: Args, run_dir: str) -> dict:
             tried, perf = adapt[gp](behaviours, prior, real)
             row[f"{name}_trials"], row[f"{name}_best"] = int((tried >= 0).sum()), float(perf.max())
         es = es_from_scratch(damaged, jnp.zeros(ARM_JOINTS), args, args.ite_max_trials)
-        row.update(es_trials=args.ite_max_trials, es_best=float(es[-1]), es_at_ite_trials_best=float(es[
-            max(row["ite_trials"], 1) - 1]), best_in_map_best=float(real.max()))  # the last: trying every elite
+        row.update(
+            es_trials=args.ite_max_trials,
+            es_best=float(es[-1]),
+            es_at_ite_trials_best=float(es[max(row["ite_trials"], 1) - 1]),
+            best_in_map_best=float(real.max()),
+        )  # the last: trying every elite
         rows.append(row)
         print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     write_csv(os.path.join(run_dir, "ite_damages.csv"), [list(rows[0])] + [list(r.values()) for r in rows])
-    summary = dict(algo="ite", seed=args.seed, cells_filled=int(filled.sum()), map_evaluations=len(out.stop) *
-                   args.pop_size, target=ARM_TARGET, undamaged_best=undamaged, num_damages=len(rows))
+    summary = dict(
+        algo="ite",
+        seed=args.seed,
+        cells_filled=int(filled.sum()),
+        map_evaluations=len(out.stop) * args.pop_size,
+        target=ARM_TARGET,
+        undamaged_best=undamaged,
+        num_damages=len(rows),
+    )
     for name in ("ite", "ordered", "es", "es_at_ite_trials", "best_in_map"):
         fraction = np.array([r[f"{name}_best"] for r in rows]) / undamaged
-        summary.update({f"{name}_recovered_fraction": float(fraction.mean()),
-                        f"{name}_recovered_fraction_per_damage": fraction.round(4).tolist()})
+        summary.update(
+            {
+                f"{name}_recovered_fraction": float(fraction.mean()),
+                f"{name}_recovered_fraction_per_damage": fraction.round(4).tolist(),
+            }
+        )
         if f"{name}_trials" in rows[0]:
             summary[f"{name}_trials"] = float(np.mean([r[f"{name}_trials"] for r in rows]))
 
@@ -1139,8 +1349,12 @@ def run_ite(args: Args, run_dir: str) -> dict:
         left.set(aspect="equal", title="map: the elites' hand positions and predicted reach", xlabel="x", ylabel="y")
         left.figure.colorbar(dots, ax=left)
         for i, (name, label) in enumerate((("ite", "IT&E"), ("ordered", "elites in order"), ("es", "CMA-ES"))):
-            right.bar(np.arange(len(rows)) + (i - 1) * 0.27, [r[f"{name}_best"] / undamaged for r in rows], 0.27,
-                      label=f"{label} ({summary[f'{name}_trials']:.1f} trials)")
+            right.bar(
+                np.arange(len(rows)) + (i - 1) * 0.27,
+                [r[f"{name}_best"] / undamaged for r in rows],
+                0.27,
+                label=f"{label} ({summary[f'{name}_trials']:.1f} trials)",
+            )
         right.set_xticks(range(len(rows)), [f"s{r['stuck']} o{r['offset']}" for r in rows], rotation=60, fontsize=7)
         right.set(ylabel="recovered / undamaged best", title="damages (s: stuck joints, o: offset joints)")
         right.legend(fontsize=8, loc="lower left")
@@ -1161,8 +1375,9 @@ def run_poet(args: Args, run_dir: str) -> dict:
     --poet-max-pairs; every --poet-transfer-every iterations each agent is replaced by a better one from another
     pair, taken directly or after one ES step in this environment. Then ES from scratch with POET's whole evaluation
     budget on the POET_HARDEST hardest solved environments. Writes poet_history.csv, poet_envs.csv, poet.png."""
-    theta0, unravel = ravel_pytree(init_policy(jax.random.PRNGKey(args.seed), RUNNER.obs_dim, args.hidden,
-                                               RUNNER.action_dim))
+    theta0, unravel = ravel_pytree(
+        init_policy(jax.random.PRNGKey(args.seed), RUNNER.obs_dim, args.hidden, RUNNER.action_dim)
+    )
     score = jax.jit(jax.vmap(lambda x, env: run_track(unravel(x), env)))  # agents [n, dim] in envs [n, 2] -> [n]
     cap, rng, key = args.poet_max_pairs, np.random.RandomState(args.seed), jax.random.PRNGKey(args.seed)
 
@@ -1186,6 +1401,7 @@ def run_poet(args: Args, run_dir: str) -> dict:
             replace = replace & active[t]
             chosen = jax.tree.map(lambda a, b: jnp.where(replace, jnp.concatenate([a, b])[best], a[t]), states, tuned)
             return chosen, replace
+
         return jax.vmap(into)(envs, jnp.arange(cap))
 
     states = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, theta0, args))
@@ -1207,8 +1423,11 @@ def run_poet(args: Args, run_dir: str) -> dict:
         if it % args.poet_mutate_every == 0 and eligible.size:  # MUTATE_ENVS
             parents = rng.choice(eligible, args.poet_children)
             children = np.clip(envs[parents] + rng.uniform(*POET_STEP, (len(parents), 2)), 0, 1).astype(np.float32)
-            passed = np.asarray(minimal_criterion(score(states.mean[parents], jnp.asarray(children)),
-                                                  args.poet_mc_low, args.poet_mc_high))
+            passed = np.asarray(
+                minimal_criterion(
+                    score(states.mean[parents], jnp.asarray(children)), args.poet_mc_low, args.poet_mc_high
+                )
+            )
             rejected, evaluations = rejected + children[~passed].tolist(), evaluations + len(parents)
             order = np.argsort(-novelty(children, np.array([[e["wall"], e["gap"]] for e in created])))
             for c in [c for c in order if passed[c]][:POET_ADMITTED]:
@@ -1216,20 +1435,32 @@ def run_poet(args: Args, run_dir: str) -> dict:
                 free = np.flatnonzero(slot_env < 0)  # or archive the oldest pair
                 slot = free[0] if free.size else min(np.flatnonzero(slot_env >= 0), key=lambda s: slot_env[s])
                 states = jax.tree.map(lambda a: a.at[slot].set(a[int(np.argmax(in_child))]), states)
-                created.append(dict(id=len(created), wall=float(children[c][0]), gap=float(children[c][1]),
-                                    parent=int(slot_env[parents[c]]), iteration=it, best_score=float(in_child.max()),
-                                    evaluations_to_solve=evaluations if in_child.max() >= 1.0 else None))
+                created.append(
+                    dict(
+                        id=len(created),
+                        wall=float(children[c][0]),
+                        gap=float(children[c][1]),
+                        parent=int(slot_env[parents[c]]),
+                        iteration=it,
+                        best_score=float(in_child.max()),
+                        evaluations_to_solve=evaluations if in_child.max() >= 1.0 else None,
+                    )
+                )
                 envs[slot], slot_env[slot], evaluations = children[c], len(created) - 1, evaluations + cap
         if it % args.poet_transfer_every == 0:
             active = slot_env >= 0
-            states, replaced = transfer_all(states, jnp.asarray(envs), jnp.asarray(scores), jnp.asarray(active),
-                                            key_transfer)
+            states, replaced = transfer_all(
+                states, jnp.asarray(envs), jnp.asarray(scores), jnp.asarray(active), key_transfer
+            )
             transfers += int(replaced.sum())
             evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
         if it % 100 == 0 or it == args.num_generations:
-            print(f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
-                  f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
-                  f"{transfers} transfers, {time.time() - start:.0f} s", flush=True)
+            print(
+                f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
+                f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
+                f"{transfers} transfers, {time.time() - start:.0f} s",
+                flush=True,
+            )
     solved = [e for e in created if e["best_score"] >= 1.0]
     hardest = sorted(solved, key=lambda e: -(e["wall"] + e["gap"]))[:POET_HARDEST]
     generations = evaluations // (args.pop_size + 1)  # direct ES: POET's whole budget on each environment
@@ -1239,6 +1470,7 @@ def run_poet(args: Args, run_dir: str) -> dict:
         def generation(state, key):
             state = es_step(state, env, key)
             return state, run_track(unravel(state.mean), env)
+
         keys = jax.random.split(jax.random.fold_in(key, 0), generations)
         return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1]
 
@@ -1246,11 +1478,15 @@ def run_poet(args: Args, run_dir: str) -> dict:
     for e in hardest:
         curve = np.asarray(direct_es(jnp.array([e["wall"], e["gap"]])))
         solved_at = np.flatnonzero(curve >= 1.0)
-        e.update(direct_es_best_score=float(curve.max()), direct_es_evaluations_to_solve=(int(solved_at[0]) + 1) *
-                 (args.pop_size + 1) if solved_at.size else None)
-        print(f"environment {e['id']} (wall {e['wall']:.2f}, gap {e['gap']:.2f}): POET solved it after "
-              f"{e['evaluations_to_solve']} evaluations in all; direct ES best {curve.max():.3f} in {generations} "
-              f"generations, solved after {e['direct_es_evaluations_to_solve']} evaluations")
+        e.update(
+            direct_es_best_score=float(curve.max()),
+            direct_es_evaluations_to_solve=(int(solved_at[0]) + 1) * (args.pop_size + 1) if solved_at.size else None,
+        )
+        print(
+            f"environment {e['id']} (wall {e['wall']:.2f}, gap {e['gap']:.2f}): POET solved it after "
+            f"{e['evaluations_to_solve']} evaluations in all; direct ES best {curve.max():.3f} in {generations} "
+            f"generations, solved after {e['direct_es_evaluations_to_solve']} evaluations"
+        )
     write_csv(os.path.join(run_dir, "poet_history.csv"), [("iteration", "env_id", "wall", "gap", "score")] + history)
 
     def draw(left, right):  # the environments created and the children rejected; each pair's score
@@ -1260,10 +1496,22 @@ def run_poet(args: Args, run_dir: str) -> dict:
         for e in hardest:
             solved = e["direct_es_best_score"] >= 1
             label = "hardest: direct ES solved it" if solved else "hardest: direct ES did not"
-            left.scatter(e["wall"], e["gap"], s=90, marker="s" if solved else "X", facecolors="none" if solved else "k",
-                         edgecolors="k", label=label)
-        left.set(xlabel=f"walls e₀ (× {WALL_MAX} m)", ylabel=f"gaps e₁ (× {GAP_MAX} m)", xlim=(-0.05, 1.1),
-                 ylim=(-0.05, 1.1), title="environments created: green solved, red not")
+            left.scatter(
+                e["wall"],
+                e["gap"],
+                s=90,
+                marker="s" if solved else "X",
+                facecolors="none" if solved else "k",
+                edgecolors="k",
+                label=label,
+            )
+        left.set(
+            xlabel=f"walls e₀ (× {WALL_MAX} m)",
+            ylabel=f"gaps e₁ (× {GAP_MAX} m)",
+            xlim=(-0.05, 1.1),
+            ylim=(-0.05, 1.1),
+            title="environments created: green solved, red not",
+        )
         handles = dict(zip(*left.get_legend_handles_labels()[::-1]))  # one entry per label
         left.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
         rows = np.array(history)
@@ -1272,10 +1520,19 @@ def run_poet(args: Args, run_dir: str) -> dict:
         right.set(xlabel="iteration", ylabel="score of the pair's agent (1 = solved)", title="pairs")
 
     save_figure(os.path.join(run_dir, "poet.png"), draw, ncols=2)
-    return dict(algo="poet", seed=args.seed, iterations=args.num_generations, evaluations=evaluations,
-                environments_created=len(created), environments_solved=len(solved), children_rejected=len(rejected),
-                transfers=transfers, direct_es_generations=generations, hardest_solved=hardest,
-                direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest))
+    return dict(
+        algo="poet",
+        seed=args.seed,
+        iterations=args.num_generations,
+        evaluations=evaluations,
+        environments_created=len(created),
+        environments_solved=len(solved),
+        children_rejected=len(rejected),
+        transfers=transfers,
+        direct_es_generations=generations,
+        hardest_solved=hardest,
+        direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest),
+    )
 
 
 def main(args: Args) -> str:
@@ -1289,7 +1546,8 @@ def main(args: Args) -> str:
         sys.exit(2)
     problem = dict(ite="arm", poet="track").get(args.algo, args.problem)
     run_dir = args.run_dir or os.path.join(
-        "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
     if args.algo in OWN_DEFAULTS:
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))

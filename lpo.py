@@ -37,10 +37,29 @@ import scipy.stats
 import tyro
 from flax.training.train_state import TrainState
 
-EnvId = Literal["ant", "halfcheetah", "hopper", "humanoid", "humanoidstandup", "inverted_pendulum",
-                "inverted_double_pendulum", "pusher", "reacher", "swimmer", "walker2d",
-                "CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0",
-                "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar", "Seaquest-MinAtar"]
+EnvId = Literal[
+    "ant",
+    "halfcheetah",
+    "hopper",
+    "humanoid",
+    "humanoidstandup",
+    "inverted_pendulum",
+    "inverted_double_pendulum",
+    "pusher",
+    "reacher",
+    "swimmer",
+    "walker2d",
+    "CartPole-v1",
+    "Acrobot-v1",
+    "MountainCar-v0",
+    "Pendulum-v1",
+    "MountainCarContinuous-v0",
+    "Breakout-MinAtar",
+    "Asterix-MinAtar",
+    "Freeway-MinAtar",
+    "SpaceInvaders-MinAtar",
+    "Seaquest-MinAtar",
+]
 BRAX_ENVS = typing.get_args(EnvId)[:11]
 
 
@@ -187,9 +206,11 @@ def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: 
     """
     positive = (ratio - 1.0) * advantage
     negative = jnp.log(ratio) * advantage
-    return jnp.where(advantage >= 0,
-                     jax.nn.relu(positive - alpha * jnp.tanh(positive / alpha)),
-                     jax.nn.relu(negative - beta * jnp.tanh(negative / beta)))
+    return jnp.where(
+        advantage >= 0,
+        jax.nn.relu(positive - alpha * jnp.tanh(positive / alpha)),
+        jax.nn.relu(negative - beta * jnp.tanh(negative / beta)),
+    )
 
 
 def actor_loss(ratio: jax.Array, advantage: jax.Array, drift) -> jax.Array:
@@ -227,8 +248,10 @@ def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: Optional[Tu
     """The drift network's weights, a list of matrices [in, out]: zeros for LPO (the authors' ES mean starts at
     zero, so generation 0 is PPO), LeCun-normal for LPO-Zero."""
     sizes = drift_layer_sizes(ppo_init, hidden)
-    return [jnp.zeros((m, n)) if ppo_init else jax.random.normal(k, (m, n)) / jnp.sqrt(m)
-            for k, m, n in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:])]
+    return [
+        jnp.zeros((m, n)) if ppo_init else jax.random.normal(k, (m, n)) / jnp.sqrt(m)
+        for k, m, n in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:])
+    ]
 
 
 def lpo_drift(net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True) -> jax.Array:
@@ -278,8 +301,9 @@ def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: 
         acc = delta + gamma * gae_lambda * (1.0 - term) * (1.0 - trunc) * acc
         return acc, acc
 
-    _, vs_minus_v = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, terminated, truncated),
-                                 reverse=True)
+    _, vs_minus_v = jax.lax.scan(
+        backward, jnp.zeros_like(bootstrap_value), (deltas, terminated, truncated), reverse=True
+    )
     vs = vs_minus_v + values
     next_vs = jnp.concatenate([vs[1:], bootstrap_value[None]])
     advantages = (rewards + gamma * (1.0 - terminated) * next_vs - values) * (1.0 - truncated)
@@ -287,9 +311,19 @@ def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: 
 
 
 # ---- Defaults per environment family, for the Args fields left at None.
-_BRAX = dict(num_envs=2048, num_minibatches=32, learning_rate=3e-4, anneal_lr=False, normalize_observations=True,
-             actor_hidden=(32,) * 4, critic_hidden=(256,) * 5, activation="swish", clip_coef=0.3, max_grad_norm=0.0,
-             adam_eps=1e-8)  # Brax PPO's networks and optimiser; ε from the authors' compute_ppo_loss
+_BRAX = dict(
+    num_envs=2048,
+    num_minibatches=32,
+    learning_rate=3e-4,
+    anneal_lr=False,
+    normalize_observations=True,
+    actor_hidden=(32,) * 4,
+    critic_hidden=(256,) * 5,
+    activation="swish",
+    clip_coef=0.3,
+    max_grad_norm=0.0,
+    adam_eps=1e-8,
+)  # Brax PPO's networks and optimiser; ε from the authors' compute_ppo_loss
 # The authors' dpo/main_drift_brax.py `train_fn` table (num_unrolls = batch_size × num_minibatches / num_envs);
 # the envs it does not list take the settings of the closest one that it does.
 BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, update_epochs, gamma, ent_coef, repeat
@@ -305,24 +339,86 @@ BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, 
     "pusher": (50_000_000, 5.0, 30, 4, 8, 0.95, 1e-2, 1),
     "swimmer": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1),
 }
-ENV_DEFAULTS = {env: dict(_BRAX, **dict(zip(("total_timesteps", "reward_scaling", "num_steps", "num_unrolls",
-                                             "update_epochs", "gamma", "ent_coef", "action_repeat"), row)))
-                for env, row in BRAX_TABLE.items()}
+ENV_DEFAULTS = {
+    env: dict(
+        _BRAX,
+        **dict(
+            zip(
+                (
+                    "total_timesteps",
+                    "reward_scaling",
+                    "num_steps",
+                    "num_unrolls",
+                    "update_epochs",
+                    "gamma",
+                    "ent_coef",
+                    "action_repeat",
+                ),
+                row,
+            )
+        ),
+    )
+    for env, row in BRAX_TABLE.items()
+}
 _CLASSIC = dict(  # PureJaxRL's ppo.py (4 envs × 128 steps, 4 minibatches), as 4 unrolls of 32 steps per env
-    total_timesteps=500_000, num_envs=4, num_steps=32, num_unrolls=4, num_minibatches=4, update_epochs=4,
-    learning_rate=2.5e-4, anneal_lr=True, gamma=0.99, ent_coef=0.01, reward_scaling=1.0,
-    normalize_observations=False, actor_hidden=(64, 64), critic_hidden=(64, 64), activation="tanh", clip_coef=0.2,
-    max_grad_norm=0.5, adam_eps=1e-5, action_repeat=1)
+    total_timesteps=500_000,
+    num_envs=4,
+    num_steps=32,
+    num_unrolls=4,
+    num_minibatches=4,
+    update_epochs=4,
+    learning_rate=2.5e-4,
+    anneal_lr=True,
+    gamma=0.99,
+    ent_coef=0.01,
+    reward_scaling=1.0,
+    normalize_observations=False,
+    actor_hidden=(64, 64),
+    critic_hidden=(64, 64),
+    activation="tanh",
+    clip_coef=0.2,
+    max_grad_norm=0.5,
+    adam_eps=1e-5,
+    action_repeat=1,
+)
 ENV_DEFAULTS.update({env: dict(_CLASSIC) for env in ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")})
-ENV_DEFAULTS["Pendulum-v1"] = dict(_CLASSIC, total_timesteps=1_000_000, num_envs=16, num_steps=16, num_minibatches=8,
-                                   update_epochs=10, learning_rate=1e-3, gamma=0.95, ent_coef=0.0,
-                                   reward_scaling=0.1, normalize_observations=True)
+ENV_DEFAULTS["Pendulum-v1"] = dict(
+    _CLASSIC,
+    total_timesteps=1_000_000,
+    num_envs=16,
+    num_steps=16,
+    num_minibatches=8,
+    update_epochs=10,
+    learning_rate=1e-3,
+    gamma=0.95,
+    ent_coef=0.0,
+    reward_scaling=0.1,
+    normalize_observations=True,
+)
 ENV_DEFAULTS["MountainCarContinuous-v0"] = dict(ENV_DEFAULTS["Pendulum-v1"], gamma=0.99)
-ENV_DEFAULTS.update({env: dict(_CLASSIC, total_timesteps=10_000_000, num_envs=64, num_steps=128, num_unrolls=1,
-                               num_minibatches=8, learning_rate=5e-4, actor_hidden=(256, 256),
-                               critic_hidden=(256, 256), activation="relu")
-                     for env in ("Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
-                                 "Seaquest-MinAtar")})
+ENV_DEFAULTS.update(
+    {
+        env: dict(
+            _CLASSIC,
+            total_timesteps=10_000_000,
+            num_envs=64,
+            num_steps=128,
+            num_unrolls=1,
+            num_minibatches=8,
+            learning_rate=5e-4,
+            actor_hidden=(256, 256),
+            critic_hidden=(256, 256),
+            activation="relu",
+        )
+        for env in (
+            "Breakout-MinAtar",
+            "Asterix-MinAtar",
+            "Freeway-MinAtar",
+            "SpaceInvaders-MinAtar",
+            "Seaquest-MinAtar",
+        )
+    }
+)
 
 
 def resolve_args(args: Args) -> Args:
@@ -331,18 +427,32 @@ def resolve_args(args: Args) -> Args:
     Raises: SystemExit with a one-line message: a batch whose unrolls do not split into --num-minibatches,
         fewer --total-timesteps than one update, --eval-only without --load.
     """
-    args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items()
-                                        if getattr(args, k) is None})
+    args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
     unrolls = args.num_envs * args.num_unrolls
-    if min(args.num_seeds, args.num_eval_envs, args.num_envs, args.num_steps, args.num_unrolls,
-           args.num_minibatches, args.update_epochs, args.action_repeat) <= 0:
+    if (
+        min(
+            args.num_seeds,
+            args.num_eval_envs,
+            args.num_envs,
+            args.num_steps,
+            args.num_unrolls,
+            args.num_minibatches,
+            args.update_epochs,
+            args.action_repeat,
+        )
+        <= 0
+    ):
         raise SystemExit("error: seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if unrolls % args.num_minibatches:
-        raise SystemExit(f"error: num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
-                         f" do not divide into --num-minibatches {args.num_minibatches}")
+        raise SystemExit(
+            f"error: num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
+            f" do not divide into --num-minibatches {args.num_minibatches}"
+        )
     if num_updates(args) == 0:
-        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one update"
-                         f" ({batch_size(args) * args.action_repeat} steps)")
+        raise SystemExit(
+            f"error: --total-timesteps {args.total_timesteps} is less than one update"
+            f" ({batch_size(args) * args.action_repeat} steps)"
+        )
     if args.eval_only != (args.load is not None):
         raise SystemExit("error: --eval-only and --load RUN_DIR go together")
     return args
@@ -524,8 +634,10 @@ def make_networks(args: Args, env):
     """(actor, critic) MLPs: the actor outputs logits, or loc and pre-softplus scale per action dimension."""
     brax = args.env_id in BRAX_ENVS
     out = env.action_dim if env.discrete else 2 * env.action_dim
-    return (MLP(tuple(args.actor_hidden), out, args.activation, brax, 0.01),
-            MLP(tuple(args.critic_hidden), 1, args.activation, brax, 1.0))
+    return (
+        MLP(tuple(args.actor_hidden), out, args.activation, brax, 0.01),
+        MLP(tuple(args.critic_hidden), 1, args.activation, brax, 1.0),
+    )
 
 
 def policy(actor: MLP, params, obs, discrete: bool):
@@ -599,12 +711,21 @@ def make_train(args: Args, drift):
     def init(rng) -> Runner:
         rng, key_init, key_reset = jax.random.split(rng, 3)
         key_actor, key_critic = jax.random.split(key_init)
-        params = {"actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
-                  "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim)))}
+        params = {
+            "actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
+            "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
+        }
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
         zeros, stats = jnp.zeros(args.num_envs), RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
-        return Runner(TrainState.create(apply_fn=None, params=params, tx=tx), jax.tree.map(jnp.asarray, stats),
-                      env_state, obs, EpisodeStats(zeros, zeros, zeros), rng, jnp.int32(0))
+        return Runner(
+            TrainState.create(apply_fn=None, params=params, tx=tx),
+            jax.tree.map(jnp.asarray, stats),
+            env_state,
+            obs,
+            EpisodeStats(zeros, zeros, zeros),
+            rng,
+            jnp.int32(0),
+        )
 
     def env_step(runner: Runner, key):
         """One step of every environment under the current policy."""
@@ -612,11 +733,16 @@ def make_train(args: Args, drift):
         pi = policy(actor, runner.train_state.params, normalize(runner.obs, runner.obs_stats, obs_norm), env.discrete)
         action = pi.sample(key_action)
         obs, env_state, reward, done, truncated = jax.vmap(env.step)(
-            jax.random.split(key_env, args.num_envs), runner.env_state,
-            pi.env_action(action, env.action_low, env.action_high))
+            jax.random.split(key_env, args.num_envs),
+            runner.env_state,
+            pi.env_action(action, env.action_low, env.action_high),
+        )
         episode_return = runner.episodes.episode_return + reward
-        episodes = EpisodeStats(episode_return * (1.0 - done), jnp.where(done > 0, episode_return,
-                                runner.episodes.last_return), runner.episodes.finished + done)
+        episodes = EpisodeStats(
+            episode_return * (1.0 - done),
+            jnp.where(done > 0, episode_return, runner.episodes.last_return),
+            runner.episodes.finished + done,
+        )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
@@ -630,8 +756,9 @@ def make_train(args: Args, drift):
         obs = normalize(minibatch.obs, obs_stats, obs_norm)
         pi, values = policy(actor, params, obs[:-1], env.discrete), critic.apply(params["critic"], obs)[..., 0]
         terminated = minibatch.done * (1.0 - minibatch.truncated)
-        targets, advantages = compute_gae(minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated,
-                                          args.gamma, args.gae_lambda)
+        targets, advantages = compute_gae(
+            minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
+        )
         log_ratio = pi.log_prob(minibatch.action) - minibatch.log_prob
         ratio = jnp.exp(log_ratio)
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -652,8 +779,12 @@ def make_train(args: Args, drift):
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
         permutation = jax.random.permutation(key_perm, n_unrolls)  # minibatches of whole unrolls, as Brax's
-        minibatches = jax.tree.map(lambda x: jnp.swapaxes(jnp.take(x, permutation, axis=1).reshape(
-            (x.shape[0], args.num_minibatches, -1) + x.shape[2:]), 0, 1), batch)
+        minibatches = jax.tree.map(
+            lambda x: jnp.swapaxes(
+                jnp.take(x, permutation, axis=1).reshape((x.shape[0], args.num_minibatches, -1) + x.shape[2:]), 0, 1
+            ),
+            batch,
+        )
         (train_state, _, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats, key_mb), minibatches)
         return (train_state, obs_stats, batch), aux
 
@@ -664,12 +795,16 @@ def make_train(args: Args, drift):
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
-        (train_state, _, _), aux = jax.lax.scan(update_epoch, (runner.train_state, obs_stats, batch),
-                                                jax.random.split(key_epochs, args.update_epochs))
+        (train_state, _, _), aux = jax.lax.scan(
+            update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
+        )
         eps = runner.episodes
         any_finished = eps.finished > 0
-        episodic_return = jnp.where(jnp.any(any_finished), jnp.sum(jnp.where(any_finished, eps.last_return, 0.0))
-                                    / jnp.maximum(jnp.sum(any_finished), 1), jnp.nan)
+        episodic_return = jnp.where(
+            jnp.any(any_finished),
+            jnp.sum(jnp.where(any_finished, eps.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
+            jnp.nan,
+        )
         metrics = dict(zip(METRICS, (episodic_return, *jax.tree.map(jnp.mean, aux))))
         return runner._replace(train_state=train_state, obs_stats=obs_stats, rng=rng, update=runner.update + 1), metrics
 
@@ -708,7 +843,8 @@ def make_evaluate(args: Args):
             pi = policy(actor, params, normalize(obs, obs_stats, args.normalize_observations), env.discrete)
             action = pi.mode() if deterministic else pi.sample(key_action)
             obs, env_state, reward, done, _ = jax.vmap(env.step)(
-                jax.random.split(key_env, n), env_state, pi.env_action(action, env.action_low, env.action_high))
+                jax.random.split(key_env, n), env_state, pi.env_action(action, env.action_low, env.action_high)
+            )
             return (obs, env_state, episode_return + reward * alive, alive * (1.0 - done)), None
 
         init = (obs, env_state, jnp.zeros(n), jnp.ones(n))
@@ -732,9 +868,11 @@ def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
     number of JAX devices that divides num_seeds.
     """
     if num_seeds == 1:
+
         def single(*xs):
             xs = [jax.tree.map(lambda x: x[0], x) if axis == 0 else x for x, axis in zip(xs, seed_axes)]
             return jax.tree.map(lambda y: y[None], fn(*xs))
+
         return jax.jit(single)
     mapped = jax.vmap(fn, in_axes=seed_axes)
     n = math.gcd(num_seeds, jax.device_count())
@@ -760,9 +898,14 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     for name, deterministic in (("return", False), ("mode_return", True)):
         evaluate = over_seeds(lambda p, s, k: make_evaluate(args)(p, s, k, deterministic), args.num_seeds, (0, 0, 0))
         returns = np.asarray(evaluate(params, obs_stats, seed_keys(args)[1]), dtype=float)
-        out.update({f"final_{name}_mean": float(returns.mean()), f"final_{name}_std": float(returns.std()),
-                    f"final_{name}_iqm": float(scipy.stats.trim_mean(returns, 0.25)),  # as rliable's IQM
-                    f"final_{name}s": returns.tolist()})
+        out.update(
+            {
+                f"final_{name}_mean": float(returns.mean()),
+                f"final_{name}_std": float(returns.std()),
+                f"final_{name}_iqm": float(scipy.stats.trim_mean(returns, 0.25)),  # as rliable's IQM
+                f"final_{name}s": returns.tolist(),
+            }
+        )
     return out
 
 
@@ -794,15 +937,18 @@ def load_args(run_dir: str) -> Args:
         with open(os.path.join(run_dir, "args.json")) as f:
             return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {run_dir}/args.json is missing or damaged ({type(e).__name__}): "
-                         "expected a run directory written by dpo.py")
+        raise SystemExit(
+            f"error: {run_dir}/args.json is missing or damaged ({type(e).__name__}): "
+            "expected a run directory written by dpo.py"
+        )
 
 
 FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRICS[1:] + ("sps",)
 
 
-def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)",
-                ylabel: str = "episodic return"):
+def plot_curves(
+    path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)", ylabel: str = "episodic return"
+):
     """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
     from matplotlib.figure import Figure
 
@@ -820,21 +966,32 @@ def plot_curves(path: str, curves: dict, title: str, xlabel: str = "environment 
 def run_eval_only(args: Args) -> str:
     saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
     template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
-    params, obs_stats = load_tree(os.path.join(args.load, "params.msgpack"),
-                                  (template.train_state.params, template.obs_stats))
+    params, obs_stats = load_tree(
+        os.path.join(args.load, "params.msgpack"), (template.train_state.params, template.obs_stats)
+    )
     run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
-    summary = dict(loaded_from=os.path.abspath(args.load), env_id=saved.env_id, drift=saved.drift,
-                   num_eval_envs=saved.num_eval_envs, **evaluate_seeds(saved, params, obs_stats))
+    summary = dict(
+        loaded_from=os.path.abspath(args.load),
+        env_id=saved.env_id,
+        drift=saved.drift,
+        num_eval_envs=saved.num_eval_envs,
+        **evaluate_seeds(saved, params, obs_stats),
+    )
     atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    print(f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
-          f"{summary['final_mode_return_mean']:.2f} (mode actions)")
+    print(
+        f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
+        f"{summary['final_mode_return_mean']:.2f} (mode actions)"
+    )
     return run_dir
 
 
 def run_training(args: Args) -> str:
     """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
-    run_dir = args.resume or args.run_dir or os.path.join(
-        "runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
+    run_dir = (
+        args.resume
+        or args.run_dir
+        or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
+    )
     n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
@@ -843,7 +1000,7 @@ def run_training(args: Args) -> str:
     if args.resume:
         runners = load_tree(checkpoint_path, runners)
         with open(metrics_path) as f:
-            rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][:int(runners.update[0])]
+            rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][: int(runners.update[0])]
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
@@ -854,12 +1011,20 @@ def run_training(args: Args) -> str:
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, config=dataclasses.asdict(args), name=os.path.basename(run_dir),
-                       dir=run_dir, sync_tensorboard=True)
+            wandb.init(
+                project=args.wandb_project_name,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                sync_tensorboard=True,
+            )
         writer = SummaryWriter(run_dir)
-    print(f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
-          f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s): {n_updates} updates"
-          f" of {steps_per_update:,} steps per seed", flush=True)
+    print(
+        f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
+        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s): {n_updates} updates"
+        f" of {steps_per_update:,} steps per seed",
+        flush=True,
+    )
     start = time.time()
     chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
     print(f"compiled in {time.time() - start:.0f}s", flush=True)
@@ -886,32 +1051,50 @@ def run_training(args: Args) -> str:
                 writer.add_scalar(("losses/" if name in METRICS else "charts/") + name, value, int(row[0]))
         rows, done = rows + new_rows, done + n
         eta = (n_updates - done) * seconds / n / 60
-        print(f"update {done}/{n_updates}  step {done * steps_per_update:,}  {sps:,.0f} steps/s  return "
-              f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min", flush=True)
+        print(
+            f"update {done}/{n_updates}  step {done * steps_per_update:,}  {sps:,.0f} steps/s  return "
+            f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min",
+            flush=True,
+        )
         chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
     params, obs_stats = runners.train_state.params, runners.obs_stats
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
     steps, mean, std = np.array(rows, dtype=float).T[:3]
-    plot_curves(os.path.join(run_dir, "learning_curve.png"), {"mean over seeds ± 1 std": (steps, mean, std)},
-                f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)")
-    summary = dict(env_id=args.env_id, drift=args.drift, total_timesteps=n_updates * steps_per_update,
-                   num_seeds=args.num_seeds, num_eval_envs=args.num_eval_envs,
-                   **evaluate_seeds(args, params, obs_stats),
-                   train_seconds=train_seconds, sps=(n_updates - first) * steps_per_update * args.num_seeds
-                   / train_seconds, device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    plot_curves(
+        os.path.join(run_dir, "learning_curve.png"),
+        {"mean over seeds ± 1 std": (steps, mean, std)},
+        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
+    )
+    summary = dict(
+        env_id=args.env_id,
+        drift=args.drift,
+        total_timesteps=n_updates * steps_per_update,
+        num_seeds=args.num_seeds,
+        num_eval_envs=args.num_eval_envs,
+        **evaluate_seeds(args, params, obs_stats),
+        train_seconds=train_seconds,
+        sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    )
     atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     if writer:
         writer.close()
-    print(f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
-          f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)")
+    print(
+        f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
+        f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
+    )
     return run_dir
 
 
 # ---- LPO: drift files, the ES outer loop, the transfer experiment and the drift pictures.
 def save_drift(path: str, net: list, ppo_init: bool):
     """A drift file: the network's weights and its form (LPO or LPO-Zero), msgpack, written atomically."""
-    atomic_write(path, flax.serialization.msgpack_serialize({"net": {str(i): np.asarray(w) for i, w in enumerate(net)},
-                                                            "ppo_init": ppo_init}))
+    atomic_write(
+        path,
+        flax.serialization.msgpack_serialize(
+            {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init}
+        ),
+    )
 
 
 def load_drift(path: str) -> Tuple[list, bool]:
@@ -939,10 +1122,17 @@ def make_es(args: Args, solution: list):
     from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standardize_fitness_shaping_fn
 
     schedule = lambda init, decay, limit: optax.exponential_decay(init, 1, decay, end_value=limit)
-    return Open_ES(population_size=args.pop_size, solution=solution, use_antithetic_sampling=True,
-                   optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1), std_schedule=schedule(*args.sigma),
-                   fitness_shaping_fn={"z_score": standardize_fitness_shaping_fn,
-                                       "centered_rank": centered_rank_fitness_shaping_fn}[args.fitness_shaping])
+    return Open_ES(
+        population_size=args.pop_size,
+        solution=solution,
+        use_antithetic_sampling=True,
+        optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
+        std_schedule=schedule(*args.sigma),
+        fitness_shaping_fn={
+            "z_score": standardize_fitness_shaping_fn,
+            "centered_rank": centered_rank_fitness_shaping_fn,
+        }[args.fitness_shaping],
+    )
 
 
 def make_env_fitness(args: Args):
@@ -957,8 +1147,12 @@ def make_env_fitness(args: Args):
 
     def final_return(drift, runner, key):
         train_chunk = make_train(args, drift)[1]
-        runner = jax.lax.fori_loop(0, -(-n_updates // n_chunk), lambda i, r: train_chunk(
-            r, jnp.minimum(n_chunk, n_updates - i * n_chunk))[0], runner)
+        runner = jax.lax.fori_loop(
+            0,
+            -(-n_updates // n_chunk),
+            lambda i, r: train_chunk(r, jnp.minimum(n_chunk, n_updates - i * n_chunk))[0],
+            runner,
+        )
         return evaluate(runner.train_state.params, runner.obs_stats, key, args.mode_fitness)
 
     def member(net, runners, keys):
@@ -986,27 +1180,37 @@ def run_meta_training(args: Args) -> str:
         raise SystemExit(f"error: --pop-size {args.pop_size} must be even and positive (antithetic pairs)")
     if args.drift_hidden is not None and min(args.drift_hidden, default=0) <= 0:
         raise SystemExit(f"error: --drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
-    run_dir = args.resume or args.run_dir or os.path.join(
-        "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = (
+        args.resume
+        or args.run_dir
+        or os.path.join(
+            "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+    )
     env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in args.env_ids or (args.env_id,)]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
     fields = ["generation", "sigma", "seconds"] + [
-        f"{e}_{k}_return" for e, *_ in envs for k in ("mean", "ppo", "untrained")]
+        f"{e}_{k}_return" for e, *_ in envs for k in ("mean", "ppo", "untrained")
+    ]
     checkpoint_path, log_path = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv")
     rows = []
     if args.resume:
         es_state = load_tree(checkpoint_path, es_state)
         with open(log_path) as f:
-            rows = [[r[k] for k in fields] for r in csv.DictReader(f)][:int(es_state.generation_counter)]
+            rows = [[r[k] for k in fields] for r in csv.DictReader(f)][: int(es_state.generation_counter)]
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + rows)
-    print(f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(e for e, *_ in envs)}: "
-          f"population {args.pop_size}, {args.num_rollouts} run(s) per env of "
-          + ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args) + " steps", flush=True)
+    print(
+        f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(e for e, *_ in envs)}: "
+        f"population {args.pop_size}, {args.num_rollouts} run(s) per env of "
+        + ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args)
+        + " steps",
+        flush=True,
+    )
     ask, tell = jax.jit(es.ask), jax.jit(es.tell)
     for g in range(len(rows), args.num_generations):
         t0, sigma = time.time(), float(es_state.std)
@@ -1015,11 +1219,11 @@ def run_meta_training(args: Args) -> str:
         scores, columns = [], []
         for i, (_, init, fitness, baselines) in enumerate(envs):
             keys = jax.random.split(jax.random.fold_in(key_runs, i), 2 * args.num_rollouts)
-            runners = init_seeds(init, keys[:args.num_rollouts])
-            returns = np.asarray(fitness(population, runners, keys[args.num_rollouts:]), dtype=float)
+            runners = init_seeds(init, keys[: args.num_rollouts])
+            returns = np.asarray(fitness(population, runners, keys[args.num_rollouts :]), dtype=float)
             returns = np.where(np.isfinite(returns), returns, np.min(returns[np.isfinite(returns)], initial=0.0))
             scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env
-            columns += [float(returns.mean()), *(float(x) for x in baselines(runners, keys[args.num_rollouts:]))]
+            columns += [float(returns.mean()), *(float(x) for x in baselines(runners, keys[args.num_rollouts :]))]
         es_state, _ = tell(key_tell, population, -np.mean(scores, 0), es_state, es.default_params)  # evosax minimises
         rows.append([g + 1, sigma, time.time() - t0] + columns)
         with open(log_path, "a", newline="") as f:
@@ -1028,15 +1232,32 @@ def run_meta_training(args: Args) -> str:
         save_drift(os.path.join(run_dir, "drift.msgpack"), es.get_mean(es_state), args.ppo_init)  # the learned drift
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
         progress = "".join(f"  {e} {columns[3 * i]:.1f} ({columns[3 * i + 1]:.1f})" for i, (e, *_) in enumerate(envs))
-        print(f"generation {g + 1}/{args.num_generations}  σ {sigma:.4f}  {rows[-1][2]:.0f}s  members' return (PPO's):"
-              f"{progress}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min", flush=True)
+        print(
+            f"generation {g + 1}/{args.num_generations}  σ {sigma:.4f}  {rows[-1][2]:.0f}s  members' return (PPO's):"
+            f"{progress}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
+            flush=True,
+        )
     table = dict(zip(fields, np.array(rows, dtype=float).T))
     gen, zero = table["generation"], 0 * table["generation"]
     for e, *_ in envs:
-        plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), {"members' mean": (gen, table[f"{e}_mean_return"], zero),
-                    "PPO, same runs": (gen, table[f"{e}_ppo_return"], zero)}, e, "generation", "final return")
-    plot_drifts(os.path.join(run_dir, "drift.png"), {f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": lambda r, a:
-                                                     lpo_drift(es.get_mean(es_state), r, a, args.ppo_init)})
+        plot_curves(
+            os.path.join(run_dir, f"fitness_{e}.png"),
+            {
+                "members' mean": (gen, table[f"{e}_mean_return"], zero),
+                "PPO, same runs": (gen, table[f"{e}_ppo_return"], zero),
+            },
+            e,
+            "generation",
+            "final return",
+        )
+    plot_drifts(
+        os.path.join(run_dir, "drift.png"),
+        {
+            f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": lambda r, a: lpo_drift(
+                es.get_mean(es_state), r, a, args.ppo_init
+            )
+        },
+    )
     return run_dir
 
 
@@ -1051,18 +1272,32 @@ def run_eval_drift(args: Args) -> str:
         run_dir = os.path.join(base, drift)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
-            run_training(dataclasses.replace(args, drift=drift, drift_file=os.path.abspath(args.eval_drift),
-                                             eval_drift=None, run_dir=run_dir, resume=resume))
+            run_training(
+                dataclasses.replace(
+                    args,
+                    drift=drift,
+                    drift_file=os.path.abspath(args.eval_drift),
+                    eval_drift=None,
+                    run_dir=run_dir,
+                    resume=resume,
+                )
+            )
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary["drifts"][drift] = json.load(f)
         steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
         curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
     atomic_write(os.path.join(base, "summary.json"), json.dumps(summary, indent=2).encode())
-    plot_curves(os.path.join(base, "learning_curves.png"), curves, f"{args.env_id}, {args.num_seeds} seed(s)",
-                ylabel="episodic return (mean ± s.e. over seeds)")
+    plot_curves(
+        os.path.join(base, "learning_curves.png"),
+        curves,
+        f"{args.env_id}, {args.num_seeds} seed(s)",
+        ylabel="episodic return (mean ± s.e. over seeds)",
+    )
     for drift, r in summary["drifts"].items():
-        print(f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
-              f"IQM {r['final_return_iqm']:.2f} (sampled actions)")
+        print(
+            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
+            f"IQM {r['final_return_iqm']:.2f} (sampled actions)"
+        )
     return base
 
 
@@ -1078,8 +1313,9 @@ def plot_drifts(path: str, drifts: dict):
         objective = lambda r, a: r * a - drift(r, a)
         grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
         bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
-        image = ax.imshow(grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound,
-                          extent=(0.01, 2.0, -2.0, 2.0))
+        image = ax.imshow(
+            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
+        )
         ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
         fig.colorbar(image, ax=ax)
     fig.savefig(path)
@@ -1095,8 +1331,10 @@ def main(args: Args) -> str:
         folder = args.plot_drift if os.path.isdir(args.plot_drift) else os.path.dirname(args.plot_drift)
         run_dir = args.run_dir or folder or "."
         os.makedirs(run_dir, exist_ok=True)
-        plot_drifts(os.path.join(run_dir, "drift.png"), {"LPO": make_drift(dataclasses.replace(
-            args, drift="lpo", drift_file=args.plot_drift))})
+        plot_drifts(
+            os.path.join(run_dir, "drift.png"),
+            {"LPO": make_drift(dataclasses.replace(args, drift="lpo", drift_file=args.plot_drift))},
+        )
     elif meta:  # each env's defaults are filled in per env
         run_dir = run_meta_training(args)
     else:

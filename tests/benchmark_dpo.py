@@ -47,8 +47,9 @@ def brax_ceiling(args: dpo.Args, steps: int):
     from brax import envs
     from brax.envs.wrappers import training
 
-    env = training.wrap(envs.get_environment(args.env_id, backend=args.backend), args.episode_length,
-                        args.action_repeat)
+    env = training.wrap(
+        envs.get_environment(args.env_id, backend=args.backend), args.episode_length, args.action_repeat
+    )
 
     def run(key):
         state = env.reset(jax.random.split(key, args.num_envs))
@@ -99,11 +100,12 @@ def mlp_steps_time(args: dpo.Args, repeats: int) -> float:
 
 def main(bench: Bench):
     args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
-    args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args)
-                               * args.action_repeat)
+    args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args) * args.action_repeat)
     steps = dpo.num_updates(args) * dpo.batch_size(args) * args.num_seeds  # agent steps over all seeds
-    print(f"{args.env_id}: {dpo.num_updates(args)} updates of {dpo.batch_size(args):,} steps, {args.num_seeds} seed(s),"
-          f" {jax.device_count()} {jax.default_backend()} device(s), fastest of {bench.repeats}")
+    print(
+        f"{args.env_id}: {dpo.num_updates(args)} updates of {dpo.batch_size(args):,} steps, {args.num_seeds} seed(s),"
+        f" {jax.device_count()} {jax.default_backend()} device(s), fastest of {bench.repeats}"
+    )
     train_sps = steps / training_time(args, bench.repeats)
     print(f"dpo.py training:                     {train_sps:12,.0f} env-steps/s")
     if args.env_id in dpo.BRAX_ENVS:
@@ -114,18 +116,24 @@ def main(bench: Bench):
         print(f"Brax wrappers, random actions alone: {ceiling_sps:12,.0f} env-steps/s")
         print(f"training / ceiling:                  {train_sps / ceiling_sps:12.3f}")
         rollout_sps = steps / training_time(dataclasses.replace(args, update_epochs=0), bench.repeats)
-        print(f"dpo.py rollouts alone (0 epochs):    {rollout_sps:12,.0f} env-steps/s, "
-              f"{rollout_sps / ceiling_sps:.3f} of the ceiling; the epochs take "
-              f"{1 - train_sps / rollout_sps:.0%} of training")
+        print(
+            f"dpo.py rollouts alone (0 epochs):    {rollout_sps:12,.0f} env-steps/s, "
+            f"{rollout_sps / ceiling_sps:.3f} of the ceiling; the epochs take "
+            f"{1 - train_sps / rollout_sps:.0%} of training"
+        )
         floor = mlp_steps_time(args, bench.repeats)
-        print(f"the MLPs' SGD steps alone:           {floor:12.2f} s (any PPO's epochs take at least this); "
-              f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}")
+        print(
+            f"the MLPs' SGD steps alone:           {floor:12.2f} s (any PPO's epochs take at least this); "
+            f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}"
+        )
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
         sequential = args.num_seeds * training_time(one, bench.repeats)
         vmapped = steps / train_sps
-        print(f"{args.num_seeds} seeds vmapped: {vmapped:.2f}s; {args.num_seeds} one-seed runs: {sequential:.2f}s;"
-              f" ratio {vmapped / sequential:.3f}")
+        print(
+            f"{args.num_seeds} seeds vmapped: {vmapped:.2f}s; {args.num_seeds} one-seed runs: {sequential:.2f}s;"
+            f" ratio {vmapped / sequential:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ class Bench:
 
 
 def lifetimes_per_minute(bench: Bench, pop_size: int) -> float:
-    args = epg.resolve_args(epg.Args(task_family=bench.task_family, lifetime=bench.lifetime, pop_size=pop_size,
-                                     num_tasks=1, num_generations=10, buffer_size=min(512, bench.lifetime)))
+    args = epg.resolve_args(
+        epg.Args(
+            task_family=bench.task_family,
+            lifetime=bench.lifetime,
+            pop_size=pop_size,
+            num_tasks=1,
+            num_generations=10,
+            buffer_size=min(512, bench.lifetime),
+        )
+    )
     env = epg.make_env(args)
     theta = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))[0]
     opt_state = epg.make_es_optimizer(args).init(theta)
@@ -46,14 +54,18 @@ def lifetimes_per_minute(bench: Bench, pop_size: int) -> float:
 
 
 def main(bench: Bench):
-    print(f"{bench.task_family}, lifetimes of {bench.lifetime:,} steps, {jax.device_count()} "
-          f"{jax.default_backend()} device(s)")
+    print(
+        f"{bench.task_family}, lifetimes of {bench.lifetime:,} steps, {jax.device_count()} "
+        f"{jax.default_backend()} device(s)"
+    )
     reference = None
     for pop_size in bench.pop_sizes:
         rate = lifetimes_per_minute(bench, pop_size)
         reference = reference or rate
-        print(f"population {pop_size:4d}: {rate:8.1f} lifetimes/min ({rate * bench.lifetime / 60:,.0f} env steps/s), "
-              f"{rate / reference:.2f}x the population-{bench.pop_sizes[0]} rate")
+        print(
+            f"population {pop_size:4d}: {rate:8.1f} lifetimes/min ({rate * bench.lifetime / 60:,.0f} env steps/s), "
+            f"{rate / reference:.2f}x the population-{bench.pop_sizes[0]} rate"
+        )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,17 @@ class BenchArgs:
 def es_args(bench: BenchArgs, algo: str, seed: int = 1, **extra):
     import es_basics as eb
 
-    given = dict(num_dims=bench.num_dims, pop_size=bench.pop_size, sigma_init=bench.sigma_init,
-                 num_generations=bench.num_generations)
-    return eb.resolve_args(eb.Args(algo=algo, problem=bench.problem, seed=seed,
-                                   **{k: v for k, v in given.items() if v is not None}, **extra))
+    given = dict(
+        num_dims=bench.num_dims,
+        pop_size=bench.pop_size,
+        sigma_init=bench.sigma_init,
+        num_generations=bench.num_generations,
+    )
+    return eb.resolve_args(
+        eb.Args(
+            algo=algo, problem=bench.problem, seed=seed, **{k: v for k, v in given.items() if v is not None}, **extra
+        )
+    )
 
 
 def compare(bench: BenchArgs):
@@ -95,24 +102,39 @@ def compare(bench: BenchArgs):
             finals.append(float(value[-1]))
             stops.append(summary["stop_reason"])
             curves[algo].append((evaluations, value))
-        results[algo] = dict(pop_size=args.pop_size, sigma_init=args.sigma_init, num_generations=args.num_generations,
-                             evaluations_to=reached, final=finals, stop_reasons=stops)
+        results[algo] = dict(
+            pop_size=args.pop_size,
+            sigma_init=args.sigma_init,
+            num_generations=args.num_generations,
+            evaluations_to=reached,
+            final=finals,
+            stop_reasons=stops,
+        )
     os.makedirs(bench.run_dir, exist_ok=True)
     with open(os.path.join(bench.run_dir, "compare.json"), "w") as f:
         json.dump(dict(bench=dataclasses.asdict(bench), results=results), f, indent=2)
     plot(os.path.join(bench.run_dir, "compare.png"), curves, bench.problem, on_function)
     quantity = "f ≤" if on_function else "return ≥"
-    print(f"\n| method | λ | σ₀ | budget (generations) | " + " | ".join(
-        f"evaluations to {quantity} {t:g}" for t in bench.thresholds) + " | final (median) |")
+    print(
+        f"\n| method | λ | σ₀ | budget (generations) | "
+        + " | ".join(f"evaluations to {quantity} {t:g}" for t in bench.thresholds)
+        + " | final (median) |"
+    )
     print("| --- " * (5 + len(bench.thresholds)) + "|")
     for algo, r in results.items():
         cells = []
         for t in bench.thresholds:
             hits = [e for e in r["evaluations_to"][t] if e is not None]
-            cells.append(f"{np.mean(hits):,.0f} ± {np.std(hits):,.0f} ({len(hits)}/{bench.num_seeds})" if hits
-                         else f"not reached (0/{bench.num_seeds})")
-        print(f"| {algo} | {r['pop_size']} | {r['sigma_init']:g} | {r['num_generations']} | " + " | ".join(cells)
-              + f" | {np.median(r['final']):.3g} |")
+            cells.append(
+                f"{np.mean(hits):,.0f} ± {np.std(hits):,.0f} ({len(hits)}/{bench.num_seeds})"
+                if hits
+                else f"not reached (0/{bench.num_seeds})"
+            )
+        print(
+            f"| {algo} | {r['pop_size']} | {r['sigma_init']:g} | {r['num_generations']} | "
+            + " | ".join(cells)
+            + f" | {np.median(r['final']):.3g} |"
+        )
     print(f"\nruns, compare.json and compare.png in {bench.run_dir} (runs with a summary.json are reused)")
 
 
@@ -150,8 +172,13 @@ def measure(bench: BenchArgs, algo: str) -> dict:
     jax.block_until_ready(generations(loop, keys))  # compile and warm up
     start = time.perf_counter()
     jax.block_until_ready(generations(loop, keys))
-    return dict(algo=algo, devices=jax.device_count(), num_dims=problem.num_dims, obs_dim=problem.obs_dim,
-                generations_per_second=args.num_generations / (time.perf_counter() - start))
+    return dict(
+        algo=algo,
+        devices=jax.device_count(),
+        num_dims=problem.num_dims,
+        obs_dim=problem.obs_dim,
+        generations_per_second=args.num_generations / (time.perf_counter() - start),
+    )
 
 
 def measure_in_subprocess(bench: BenchArgs, algo: str, devices: int) -> dict:
@@ -160,8 +187,9 @@ def measure_in_subprocess(bench: BenchArgs, algo: str, devices: int) -> dict:
     for name in ("num_dims", "pop_size", "num_generations"):
         if getattr(bench, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(bench, name))]
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True,
-                          env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True, env=env, timeout=1800
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -170,20 +198,25 @@ def measure_in_subprocess(bench: BenchArgs, algo: str, devices: int) -> dict:
 def throughput(bench: BenchArgs):
     configs = [("openai-es", 1), ("evosax:Open_ES", 1)] + [("openai-es", c) for c in bench.device_counts if c != 1]
     runs = [[measure_in_subprocess(bench, algo, d) for algo, d in configs] for _ in range(bench.repeats)]
-    ours, theirs, *scaling = [max((r[i] for r in runs), key=lambda m: m["generations_per_second"])
-                              for i in range(len(configs))]
+    ours, theirs, *scaling = [
+        max((r[i] for r in runs), key=lambda m: m["generations_per_second"]) for i in range(len(configs))
+    ]
     pop = bench.pop_size or 64
     print(f"{bench.problem}: {ours['num_dims']} parameters, population {pop}, fastest of {bench.repeats} runs each")
     print(f"written-out openai-es:   {ours['generations_per_second']:9.1f} generations/s")
     print(f"evosax Open_ES:          {theirs['generations_per_second']:9.1f} generations/s")
     print(f"ratio (written-out / evosax): {ours['generations_per_second'] / theirs['generations_per_second']:.2f}")
     for r in [ours] + scaling:
-        print(f"openai-es over {r['devices']} forced host device(s): {r['generations_per_second']:9.1f} generations/s"
-              f" (× {r['generations_per_second'] / ours['generations_per_second']:.2f})")
+        print(
+            f"openai-es over {r['devices']} forced host device(s): {r['generations_per_second']:9.1f} generations/s"
+            f" (× {r['generations_per_second'] / ours['generations_per_second']:.2f})"
+        )
     # shared seeds: every device rebuilds the population, so only the scalar fitnesses travel, plus with
     # observation normalisation each member's Σo, Σo² and step count (MAP-Elites: also 2 descriptor floats)
-    print(f"bytes exchanged per generation: {4 * pop:,} (fitnesses), {4 * pop * (2 * ours['obs_dim'] + 2):,} with "
-          f"observation statistics; broadcasting the parameter vectors instead: {4 * pop * ours['num_dims']:,}")
+    print(
+        f"bytes exchanged per generation: {4 * pop:,} (fitnesses), {4 * pop * (2 * ours['obs_dim'] + 2):,} with "
+        f"observation statistics; broadcasting the parameter vectors instead: {4 * pop * ours['num_dims']:,}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def main(report: Report):
                 summary = json.load(f)
             with open(os.path.join(run_dir, "metrics.csv")) as f:
                 rows = list(csv.DictReader(f))
-            steps, mean, std = (np.array([float(r[k] or "nan") for r in rows])
-                                for k in ("global_step", "episodic_return_mean", "episodic_return_std"))
+            steps, mean, std = (
+                np.array([float(r[k] or "nan") for r in rows])
+                for k in ("global_step", "episodic_return_mean", "episodic_return_std")
+            )
             se = std / np.sqrt(summary["num_seeds"])
             ax.plot(steps, mean, label=drift.upper())
             ax.fill_between(steps, mean - se, mean + se, alpha=0.3)
@@ -55,9 +57,11 @@ def main(report: Report):
         if len(finals) == 2:
             ppo, dpo = finals["ppo"], finals["dpo"]
             p = scipy.stats.ttest_ind(ppo["final_returns"], dpo["final_returns"], equal_var=False).pvalue
-            print(f"| {env} | {ppo['total_timesteps']:,} | {ppo['num_seeds']} | {ppo['final_return_mean']:.1f} ± "
-                  f"{ppo['final_return_std']:.1f} | {ppo['final_return_iqm']:.1f} | {dpo['final_return_mean']:.1f} ± "
-                  f"{dpo['final_return_std']:.1f} | {dpo['final_return_iqm']:.1f} | {p:.2g} |")
+            print(
+                f"| {env} | {ppo['total_timesteps']:,} | {ppo['num_seeds']} | {ppo['final_return_mean']:.1f} ± "
+                f"{ppo['final_return_std']:.1f} | {ppo['final_return_iqm']:.1f} | {dpo['final_return_mean']:.1f} ± "
+                f"{dpo['final_return_std']:.1f} | {dpo['final_return_iqm']:.1f} | {p:.2g} |"
+            )
     fig.tight_layout()
     fig.savefig(report.out, dpi=110)
     print(f"figure: {report.out}")

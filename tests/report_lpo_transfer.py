@@ -39,8 +39,10 @@ def run_dir(report: Report, env: str, drift: str) -> str:
 def main(report: Report):
     envs = sorted(os.listdir(report.transfer))
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
-    print("| env | steps per seed | seeds | LPO mean ± std (IQM) | DPO mean ± std (IQM) | PPO mean ± std (IQM) "
-          "| p LPO vs PPO | p LPO vs DPO |")
+    print(
+        "| env | steps per seed | seeds | LPO mean ± std (IQM) | DPO mean ± std (IQM) | PPO mean ± std (IQM) "
+        "| p LPO vs PPO | p LPO vs DPO |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for ax, env in zip(axes[0], envs):
         finals = {}
@@ -56,13 +58,22 @@ def main(report: Report):
             ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
         ax.set(title=env, xlabel="environment steps per seed", ylabel="episodic return (training)")
         ax.legend()
-        cell = lambda d: (f"{finals[d]['final_return_mean']:.1f} ± {finals[d]['final_return_std']:.1f} "
-                          f"({finals[d]['final_return_iqm']:.1f})" if d in finals else "-")
-        p = lambda d: (f"{scipy.stats.ttest_ind(finals['lpo']['final_returns'], finals[d]['final_returns'], equal_var=False).pvalue:.2g}"
-                       if "lpo" in finals and d in finals else "-")
+        cell = lambda d: (
+            f"{finals[d]['final_return_mean']:.1f} ± {finals[d]['final_return_std']:.1f} "
+            f"({finals[d]['final_return_iqm']:.1f})"
+            if d in finals
+            else "-"
+        )
+        p = lambda d: (
+            f"{scipy.stats.ttest_ind(finals['lpo']['final_returns'], finals[d]['final_returns'], equal_var=False).pvalue:.2g}"
+            if "lpo" in finals and d in finals
+            else "-"
+        )
         first = next(iter(finals.values()))
-        print(f"| {env} | {first['total_timesteps']:,} | {first['num_seeds']} | {cell('lpo')} | {cell('dpo')} | "
-              f"{cell('ppo')} | {p('ppo')} | {p('dpo')} |")
+        print(
+            f"| {env} | {first['total_timesteps']:,} | {first['num_seeds']} | {cell('lpo')} | {cell('dpo')} | "
+            f"{cell('ppo')} | {p('ppo')} | {p('dpo')} |"
+        )
     fig.tight_layout()
     fig.savefig(report.out, dpi=110)
     print(f"figure: {report.out}")

@@ -32,8 +32,10 @@ def cell(returns) -> str:
 def main(out: str = "docs/lpo/lpo_zero_architectures.png"):
     pooled, ppo = {}, None
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    print("| drift network | ES seed | last 10 generations: members' mean (PPO, same runs) "
-          "| 10 fresh agents: final return mean ± std (IQM) |")
+    print(
+        "| drift network | ES seed | last 10 generations: members' mean (PPO, same runs) "
+        "| 10 fresh agents: final return mean ± std (IQM) |"
+    )
     print("| --- | --- | --- | --- |")
     for hidden, label in ARCHITECTURES.items():
         pooled[hidden] = []
@@ -41,16 +43,26 @@ def main(out: str = "docs/lpo/lpo_zero_architectures.png"):
             run = f"runs/lpo_zero_{hidden}_seed{seed}"
             with open(os.path.join(run, "generations.csv")) as f:
                 rows = list(csv.DictReader(f))
-            gen, members, same_ppo = (np.array([float(r[k]) for r in rows]) for k in
-                                      ("generation", "CartPole-v1_mean_return", "CartPole-v1_ppo_return"))
-            ax.plot(gen, members, color="tab:blue" if hidden == "256" else "tab:orange", lw=1.0,
-                    ls="-" if seed == 1 else "--", label=f"{label}, ES seed {seed}")
+            gen, members, same_ppo = (
+                np.array([float(r[k]) for r in rows])
+                for k in ("generation", "CartPole-v1_mean_return", "CartPole-v1_ppo_return")
+            )
+            ax.plot(
+                gen,
+                members,
+                color="tab:blue" if hidden == "256" else "tab:orange",
+                lw=1.0,
+                ls="-" if seed == 1 else "--",
+                label=f"{label}, ES seed {seed}",
+            )
             with open(os.path.join(f"{run}_eval", "summary.json")) as f:
                 drifts = json.load(f)["drifts"]
             pooled[hidden] += drifts["lpo"]["final_returns"]
             ppo = drifts["ppo"]["final_returns"]
-            print(f"| {label} | {seed} | {members[-10:].mean():.1f} ({same_ppo[-10:].mean():.1f}) | "
-                  f"{cell(drifts['lpo']['final_returns'])} |")
+            print(
+                f"| {label} | {seed} | {members[-10:].mean():.1f} ({same_ppo[-10:].mean():.1f}) | "
+                f"{cell(drifts['lpo']['final_returns'])} |"
+            )
     for hidden, label in ARCHITECTURES.items():
         print(f"| {label} | both (20 agents) | - | {cell(pooled[hidden])} |")
     print(f"| PPO | - | - | {cell(ppo)} |")
@@ -59,8 +71,11 @@ def main(out: str = "docs/lpo/lpo_zero_architectures.png"):
     for hidden, label in ARCHITECTURES.items():
         p = scipy.stats.ttest_ind(pooled[hidden], ppo, equal_var=False).pvalue
         print(f"{label} against PPO's 10 agents: p = {p:.3f}")
-    ax.set(xlabel="generation", ylabel="members' mean final return, CartPole-v1",
-           title="LPO-Zero meta-training, by drift network")
+    ax.set(
+        xlabel="generation",
+        ylabel="members' mean final return, CartPole-v1",
+        title="LPO-Zero meta-training, by drift network",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)

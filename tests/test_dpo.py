@@ -97,8 +97,11 @@ def test_gae_matches_brax_formula_written_as_a_plain_loop():
         vs[t] = values[t] + acc
     next_vs = np.concatenate([vs[1:], bootstrap[None]])
     expected_adv = (rewards + gamma * (1 - terminated) * next_vs - values) * (1 - truncated)
-    targets, adv = dpo.compute_gae(*(jnp.asarray(x, jnp.float32) for x in (rewards, values, bootstrap, terminated,
-                                                                          truncated)), gamma=gamma, gae_lambda=lam)
+    targets, adv = dpo.compute_gae(
+        *(jnp.asarray(x, jnp.float32) for x in (rewards, values, bootstrap, terminated, truncated)),
+        gamma=gamma,
+        gae_lambda=lam,
+    )
     np.testing.assert_allclose(np.asarray(targets), vs, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(adv), expected_adv, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(adv)[truncated > 0] == 0.0)  # a time-limit step gets no advantage
@@ -114,19 +117,25 @@ def test_squashed_gaussian_log_prob_is_a_change_of_variables():
     du_da = (np.arctanh(np.asarray(a, np.float64) + h) - np.arctanh(np.asarray(a, np.float64) - h)) / (2 * h)
     for d in range(2):
         normal = np.exp(-0.5 * ((np.asarray(u) - float(loc[d])) / float(scale[d])) ** 2) / (
-            float(scale[d]) * math.sqrt(2 * math.pi))
+            float(scale[d]) * math.sqrt(2 * math.pi)
+        )
         expected = np.log(normal * du_da)
-        one_dim = dpo.TanhGaussian(loc[d:d + 1], scale[d:d + 1])
+        one_dim = dpo.TanhGaussian(loc[d : d + 1], scale[d : d + 1])
         ours = np.asarray(jax.vmap(lambda x: one_dim.log_prob(x[None]))(u))
         np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-3)
         # Its mass on [-0.99, 0.99] is the Gaussian's mass of u on [-atanh 0.99, atanh 0.99].
-        edge = (math.atanh(0.99) - float(loc[d])) / float(scale[d]), (-math.atanh(0.99) - float(loc[d])) / float(scale[d])
+        edge = (
+            (math.atanh(0.99) - float(loc[d])) / float(scale[d]),
+            (-math.atanh(0.99) - float(loc[d])) / float(scale[d]),
+        )
         mass = 0.5 * (math.erf(edge[0] / math.sqrt(2)) - math.erf(edge[1] / math.sqrt(2)))
         assert np.trapezoid(np.exp(ours), np.asarray(a)) == pytest.approx(mass, abs=2e-3)
     # The joint log-probability sums the dimensions; the env action is tanh(u) scaled to the bounds.
     x = jnp.array([0.1, -0.4])
-    assert float(pi.log_prob(x)) == pytest.approx(float(sum(dpo.TanhGaussian(loc[d:d + 1], scale[d:d + 1])
-                                                            .log_prob(x[d:d + 1]) for d in range(2))), abs=1e-5)
+    assert float(pi.log_prob(x)) == pytest.approx(
+        float(sum(dpo.TanhGaussian(loc[d : d + 1], scale[d : d + 1]).log_prob(x[d : d + 1]) for d in range(2))),
+        abs=1e-5,
+    )
     np.testing.assert_allclose(np.asarray(pi.env_action(x, -2.0, 2.0)), 2.0 * np.tanh(np.asarray(x)), rtol=1e-6)
     # The entropy is Brax's one-sample estimate: its mean over samples is the entropy of tanh(u).
     estimates = jax.vmap(pi.entropy)(jax.random.split(jax.random.PRNGKey(0), 20000))
@@ -176,8 +185,18 @@ def train_and_evaluate(args):
 
 @pytest.mark.parametrize("drift", ["dpo", "ppo"])
 def test_cartpole_learns(drift):
-    args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", drift=drift, num_seeds=4, total_timesteps=300_000,
-                                     num_envs=8, num_steps=16, learning_rate=5e-4, num_eval_envs=16))
+    args = dpo.resolve_args(
+        dpo.Args(
+            env_id="CartPole-v1",
+            drift=drift,
+            num_seeds=4,
+            total_timesteps=300_000,
+            num_envs=8,
+            num_steps=16,
+            learning_rate=5e-4,
+            num_eval_envs=16,
+        )
+    )
     _, _, returns = train_and_evaluate(args)
     # A random policy averages about 22 on CartPole-v1; 400 with sampled actions needs a policy that balances.
     assert returns["final_return_mean"] >= 400, returns
@@ -214,8 +233,14 @@ EVAL_KEYS = ("final_returns", "final_mode_returns")
 
 
 def run_cli(*flags, check=True, env=None):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "dpo.py"), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -226,12 +251,28 @@ def read_summary(run_dir):
         return json.load(f)
 
 
-@pytest.mark.parametrize("env_flags", [
-    ("--env-id", "ant", "--num-envs", "16", "--num-unrolls", "2", "--num-minibatches", "4",
-     "--total-timesteps", "480", "--episode-length", "50"),
-    ("--env-id", "Breakout-MinAtar", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", "512"),
-    ("--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "1024"),
-], ids=["brax-ant", "minatar-breakout", "pendulum"])
+@pytest.mark.parametrize(
+    "env_flags",
+    [
+        (
+            "--env-id",
+            "ant",
+            "--num-envs",
+            "16",
+            "--num-unrolls",
+            "2",
+            "--num-minibatches",
+            "4",
+            "--total-timesteps",
+            "480",
+            "--episode-length",
+            "50",
+        ),
+        ("--env-id", "Breakout-MinAtar", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", "512"),
+        ("--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "1024"),
+    ],
+    ids=["brax-ant", "minatar-breakout", "pendulum"],
+)
 def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags):
     run_dir = str(tmp_path / "run")
     proc = run_cli(*env_flags, "--num-seeds", "2", "--num-eval-envs", "4", "--run-dir", run_dir)
@@ -257,8 +298,13 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     whole = str(tmp_path / "whole")
     run_cli(*flags, "--run-dir", whole)
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo.py"), *flags, "--run-dir", killed],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "dpo.py"), *flags, "--run-dir", killed],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:  # kill it as soon as it reports its second chunk of updates
         if line.startswith("update ") and not line.startswith("update 1/"):
             proc.send_signal(signal.SIGKILL)
@@ -269,12 +315,16 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     run_cli("--resume", killed)
     for key in EVAL_KEYS:
         assert read_summary(killed)[key] == read_summary(whole)[key]
-    with open(os.path.join(whole, "params.msgpack"), "rb") as a, open(os.path.join(killed, "params.msgpack"), "rb") as b:
+    with (
+        open(os.path.join(whole, "params.msgpack"), "rb") as a,
+        open(os.path.join(killed, "params.msgpack"), "rb") as b,
+    ):
         assert a.read() == b.read()
     columns = [f for f in dpo.FIELDS if f != "sps"]
     with open(os.path.join(whole, "metrics.csv")) as a, open(os.path.join(killed, "metrics.csv")) as b:
-        assert [[r[k] for k in columns] for r in csv.DictReader(a)] == [[r[k] for k in columns]
-                                                                        for r in csv.DictReader(b)]
+        assert [[r[k] for k in columns] for r in csv.DictReader(a)] == [
+            [r[k] for k in columns] for r in csv.DictReader(b)
+        ]
 
 
 SHARDED_RUN = """
@@ -292,8 +342,9 @@ print(json.dumps(np.asarray(metrics["policy_loss"]).tolist()))
 
 def test_seeds_sharded_over_two_devices_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN.format(root=ROOT)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_RUN.format(root=ROOT)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
@@ -307,8 +358,10 @@ BAD_INPUTS = {
     "unknown env": (["--env-id", "Pong-v5"], "CartPole-v1"),
     "unknown backend": (["--env-id", "ant", "--backend", "warp"], "positional"),
     "unknown drift": (["--drift", "trpo"], "ppo"),
-    "indivisible batch": (["--env-id", "CartPole-v1", "--num-envs", "3", "--num-unrolls", "1",
-                           "--num-minibatches", "4"], "do not divide"),
+    "indivisible batch": (
+        ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-unrolls", "1", "--num-minibatches", "4"],
+        "do not divide",
+    ),
     "non-positive size": (["--env-id", "CartPole-v1", "--num-envs", "0"], "must be positive"),
     "too few steps": (["--env-id", "CartPole-v1", "--total-timesteps", "100"], "less than one update"),
     "missing run": (["--load", "/nonexistent/run", "--eval-only"], "missing or damaged"),

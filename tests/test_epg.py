@@ -22,12 +22,43 @@ sys.path.insert(0, ROOT)
 import epg  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 4, 2  # goal-point
-FLAGS = ["--task-family", "goal-point", "--lifetime", "2048", "--buffer-size", "64", "--update-every", "64",
-         "--minibatch-size", "32", "--pop-size", "4", "--num-tasks", "2", "--num-eval-episodes", "2",
-         "--eval-every", "2", "--num-eval-tasks", "4", "--save-every", "1", "--memory-units", "4",
-         "--num-generations", "2"]
-RUN_FILES = ("args.json", "generations.csv", "checkpoint.msgpack", "loss.msgpack", "best_loss.msgpack",
-             "fitness_curve.png", "summary.json")
+FLAGS = [
+    "--task-family",
+    "goal-point",
+    "--lifetime",
+    "2048",
+    "--buffer-size",
+    "64",
+    "--update-every",
+    "64",
+    "--minibatch-size",
+    "32",
+    "--pop-size",
+    "4",
+    "--num-tasks",
+    "2",
+    "--num-eval-episodes",
+    "2",
+    "--eval-every",
+    "2",
+    "--num-eval-tasks",
+    "4",
+    "--save-every",
+    "1",
+    "--memory-units",
+    "4",
+    "--num-generations",
+    "2",
+]
+RUN_FILES = (
+    "args.json",
+    "generations.csv",
+    "checkpoint.msgpack",
+    "loss.msgpack",
+    "best_loss.msgpack",
+    "fitness_curve.png",
+    "summary.json",
+)
 
 
 def epg_args(flags):
@@ -67,10 +98,15 @@ def unit(env):
     """(agent, loss parameters, a random full buffer) for the unit tests of the loss."""
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
     n = ARGS.buffer_size
-    buffer = epg.Buffer(obs=jax.random.normal(keys[0], (n, OBS_DIM)),
-                        action=jax.random.normal(keys[1], (n, ACTION_DIM)),
-                        reward=jax.random.normal(keys[2], (n,)), done=jnp.zeros(n).at[::20].set(1.0),
-                        terminated=jnp.zeros(n), final_obs=jnp.zeros((n, OBS_DIM)), valid=jnp.ones(n))
+    buffer = epg.Buffer(
+        obs=jax.random.normal(keys[0], (n, OBS_DIM)),
+        action=jax.random.normal(keys[1], (n, ACTION_DIM)),
+        reward=jax.random.normal(keys[2], (n,)),
+        done=jnp.zeros(n).at[::20].set(1.0),
+        terminated=jnp.zeros(n),
+        final_obs=jnp.zeros((n, OBS_DIM)),
+        valid=jnp.ones(n),
+    )
     return epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM), epg.loss_template(ARGS, env), buffer
 
 
@@ -110,7 +146,7 @@ def test_gradient_reaches_the_policy_through_the_context_alone(unit):
     first = OBS_DIM + ACTION_DIM + 2  # columns of the policy's mean and log-std in the step features
     head = loss_params["params"]["Dense_1"]["kernel"]  # [D + 32, 16]: step features then context
     cut = jax.tree.map(lambda x: x, loss_params)
-    cut["params"]["Dense_1"]["kernel"] = head.at[first:first + 2 * ACTION_DIM].set(0.0)
+    cut["params"]["Dense_1"]["kernel"] = head.at[first : first + 2 * ACTION_DIM].set(0.0)
     grads = jax.grad(loss_value, argnums=1)(cut, agent, buffer, NEWEST)
     assert float(jnp.abs(grads["policy"]["params"]["Dense_2"]["kernel"]).sum()) > 0.0
     assert float(jnp.abs(grads["log_std"]).sum()) > 0.0
@@ -153,8 +189,9 @@ def test_goal_point_reward_is_progress_towards_the_goal():
     obs, state = env.reset(jax.random.PRNGKey(0), task)
     total = 0.0
     for _ in range(49):
-        obs, state, reward, terminated, truncated, _ = env.step(jax.random.PRNGKey(1), state, jnp.array([5.0, 0.0]),
-                                                                 task)
+        obs, state, reward, terminated, truncated, _ = env.step(
+            jax.random.PRNGKey(1), state, jnp.array([5.0, 0.0]), task
+        )
         total += float(reward)
         assert float(truncated) == 0.0 and float(terminated) == 0.0
     assert abs(float(obs[2]) - 1.0) < 0.01  # the force is clipped to 1: top speed 1 m/s
@@ -198,9 +235,13 @@ def test_directions_cover_both_signs_and_random_parameters_stay_in_range():
     assert hopper["mass_scale"].shape == (500, 4) and hopper["friction_scale"].shape == (500, 5, 3)
     for name in ("friction_scale", "thickness_scale"):  # the floor (geom 0) keeps its friction and size
         assert float(jnp.abs(hopper[name][:, 0] - 1.0).max()) == 0.0, name
-    for name, values in [("mass_scale", hopper["mass_scale"]), ("friction_scale", hopper["friction_scale"][:, 1:]),
-                         ("thickness_scale", hopper["thickness_scale"][:, 1:]),
-                         ("mass", pendulum["mass"]), ("length", pendulum["length"])]:
+    for name, values in [
+        ("mass_scale", hopper["mass_scale"]),
+        ("friction_scale", hopper["friction_scale"][:, 1:]),
+        ("thickness_scale", hopper["thickness_scale"][:, 1:]),
+        ("mass", pendulum["mass"]),
+        ("length", pendulum["length"]),
+    ]:
         v = np.asarray(values)
         assert v.min() >= epg.SCALE_RANGE[0] and v.max() <= epg.SCALE_RANGE[1] and v.std() > 0.2, name
     for gravity in (hopper["gravity"], pendulum["gravity"]):
@@ -229,8 +270,14 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
     full, interrupted, sharded = str(tmp_path / "full"), str(tmp_path / "interrupted"), str(tmp_path / "sharded")
     # the two-device run in a subprocess, while this process runs the single-device ones
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    two_devices = subprocess.Popen([sys.executable, os.path.join(ROOT, "epg.py")] + FLAGS + ["--run-dir", sharded],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    two_devices = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "epg.py")] + FLAGS + ["--run-dir", sharded],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     epg.main(epg_args(FLAGS + ["--run-dir", full]))
     for name in RUN_FILES:
         assert os.path.isfile(os.path.join(full, name)), name
@@ -274,9 +321,31 @@ def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
     epg.save_loss(evolved, theta + 0.01, ARGS)
     epg.save_loss(blind, theta, dataclasses.replace(ARGS, reward_blind=True))
     run_dir = str(tmp_path / "test")
-    epg.main(epg_args(["--test", "--load-loss", evolved, "--load-reward-blind-loss", blind, "--num-seeds", "4",
-                       "--run-dir", run_dir, "--ppo-rollouts", "64", "--ppo-epochs", "1", "2",
-                       "--ppo-learning-rates", "0.001", "0.003", "--num-sweep-tasks", "4"]))
+    epg.main(
+        epg_args(
+            [
+                "--test",
+                "--load-loss",
+                evolved,
+                "--load-reward-blind-loss",
+                blind,
+                "--num-seeds",
+                "4",
+                "--run-dir",
+                run_dir,
+                "--ppo-rollouts",
+                "64",
+                "--ppo-epochs",
+                "1",
+                "2",
+                "--ppo-learning-rates",
+                "0.001",
+                "0.003",
+                "--num-sweep-tasks",
+                "4",
+            ]
+        )
+    )
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert set(summary["trainers"]) == {"evolved", "ppo", "zero", "reward-blind"}
@@ -300,24 +369,29 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
     (run_dir / "args.json").write_text(json.dumps({"task_family": "goal-point"}))
     (run_dir / "checkpoint.msgpack").write_bytes(b"\x00not a checkpoint")
     (run_dir / "best_loss.msgpack").write_bytes(b"garbage")
-    for flags, expected in [(["--resume", str(run_dir)], "damaged checkpoint.msgpack"),
-                            (["--test", "--load-loss", str(run_dir)], "damaged best_loss.msgpack")]:
+    for flags, expected in [
+        (["--resume", str(run_dir)], "damaged checkpoint.msgpack"),
+        (["--test", "--load-loss", str(run_dir)], "damaged best_loss.msgpack"),
+    ]:
         with pytest.raises(SystemExit) as stop:
             epg.main(epg_args(flags))
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--lifetime", "256"], "shorter than the buffer"),
-    (["--lifetime", "1000"], "divide --lifetime"),
-    (["--pop-size", "7"], "must be even"),
-    (["--update-every", "48"], "multiple of --minibatch-size"),
-    (["--update-every", "0"], "--update-every must be positive"),
-    (["--test"], "--test needs --load-loss"),
-    (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
-    (["--resume", "/nonexistent/run"], "args.json not found"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lifetime", "256"], "shorter than the buffer"),
+        (["--lifetime", "1000"], "divide --lifetime"),
+        (["--pop-size", "7"], "must be even"),
+        (["--update-every", "48"], "multiple of --minibatch-size"),
+        (["--update-every", "0"], "--update-every must be positive"),
+        (["--test"], "--test needs --load-loss"),
+        (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
+        (["--resume", "/nonexistent/run"], "args.json not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     with pytest.raises(SystemExit) as stop:
         epg.main(epg_args(flags))

@@ -53,8 +53,9 @@ def test_es_gradient_points_along_the_true_gradient_and_antithetic_lowers_its_va
 
 
 def test_centered_ranks_put_nan_and_minus_inf_last():
-    np.testing.assert_allclose(eb.centered_ranks(jnp.array([3.0, -1.0, 10.0, 0.5])), [1 / 6, -0.5, 0.5, -1 / 6],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        eb.centered_ranks(jnp.array([3.0, -1.0, 10.0, 0.5])), [1 / 6, -0.5, 0.5, -1 / 6], atol=1e-6
+    )
     ranks = eb.centered_ranks(jnp.array([3.0, jnp.nan, 10.0, -jnp.inf, 0.5]))
     assert set(np.argsort(np.asarray(ranks))[:2]) == {1, 3}  # the two lowest ranks
     assert list(eb.best_first(jnp.array([jnp.nan, 1.0, -jnp.inf, 2.0]))[:2]) == [3, 1]
@@ -82,8 +83,7 @@ CONVERGENCE_NEEDED = [(algo, needed) for algo, problem, _, needed, _ in CONVERGE
 
 @pytest.mark.parametrize("algo, problem, num_dims, needed, tolerance", CONVERGENCE)
 def test_method_converges_and_survives_ten_times_the_generations(algo, problem, num_dims, needed, tolerance):
-    args, _, loop, out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=10 * needed,
-                             chunk=needed)
+    args, _, loop, out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=10 * needed, chunk=needed)
     f = -out.center_fitness
     assert (f[:needed] < tolerance).any(), f[:needed].min()
     for leaf in jax.tree.leaves(loop.es):
@@ -110,8 +110,17 @@ def test_map_elites_survives_a_long_run_and_fills_more_cells_than_random_search(
     assert out.archive_cells[39] > 3 * random_cells, (out.archive_cells[39], random_cells)
 
 
-ALL_ALGOS = ["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites", "evosax:CMA_ES", "evosax:SNES",
-             "evosax:Open_ES"]
+ALL_ALGOS = [
+    "cem",
+    "cma-es",
+    "plain-es",
+    "openai-es",
+    "snes",
+    "map-elites",
+    "evosax:CMA_ES",
+    "evosax:SNES",
+    "evosax:Open_ES",
+]
 
 
 @pytest.mark.parametrize("algo", ALL_ALGOS)
@@ -129,8 +138,14 @@ def test_nan_and_minus_inf_fitness_rank_last(algo):
     replaced = fitness.at[1].set(worst).at[3].set(worst)
     descriptors = population[:, :2]
     told, _ = tell(key, state, population, injected, descriptors, args)
-    expected, _ = tell(key, state, population, replaced if algo != "map-elites" else fitness.at[1].set(-jnp.inf)
-                       .at[3].set(-jnp.inf), descriptors, args)
+    expected, _ = tell(
+        key,
+        state,
+        population,
+        replaced if algo != "map-elites" else fitness.at[1].set(-jnp.inf).at[3].set(-jnp.inf),
+        descriptors,
+        args,
+    )
     for a, b in zip(jax.tree.leaves(told), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert np.isfinite(np.asarray(told.mean)).all() and np.isfinite(np.asarray(told.sigma)).all()
@@ -148,8 +163,7 @@ def test_methods_carry_on_when_a_fifth_of_the_members_fail(algo, monkeypatch):
 
     monkeypatch.setitem(eb.METHODS, algo, (init, ask, failing_tell))
     needed = dict(CONVERGENCE_NEEDED)[algo]
-    args, _, loop, out = run(algo=algo, problem="sphere", num_dims=5, num_generations=2 * needed,
-                             chunk=2 * needed)
+    args, _, loop, out = run(algo=algo, problem="sphere", num_dims=5, num_generations=2 * needed, chunk=2 * needed)
     assert np.isfinite(np.asarray(loop.es.mean)).all() and -out.center_fitness[-1] < 1e-3, -out.center_fitness[-1]
 
 
@@ -169,8 +183,7 @@ def test_snes_update_equals_evosax_and_converges_alike():
     np.testing.assert_allclose(mine.sigma, theirs.std, rtol=1e-5)
     generations = {}  # generations to 1e-8 on 10-D sphere, summed over 3 seeds
     for algo in ("snes", "evosax:SNES"):
-        runs = [run(algo=algo, problem="sphere", num_generations=300, chunk=300, seed=s)[3]
-                for s in (1, 2, 3)]
+        runs = [run(algo=algo, problem="sphere", num_generations=300, chunk=300, seed=s)[3] for s in (1, 2, 3)]
         generations[algo] = sum(int(np.argmax(-out.center_fitness < 1e-8)) + 1 for out in runs)
         assert all((-out.center_fitness < 1e-8).any() for out in runs), algo
     assert 0.75 < generations["snes"] / generations["evosax:SNES"] < 1.33, generations
@@ -179,8 +192,7 @@ def test_snes_update_equals_evosax_and_converges_alike():
 @pytest.mark.parametrize("problem, num_dims, generations", [("sphere", 10, 300), ("rosenbrock", 5, 500)])
 def test_written_out_cma_es_is_comparable_to_evosax(problem, num_dims, generations):
     for algo in ("cma-es", "evosax:CMA_ES"):
-        out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=generations,
-                  chunk=generations)[3]
+        out = run(algo=algo, problem=problem, num_dims=num_dims, num_generations=generations, chunk=generations)[3]
         assert np.nanmin(-out.center_fitness) < 1e-8, (algo, np.nanmin(-out.center_fitness))
 
 
@@ -235,8 +247,13 @@ def test_two_forced_host_devices_reproduce_one_device_exactly():
     results = []
     for count in (1, 2):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        proc = subprocess.run([sys.executable, "-c", DEVICES.format(tests=os.path.join(ROOT, "tests"))],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", DEVICES.format(tests=os.path.join(ROOT, "tests"))],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert results[0][0] == 1 and results[1][0] == 2
@@ -260,9 +277,24 @@ def test_cma_es_run_stops_cleanly_and_writes_every_output(tmp_path, capsys):
 
 def test_cli_writes_run_dir(tmp_path):
     run_dir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "es_basics.py"), "--algo", "snes", "--problem",
-                           "rastrigin", "--num-generations", "30", "--run-dir", run_dir],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "es_basics.py"),
+            "--algo",
+            "snes",
+            "--problem",
+            "rastrigin",
+            "--num-generations",
+            "30",
+            "--run-dir",
+            run_dir,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -275,22 +307,30 @@ def test_cli_writes_run_dir(tmp_path):
 
 @pytest.mark.parametrize("flags, expected", [(["--algo", "ppo"], "cma-es"), (["--problem", "Pong-v5"], "sphere")])
 def test_tyro_refuses_an_unknown_method_or_problem_without_a_traceback(flags, expected):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "es_basics.py"), *flags], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "es_basics.py"), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
     assert expected in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--algo", "cem", "--pop-size", "8"], "elites"),
-    (["--algo", "openai-es", "--pop-size", "7"], "even"),
-    (["--algo", "evosax:Open_ES", "--pop-size", "7"], "even"),
-    (["--algo", "map-elites", "--problem", "Pendulum-v1"], "descriptor"),
-    (["--num-dims", "0"], "--num-dims"),
-    (["--algo", "poet", "--pop-size", "7"], "even"),
-    (["--algo", "poet", "--poet-max-pairs", "1"], "--poet-max-pairs"),
-    (["--algo", "ite", "--ite-max-trials", "0"], "--ite-max-trials"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--algo", "cem", "--pop-size", "8"], "elites"),
+        (["--algo", "openai-es", "--pop-size", "7"], "even"),
+        (["--algo", "evosax:Open_ES", "--pop-size", "7"], "even"),
+        (["--algo", "map-elites", "--problem", "Pendulum-v1"], "descriptor"),
+        (["--num-dims", "0"], "--num-dims"),
+        (["--algo", "poet", "--pop-size", "7"], "even"),
+        (["--algo", "poet", "--poet-max-pairs", "1"], "--poet-max-pairs"),
+        (["--algo", "ite", "--ite-max-trials", "0"], "--ite-max-trials"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eb.main(tyro.cli(eb.Args, args=flags))
@@ -324,8 +364,15 @@ def test_gp_posterior_equals_the_closed_form_on_three_points():
     k = matern(points, observed[:3])
     mean = prior + k @ np.linalg.inv(K) @ residuals[:3]
     var = 1 - np.einsum("ij,jk,ik->i", k, np.linalg.inv(K), k)
-    got_mean, got_var = eb.gp_posterior(jnp.asarray(points), jnp.asarray(prior), jnp.asarray(observed),
-                                        jnp.asarray(residuals), jnp.asarray(mask), rho, noise)
+    got_mean, got_var = eb.gp_posterior(
+        jnp.asarray(points),
+        jnp.asarray(prior),
+        jnp.asarray(observed),
+        jnp.asarray(residuals),
+        jnp.asarray(mask),
+        rho,
+        noise,
+    )
     np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got_var, var, rtol=1e-3, atol=1e-5)
     assert got_var[1] < 0.01 and got_var[2] > 0.99  # at an observation and far from all of them
@@ -364,8 +411,9 @@ def test_arm_kinematics_and_damage():
     base_stuck = jnp.zeros(eb.ARM_JOINTS, bool).at[0].set(True)  # the whole arm turns 45°
     np.testing.assert_allclose(eb.arm_hand(straight, base_stuck, jnp.zeros(eb.ARM_JOINTS)), [0.5**0.5] * 2, atol=1e-6)
     offset = jnp.zeros(eb.ARM_JOINTS).at[4].set(1.0)  # the second half turns 45°
-    np.testing.assert_allclose(eb.arm_hand(straight, jnp.zeros(eb.ARM_JOINTS, bool), offset),
-                               [0.5 + 0.5 * 0.5**0.5, 0.5 * 0.5**0.5], atol=1e-6)
+    np.testing.assert_allclose(
+        eb.arm_hand(straight, jnp.zeros(eb.ARM_JOINTS, bool), offset), [0.5 + 0.5 * 0.5**0.5, 0.5 * 0.5**0.5], atol=1e-6
+    )
 
 
 def test_track_scores_running_crashing_and_falling():
@@ -378,18 +426,45 @@ def test_track_scores_running_crashing_and_falling():
     assert float(eb.run_track(jumper, jnp.array([0.0, 0.0]))) == 1.0
 
 
-@pytest.mark.parametrize("flags, files, keys", [
-    (["--algo", "ite", "--num-generations", "20", "--num-bins", "10", "--ite-max-trials", "5"],
-     ["ite_damages.csv", "ite.png", "generations.csv"], ["ite_trials", "ite_recovered_fraction", "es_trials"]),
-    (["--algo", "poet", "--num-generations", "12", "--pop-size", "16", "--hidden", "8", "--poet-mutate-every", "3",
-      "--poet-transfer-every", "4", "--poet-max-pairs", "3"],
-     ["poet_history.csv", "poet_envs.csv", "poet.png"], ["environments_created", "environments_solved",
-                                                         "hardest_solved", "direct_es_generations"]),
-])
+@pytest.mark.parametrize(
+    "flags, files, keys",
+    [
+        (
+            ["--algo", "ite", "--num-generations", "20", "--num-bins", "10", "--ite-max-trials", "5"],
+            ["ite_damages.csv", "ite.png", "generations.csv"],
+            ["ite_trials", "ite_recovered_fraction", "es_trials"],
+        ),
+        (
+            [
+                "--algo",
+                "poet",
+                "--num-generations",
+                "12",
+                "--pop-size",
+                "16",
+                "--hidden",
+                "8",
+                "--poet-mutate-every",
+                "3",
+                "--poet-transfer-every",
+                "4",
+                "--poet-max-pairs",
+                "3",
+            ],
+            ["poet_history.csv", "poet_envs.csv", "poet.png"],
+            ["environments_created", "environments_solved", "hardest_solved", "direct_es_generations"],
+        ),
+    ],
+)
 def test_ite_and_poet_cli_smoke(tmp_path, flags, files, keys):
     run_dir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--run-dir", run_dir],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
     with open(os.path.join(run_dir, "summary.json")) as f:

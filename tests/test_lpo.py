@@ -29,13 +29,15 @@ def test_features_are_the_authors_eight_and_vanish_at_ratio_one():
     assert x.shape == R_GRID.shape + (8,)
     r, a = 1.5, -2.0
     expected = [np.log(r), np.log(r) ** 2, 1 - r, (1 - r) ** 2]
-    np.testing.assert_allclose(np.asarray(lpo.lpo_features(jnp.float32(r), jnp.float32(a))),
-                               expected + [a * e for e in expected], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(lpo.lpo_features(jnp.float32(r), jnp.float32(a))), expected + [a * e for e in expected], rtol=1e-6
+    )
     np.testing.assert_array_equal(np.asarray(lpo.lpo_features(jnp.ones_like(A_LINE), A_LINE)), 0.0)
 
 
-@pytest.mark.parametrize("ppo_init,hidden", [(True, None), (False, None), (False, (256,))],
-                         ids=["lpo", "lpo-zero", "lpo-zero-one-layer"])
+@pytest.mark.parametrize(
+    "ppo_init,hidden", [(True, None), (False, None), (False, (256,))], ids=["lpo", "lpo-zero", "lpo-zero-one-layer"]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_drift_networks_are_valid_drifts(ppo_init, hidden, seed):
     sizes = lpo.drift_layer_sizes(ppo_init, hidden)
@@ -58,8 +60,9 @@ def test_zero_weights_with_ppo_init_are_ppo_with_eps_0_2():
     assert abs(float(lpo_loss(r, a)) - float(ppo_loss(r, a))) <= lpo.XI  # the objective moves by at most ξ
     # The gradients are PPO's except in the band 0 < f_PPO ≤ ξ, where the ReLU blocks a gradient of order ξ.
     outside_band = ~((lpo.ppo_drift(r, a, 0.2) > 0) & (lpo.ppo_drift(r, a, 0.2) <= 10 * lpo.XI))
-    np.testing.assert_array_equal(np.asarray(jax.grad(lpo_loss)(r, a))[outside_band],
-                                  np.asarray(jax.grad(ppo_loss)(r, a))[outside_band])
+    np.testing.assert_array_equal(
+        np.asarray(jax.grad(lpo_loss)(r, a))[outside_band], np.asarray(jax.grad(ppo_loss)(r, a))[outside_band]
+    )
 
 
 @pytest.mark.parametrize("hidden", [(256,), (256, 256)], ids=["appendix-one-layer", "section-5.1-two-layers"])
@@ -69,14 +72,40 @@ def test_an_lpo_zero_drift_file_keeps_its_architecture(tmp_path, hidden):
     loaded, ppo_init = lpo.load_drift(str(tmp_path / "drift.msgpack"))
     shapes = list(zip((8,) + hidden, hidden + (1,)))
     assert not ppo_init and [w.shape for w in loaded] == [w.shape for w in net] == shapes
-    np.testing.assert_array_equal(np.asarray(lpo.lpo_drift(loaded, R_GRID, A_GRID, False)),
-                                  np.asarray(lpo.lpo_drift(net, R_GRID, A_GRID, False)))
+    np.testing.assert_array_equal(
+        np.asarray(lpo.lpo_drift(loaded, R_GRID, A_GRID, False)), np.asarray(lpo.lpo_drift(net, R_GRID, A_GRID, False))
+    )
 
 
-SHARED = ("compute_gae", "resolve_args", "batch_size", "num_updates", "GymnaxEnv", "BraxEnv", "make_env",
-          "update_running_stats", "normalize", "Categorical", "TanhGaussian", "MLP", "make_networks", "policy",
-          "Runner", "make_optimizer", "make_train", "max_chunk", "make_evaluate", "seed_keys", "over_seeds",
-          "init_seeds", "evaluate_seeds", "atomic_write", "load_tree", "run_eval_only", "run_training")
+SHARED = (
+    "compute_gae",
+    "resolve_args",
+    "batch_size",
+    "num_updates",
+    "GymnaxEnv",
+    "BraxEnv",
+    "make_env",
+    "update_running_stats",
+    "normalize",
+    "Categorical",
+    "TanhGaussian",
+    "MLP",
+    "make_networks",
+    "policy",
+    "Runner",
+    "make_optimizer",
+    "make_train",
+    "max_chunk",
+    "make_evaluate",
+    "seed_keys",
+    "over_seeds",
+    "init_seeds",
+    "evaluate_seeds",
+    "atomic_write",
+    "load_tree",
+    "run_eval_only",
+    "run_training",
+)
 
 
 @pytest.mark.parametrize("name", SHARED)
@@ -97,15 +126,33 @@ def test_es_maximises_the_fitness_with_the_authors_schedules():
     assert float(state.mean.sum()) > 10.0 and float((state.mean > 0).mean()) > 0.6  # told +fitness: < 0, < 0.4
 
 
-TINY = ["--env-ids", "CartPole-v1", "--pop-size", "4", "--total-timesteps", "2048", "--num-envs", "4",
-        "--num-unrolls", "1", "--num-eval-envs", "4"]
+TINY = [
+    "--env-ids",
+    "CartPole-v1",
+    "--pop-size",
+    "4",
+    "--total-timesteps",
+    "2048",
+    "--num-envs",
+    "4",
+    "--num-unrolls",
+    "1",
+    "--num-eval-envs",
+    "4",
+]
 
 
 def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     lpo.main(tyro.cli(lpo.Args, args=TINY + ["--num-generations", "3", "--run-dir", full]))
-    for name in ("args.json", "generations.csv", "es_checkpoint.msgpack", "drift.msgpack", "fitness_CartPole-v1.png",
-                 "drift.png"):
+    for name in (
+        "args.json",
+        "generations.csv",
+        "es_checkpoint.msgpack",
+        "drift.msgpack",
+        "fitness_CartPole-v1.png",
+        "drift.png",
+    ):
         assert os.path.getsize(os.path.join(full, name)) > 0, name
     net, ppo_init = lpo.load_drift(full)
     assert ppo_init and float(sum(jnp.abs(w).sum() for w in net)) > 0  # the ES mean moved away from PPO
@@ -120,6 +167,7 @@ def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
     def rows(run_dir):
         with open(os.path.join(run_dir, "generations.csv")) as f:
             return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
     assert rows(part) == rows(full) and len(rows(full)) == 3
     with open(os.path.join(full, "drift.msgpack"), "rb") as a, open(os.path.join(part, "drift.msgpack"), "rb") as b:
         assert a.read() == b.read()
@@ -127,8 +175,12 @@ def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
 
 def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(tmp_path):
     flags = ["--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "4096", "--num-eval-envs", "8"]
-    base = lpo.main(tyro.cli(lpo.Args, args=flags + ["--eval-drift", SHIPPED, "--compare", "lpo", "ppo",
-                                                        "--run-dir", str(tmp_path / "eval")]))
+    base = lpo.main(
+        tyro.cli(
+            lpo.Args,
+            args=flags + ["--eval-drift", SHIPPED, "--compare", "lpo", "ppo", "--run-dir", str(tmp_path / "eval")],
+        )
+    )
     with open(os.path.join(base, "summary.json")) as f:
         summary = json.load(f)
     assert set(summary["drifts"]) == {"lpo", "ppo"} and len(summary["drifts"]["lpo"]["final_returns"]) == 2
@@ -147,15 +199,18 @@ def test_plot_drift_draws_the_shipped_drift(tmp_path):
     assert os.path.getsize(tmp_path / "new" / "drift.png") > 10_000  # the directory is created
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
-    (["--drift-hidden", "-4", "--env-ids", "CartPole-v1"], "positive layer sizes"),
-    (["--env-id", "Pong-v5"], "CartPole-v1"),
-    (["--fitness-shaping", "rank"], "centered_rank"),
-    (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
-    (["--eval-drift", "/nonexistent/drift.msgpack", "--env-id", "CartPole-v1"], "missing"),
-    (["--resume", "/nonexistent/run"], "missing"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
+        (["--drift-hidden", "-4", "--env-ids", "CartPole-v1"], "positive layer sizes"),
+        (["--env-id", "Pong-v5"], "CartPole-v1"),
+        (["--fitness-shaping", "rank"], "centered_rank"),
+        (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
+        (["--eval-drift", "/nonexistent/drift.msgpack", "--env-id", "CartPole-v1"], "missing"),
+        (["--resume", "/nonexistent/run"], "missing"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         lpo.main(tyro.cli(lpo.Args, args=flags))
