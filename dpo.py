@@ -19,13 +19,16 @@ Example:
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
+import sys
 import time
 import typing
 import warnings
-from typing import Any, Literal, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import flax.serialization
@@ -74,11 +77,11 @@ class Args:
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
-    load: Optional[str] = None
+    load: str | None = None
     """a finished run directory to evaluate again; use with --eval-only"""
     eval_only: bool = False
     """with --load: evaluate the saved policies without training"""
@@ -98,68 +101,74 @@ class Args:
     """Brax physics backend (ignored for gymnax envs); spring is the fastest on CPU, generalized the most accurate"""
     episode_length: int = 1000
     """Brax: physics steps before a time-limit truncation"""
-    action_repeat: Optional[int] = None
+    action_repeat: int | None = None
     """Brax: physics steps per agent step (1; reacher 4)"""
 
     # ---- the method ----
     drift: Literal["dpo", "ppo"] = "dpo"
     """drift f in the objective r·A - f(r, A): dpo (paper eq. 9) or ppo (eq. 6, = PPO-clip)"""
+    compare: tuple[Literal["dpo", "ppo"], ...] = ()
+    """train each of these drifts with the same seeds and flags, one run directory each, and compare them"""
     dpo_alpha: float = 2.0
     """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
     dpo_beta: float = 0.6
     """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
-    clip_coef: Optional[float] = None
+    clip_coef: float | None = None
     """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
 
     # ---- PPO loop ----
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
-    num_steps: Optional[int] = None
+    num_steps: int | None = None
     """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 32, Pendulum 16; MinAtar 128)"""
-    num_unrolls: Optional[int] = None
+    num_unrolls: int | None = None
     """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; classic 4)"""
-    num_minibatches: Optional[int] = None
+    num_minibatches: int | None = None
     """minibatches of whole unrolls per epoch (Brax 32; classic 4; Pendulum and MinAtar 8)"""
-    update_epochs: Optional[int] = None
+    update_epochs: int | None = None
     """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
-    learning_rate: Optional[float] = None
+    learning_rate: float | None = None
     """Adam learning rate (Brax 3e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
-    anneal_lr: Optional[bool] = None
+    anneal_lr: bool | None = None
     """anneal the learning rate linearly to 0 (Brax no; gymnax yes)"""
-    gamma: Optional[float] = None
+    gamma: float | None = None
     """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
     gae_lambda: float = 0.95
     """GAE λ"""
-    ent_coef: Optional[float] = None
+    ent_coef: float | None = None
     """entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)"""
     vf_coef: float = 0.5
     """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: float | None = None
     """global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)"""
-    adam_eps: Optional[float] = None
+    adam_eps: float | None = None
     """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
-    reward_scaling: Optional[float] = None
+    reward_scaling: float | None = None
     """rewards are multiplied by this before GAE (ant 10; classic 1, Pendulum 0.1; MinAtar 1)"""
-    normalize_observations: Optional[bool] = None
+    normalize_observations: bool | None = None
     """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
-    actor_hidden: Optional[Tuple[int, ...]] = None
+    actor_hidden: tuple[int, ...] | None = None
     """policy MLP hidden sizes (Brax 32 32 32 32; classic 64 64; MinAtar 256 256)"""
-    critic_hidden: Optional[Tuple[int, ...]] = None
+    critic_hidden: tuple[int, ...] | None = None
     """value MLP hidden sizes (Brax 256 ×5; classic 64 64; MinAtar 256 256)"""
-    activation: Optional[Literal["tanh", "relu", "swish"]] = None
+    activation: Literal["tanh", "relu", "swish"] | None = None
     """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
-def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_eps: float = 0.2) -> jax.Array:
-    """PPO's drift, f(r, A) = ReLU((r - clip(r, 1-ε, 1+ε))·A)  (Lu et al. 2022, eq. 6).
+Drift = Callable[[jax.Array, jax.Array], jax.Array]
+"""A drift f(r, A): ratio and advantage (broadcastable shapes) -> f, same shape, ≥ 0."""
+
+
+def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_coef: float = 0.2) -> jax.Array:
+    """PPO's drift, f(r, A) = ReLU((r - clip(r, 1-ε, 1+ε))·A) with ε = clip_coef  (Lu et al. 2022, eq. 6).
 
     With it the objective r·A - f equals PPO-clip's min(r·A, clip(r, 1-ε, 1+ε)·A).
     Args: ratio (> 0) and advantage, broadcastable shapes. Returns f, same shape, ≥ 0.
     """
-    return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)) * advantage)
+    return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)) * advantage)
 
 
 def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: float = 0.6) -> jax.Array:
@@ -181,7 +190,7 @@ def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: 
     )
 
 
-def actor_loss(ratio: jax.Array, advantage: jax.Array, drift) -> jax.Array:
+def actor_loss(ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.Array:
     """Mirror Learning policy loss, -mean(r·A - f(r, A))  (Lu et al. 2022, eq. 5).
 
     Args: ratio π(a|s)/π_old(a|s) [batch], advantage [batch] (already normalised), drift f(r, A).
@@ -190,11 +199,11 @@ def actor_loss(ratio: jax.Array, advantage: jax.Array, drift) -> jax.Array:
     return -jnp.mean(ratio * advantage - drift(ratio, advantage))
 
 
-def make_drift(args: Args):
+def make_drift(args: Args) -> Drift:
     """The drift f(r, A) chosen by --drift, with its coefficients bound."""
     if args.drift == "ppo":
-        return lambda r, a: ppo_drift(r, a, args.clip_coef)
-    return lambda r, a: dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)
+        return functools.partial(ppo_drift, clip_coef=args.clip_coef)
+    return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
@@ -336,11 +345,15 @@ ENV_DEFAULTS.update(
 )
 
 
+class ArgsError(ValueError):
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
-    Raises: SystemExit with a one-line message: a batch whose unrolls do not split into --num-minibatches,
-        fewer --total-timesteps than one update, --eval-only without --load.
+    Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls do not split into
+        --num-minibatches, fewer --total-timesteps than one update, --eval-only without --load.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
     unrolls = args.num_envs * args.num_unrolls
@@ -357,19 +370,19 @@ def resolve_args(args: Args) -> Args:
         )
         <= 0
     ):
-        raise SystemExit("error: seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
+        raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if unrolls % args.num_minibatches:
-        raise SystemExit(
-            f"error: num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
+        raise ArgsError(
+            f"num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
             f" do not divide into --num-minibatches {args.num_minibatches}"
         )
     if num_updates(args) == 0:
-        raise SystemExit(
-            f"error: --total-timesteps {args.total_timesteps} is less than one update"
+        raise ArgsError(
+            f"--total-timesteps {args.total_timesteps} is less than one update"
             f" ({batch_size(args) * args.action_repeat} steps)"
         )
     if args.eval_only != (args.load is not None):
-        raise SystemExit("error: --eval-only and --load RUN_DIR go together")
+        raise ArgsError("--eval-only and --load RUN_DIR go together")
     return args
 
 
@@ -455,7 +468,8 @@ class RunningStats(NamedTuple):
 def update_running_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
     """Merge a batch [..., obs_dim] of observations into the running statistics."""
     batch = batch.reshape(-1, batch.shape[-1])
-    n, delta = batch.shape[0], batch.mean(0) - stats.mean
+    n = batch.shape[0]
+    delta = batch.mean(0) - stats.mean
     total = stats.count + n
     var = (stats.var * stats.count + batch.var(0) * n + delta**2 * stats.count * n / total) / total
     return RunningStats(stats.mean + delta * n / total, var, total)
@@ -529,7 +543,7 @@ class MLP(nn.Module):
     """hidden layers, then a linear output [..., out_dim]. Kernels: Brax's lecun-uniform (brax/training/networks.py)
     or PureJaxRL's orthogonal ones (gain √2, output gain out_scale); biases zero."""
 
-    hidden: Tuple[int, ...]
+    hidden: tuple[int, ...]
     out_dim: int
     activation: str
     brax_init: bool
@@ -550,8 +564,8 @@ def make_networks(args: Args, env):
     brax = args.env_id in BRAX_ENVS
     out = env.action_dim if env.discrete else 2 * env.action_dim
     return (
-        MLP(tuple(args.actor_hidden), out, args.activation, brax, 0.01),
-        MLP(tuple(args.critic_hidden), 1, args.activation, brax, 1.0),
+        MLP(tuple(args.actor_hidden), out, args.activation, brax_init=brax, out_scale=0.01),
+        MLP(tuple(args.critic_hidden), 1, args.activation, brax_init=brax, out_scale=1.0),
     )
 
 
@@ -592,7 +606,8 @@ class Runner(NamedTuple):
     update: jax.Array  # updates done
 
 
-METRICS = ("episodic_return", "policy_loss", "value_loss", "entropy", "approx_kl")
+LOSS_METRICS = ("policy_loss", "value_loss", "entropy", "approx_kl")  # means over the epochs' minibatches
+METRICS = ("episodic_return", *LOSS_METRICS)
 
 
 def make_optimizer(args: Args) -> optax.GradientTransformation:
@@ -606,7 +621,7 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift):
+def make_train(args: Args, drift: Drift):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
 
     Returns:
@@ -619,11 +634,13 @@ def make_train(args: Args, drift):
     """
     env = make_env(args)
     actor, critic = make_networks(args, env)
-    n_chunk, obs_norm = max_chunk(args), args.normalize_observations
+    n_chunk = max_chunk(args)
+    obs_norm = args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
     tx = make_optimizer(args)
 
     def init(rng) -> Runner:
+        """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
         rng, key_init, key_reset = jax.random.split(rng, 3)
         key_actor, key_critic = jax.random.split(key_init)
         params = {
@@ -631,7 +648,8 @@ def make_train(args: Args, drift):
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
-        zeros, stats = jnp.zeros(args.num_envs), RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
+        zeros = jnp.zeros(args.num_envs)
+        stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
             jax.tree.map(jnp.asarray, stats),
@@ -643,7 +661,11 @@ def make_train(args: Args, drift):
         )
 
     def env_step(runner: Runner, key):
-        """One step of every environment under the current policy."""
+        """One step of the num_envs environments under the current policy (a scan body over the unroll).
+
+        Returns the runner with the new env states, observations [num_envs, obs_dim] and episode statistics,
+        and the Transition of this step (each field [num_envs, ...]; obs is the observation acted on).
+        """
         key_action, key_env = jax.random.split(key)
         pi = policy(actor, runner.train_state.params, normalize(runner.obs, runner.obs_stats, obs_norm), env.discrete)
         action = pi.sample(key_action)
@@ -662,14 +684,18 @@ def make_train(args: Args, drift):
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
-        """num_steps steps; the observation after the last one is kept for the bootstrap value."""
+        """num_steps steps: a Transition of [num_steps, num_envs, ...] fields, obs [num_steps + 1, num_envs,
+        obs_dim] with the observation after the last step kept for the bootstrap value."""
         runner, traj = jax.lax.scan(env_step, runner, jax.random.split(key, args.num_steps))
         return runner, traj._replace(obs=jnp.concatenate([traj.obs, runner.obs[None]]))
 
     def loss_fn(params, minibatch: Transition, obs_stats, key):
-        """Brax PPO's loss on [T(+1), B] unrolls, values and GAE recomputed with the current critic."""
+        """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
+        values and GAE recomputed with the current critic. Returns (total loss, (policy loss, value loss,
+        entropy, approx-KL)), all scalars."""
         obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        pi, values = policy(actor, params, obs[:-1], env.discrete), critic.apply(params["critic"], obs)[..., 0]
+        pi = policy(actor, params, obs[:-1], env.discrete)
+        values = critic.apply(params["critic"], obs)[..., 0]
         terminated = minibatch.done * (1.0 - minibatch.truncated)
         targets, advantages = compute_gae(
             minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
@@ -684,6 +710,11 @@ def make_train(args: Args, drift):
         return total, (policy_loss, value_loss, entropy, jnp.mean(ratio - 1.0 - log_ratio))  # KL(π_old‖π) estimate
 
     def update_minibatch(carry, minibatch):
+        """One Adam step on one minibatch (a scan body over the epoch's minibatches).
+
+        carry = (train_state, obs_stats, key); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]).
+        Returns the new carry and loss_fn's scalars.
+        """
         train_state, obs_stats, key = carry
         key, key_entropy = jax.random.split(key)
         grads, aux = jax.grad(loss_fn, has_aux=True)(train_state.params, minibatch, obs_stats, key_entropy)
@@ -691,6 +722,11 @@ def make_train(args: Args, drift):
         return (train_state.apply_gradients(grads=grads), obs_stats, key), aux
 
     def update_epoch(carry, key):
+        """One epoch: the batch's unrolls shuffled into num_minibatches minibatches, one Adam step on each.
+
+        carry = (train_state, obs_stats, batch), batch fields [T, num_envs·num_unrolls, ...] (obs [T + 1, ...]).
+        Returns the new carry and loss_fn's scalars [num_minibatches].
+        """
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
         permutation = jax.random.permutation(key_perm, n_unrolls)  # minibatches of whole unrolls, as Brax's
@@ -703,7 +739,11 @@ def make_train(args: Args, drift):
         (train_state, _, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats, key_mb), minibatches)
         return (train_state, obs_stats, batch), aux
 
-    def update(runner: Runner) -> Tuple[Runner, dict]:
+    def update(runner: Runner) -> tuple[Runner, dict]:
+        """One PPO update: num_unrolls unrolls of every env, then update_epochs epochs over that batch.
+
+        Returns the new runner and this update's scalar metrics {name: []} for the names in METRICS.
+        """
         rng, key_unrolls, key_epochs = jax.random.split(runner.rng, 3)
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
@@ -713,17 +753,19 @@ def make_train(args: Args, drift):
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
-        eps = runner.episodes
-        any_finished = eps.finished > 0
+        episodes = runner.episodes
+        any_finished = episodes.finished > 0
         episodic_return = jnp.where(
             jnp.any(any_finished),
-            jnp.sum(jnp.where(any_finished, eps.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
+            jnp.sum(jnp.where(any_finished, episodes.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
             jnp.nan,
         )
         metrics = dict(zip(METRICS, (episodic_return, *jax.tree.map(jnp.mean, aux))))
         return runner._replace(train_state=train_state, obs_stats=obs_stats, rng=rng, update=runner.update + 1), metrics
 
     def train_chunk(runner: Runner, n):
+        """n updates (n traced, at most n_chunk) in one compiled loop; metrics {name: [n_chunk]}, NaN past n."""
+
         def body(i, carry):
             runner, buffers = carry
             runner, metrics = update(runner)
@@ -745,7 +787,8 @@ def make_evaluate(args: Args):
     Each episode runs to its end or the time limit; actions are sampled from the policy (Brax's evaluator,
     deterministic_eval=False) or its mode (deterministic=True, static). Pure; jit and vmap it over seeds.
     """
-    env, n = make_env(args), args.num_eval_envs
+    env = make_env(args)
+    n = args.num_eval_envs
     actor = make_networks(args, env)[0]
 
     def evaluate(params, obs_stats, rng, deterministic: bool):
@@ -776,7 +819,7 @@ def seed_keys(args: Args):
     return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
 
 
-def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
+def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
 
     One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
@@ -793,7 +836,8 @@ def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
     n = math.gcd(num_seeds, jax.device_count())
     if n == 1:
         return jax.jit(mapped)
-    mesh, spec = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",)), jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
+    spec = jax.sharding.PartitionSpec
     in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
     return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
 
@@ -811,7 +855,9 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     """
     out = {}
     for name, deterministic in (("return", False), ("mode_return", True)):
-        evaluate = over_seeds(lambda p, s, k: make_evaluate(args)(p, s, k, deterministic), args.num_seeds, (0, 0, 0))
+        evaluate = over_seeds(
+            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
+        )
         returns = np.asarray(evaluate(params, obs_stats, seed_keys(args)[1]), dtype=float)
         out.update(
             {
@@ -825,17 +871,25 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 
 def atomic_write(path: str, data: bytes):
-    """Write bytes to path (its directory created) via a temporary file and a rename: never half a file."""
+    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
+    power cut leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: dict):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def load_tree(path: str, template):
     """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes.
 
-    Raises SystemExit (one line) if the file is missing, damaged or of other shapes.
+    Raises ArgsError if the file is missing, damaged or of other shapes.
     """
     try:
         with open(path, "rb") as f:
@@ -843,22 +897,23 @@ def load_tree(path: str, template):
         if [np.shape(x) for x in jax.tree.leaves(tree)] != [np.shape(x) for x in jax.tree.leaves(template)]:
             raise ValueError("shapes differ")
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
-        raise SystemExit(f"error: {path} is missing, damaged or does not match args.json ({type(e).__name__})")
+        raise ArgsError(f"{path} is missing, damaged or does not match args.json ({type(e).__name__})") from None
     return jax.tree.map(jnp.asarray, tree)
 
 
 def load_args(run_dir: str) -> Args:
+    """The Args saved in run_dir/args.json. Raises ArgsError if it is missing or damaged."""
     try:
         with open(os.path.join(run_dir, "args.json")) as f:
             return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(
-            f"error: {run_dir}/args.json is missing or damaged ({type(e).__name__}): "
-            "expected a run directory written by dpo.py"
-        )
+        raise ArgsError(
+            f"{run_dir}/args.json is missing or damaged ({type(e).__name__}):"
+            " expected a run directory written by dpo.py"
+        ) from None
 
 
-FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRICS[1:] + ("sps",)
+FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
 
 
 def plot_curves(
@@ -878,6 +933,29 @@ def plot_curves(
     fig.savefig(path)
 
 
+def plot_drifts(path: str, drifts: dict[str, Drift]):
+    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and
+    A ∈ [-2, 2], one panel per named drift f(r, A) (a PNG at path)."""
+    from matplotlib.figure import Figure
+
+    ratios = jnp.linspace(0.01, 2.0, 200)
+    advantages = jnp.linspace(-2.0, 2.0, 161)
+    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
+    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
+
+        def objective(r, a, drift=drift):
+            return r * a - drift(r, a)
+
+        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
+        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
+        image = ax.imshow(
+            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
+        )
+        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
+        fig.colorbar(image, ax=ax)
+    fig.savefig(path)
+
+
 def run_eval_only(args: Args) -> str:
     saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
     template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
@@ -892,12 +970,40 @@ def run_eval_only(args: Args) -> str:
         num_eval_envs=saved.num_eval_envs,
         **evaluate_seeds(saved, params, obs_stats),
     )
-    atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     print(
         f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
         f"{summary['final_mode_return_mean']:.2f} (mode actions)"
     )
     return run_dir
+
+
+def run_comparison(args: Args) -> str:
+    """Train each drift of --compare with the same seeds and flags, each into run_dir/<drift>/ (a finished run is
+    kept and an interrupted one resumed when the command runs again with the same --run-dir); summary.json holds
+    every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
+    name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
+    base = args.run_dir or os.path.join("runs", name)
+    summary = dict(env_id=args.env_id, drifts={})
+    curves = {}
+    for drift in args.compare:
+        run_dir = os.path.join(base, drift)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
+            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary["drifts"][drift] = json.load(f)
+        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
+        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
+    write_json(os.path.join(base, "summary.json"), summary)
+    title = f"{args.env_id}, {args.num_seeds} seed(s)"
+    plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")
+    for drift, r in summary["drifts"].items():
+        print(
+            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
+            f"IQM {r['final_return_iqm']:.2f} (sampled actions)"
+        )
+    return base
 
 
 def run_training(args: Args) -> str:
@@ -907,16 +1013,18 @@ def run_training(args: Args) -> str:
         or args.run_dir
         or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
     )
-    n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
+    n_updates = num_updates(args)
+    steps_per_update = batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
-    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "checkpoint.msgpack")
+    metrics_path = os.path.join(run_dir, "metrics.csv")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
     rows = []
     if args.resume:
         runners = load_tree(checkpoint_path, runners)
         with open(metrics_path) as f:
             rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][: int(runners.update[0])]
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
     writer = None
@@ -943,31 +1051,38 @@ def run_training(args: Args) -> str:
     start = time.time()
     chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
     print(f"compiled in {time.time() - start:.0f}s", flush=True)
-    first = done = int(runners.update[0])
-    chunk, train_seconds = 1, 0.0
-    while done < n_updates:
-        n = min(chunk, max_chunk(args), n_updates - done)
+    first = updates_done = int(runners.update[0])
+    chunk = 1
+    train_seconds = 0.0
+    while updates_done < n_updates:
+        n = min(chunk, max_chunk(args), n_updates - updates_done)
         t0 = time.time()
         runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(n)))
         seconds = time.time() - t0
-        train_seconds, sps = train_seconds + seconds, n * steps_per_update * args.num_seeds / seconds
+        train_seconds += seconds
+        sps = n * steps_per_update * args.num_seeds / seconds
         metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
         with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
             warnings.simplefilter("ignore", RuntimeWarning)
             returns = metrics["episodic_return"]
-            columns = [(done + np.arange(1, n + 1)) * steps_per_update, np.nanmean(returns, 0), np.nanstd(returns, 0)]
-        columns += [metrics[k].mean(0) for k in METRICS[1:]] + [np.full(n, sps)]
+            columns = [
+                (updates_done + np.arange(1, n + 1)) * steps_per_update,
+                np.nanmean(returns, 0),
+                np.nanstd(returns, 0),
+            ]
+        columns += [metrics[k].mean(0) for k in LOSS_METRICS] + [np.full(n, sps)]
         new_rows = [list(row) for row in zip(*columns)]
         with open(metrics_path, "a", newline="") as f:
             csv.writer(f).writerows(new_rows)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
         for row in new_rows if writer else []:
             for name, value in zip(FIELDS[1:], row[1:]):
-                writer.add_scalar(("losses/" if name in METRICS else "charts/") + name, value, int(row[0]))
-        rows, done = rows + new_rows, done + n
-        eta = (n_updates - done) * seconds / n / 60
+                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
+        rows += new_rows
+        updates_done += n
+        eta = (n_updates - updates_done) * seconds / n / 60
         print(
-            f"update {done}/{n_updates}  step {done * steps_per_update:,}  {sps:,.0f} steps/s  return "
+            f"update {updates_done}/{n_updates}  step {updates_done * steps_per_update:,}  {sps:,.0f} steps/s  return "
             f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min",
             flush=True,
         )
@@ -980,6 +1095,7 @@ def run_training(args: Args) -> str:
         {"mean over seeds ± 1 std": (steps, mean, std)},
         f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
     )
+    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): make_drift(args)})
     summary = dict(
         env_id=args.env_id,
         drift=args.drift,
@@ -991,7 +1107,7 @@ def run_training(args: Args) -> str:
         sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
-    atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     if writer:
         writer.close()
     print(
@@ -1002,11 +1118,21 @@ def run_training(args: Args) -> str:
 
 
 def main(args: Args) -> str:
-    """Train (or with --resume continue, with --load --eval-only evaluate); returns the run directory."""
-    if args.resume:
-        args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
-    args = resolve_args(args)
-    run_dir = run_eval_only(args) if args.eval_only else run_training(args)
+    """Train (or with --resume continue, with --load --eval-only evaluate); returns the run directory.
+
+    A bad argument or file is one line on stderr and exit code 2 (tyro's code for its own usage errors).
+    """
+    try:
+        if args.resume:
+            args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
+        args = resolve_args(args)
+        if args.eval_only:
+            run_dir = run_eval_only(args)
+        else:
+            run_dir = run_comparison(args) if args.compare else run_training(args)
+    except ArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"run directory: {run_dir}")
     return run_dir
 

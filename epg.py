@@ -24,7 +24,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Literal, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import flax.serialization
@@ -71,15 +72,15 @@ class Args:
     """name of this experiment, part of the run name"""
     seed: int = 1
     """seed of the experiment: ES noise, tasks and lifetimes of generation g all derive from (seed, g)"""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
-    episode_length: Optional[int] = None
+    episode_length: int | None = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
@@ -103,7 +104,7 @@ class Args:
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
     """tasks of a generation, the same for every member; a member's fitness is its mean return over them"""
-    num_generations: Optional[int] = None
+    num_generations: int | None = None
     """ES generations (default 500; on --resume, the saved run's unless given)"""
     sigma: float = 0.01
     """ES noise standard deviation σ"""
@@ -121,24 +122,24 @@ class Args:
     """write a checkpoint every this many generations, and at the end"""
     test: bool = False
     """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
-    load_loss: Optional[str] = None
+    load_loss: str | None = None
     """--test: a loss .msgpack or a run directory (its best loss); the file's inner-loop settings are used"""
-    load_reward_blind_loss: Optional[str] = None
+    load_reward_blind_loss: str | None = None
     """--test: a loss meta-trained with --reward-blind, run as a fourth trainer"""
     num_seeds: int = 32
     """--test: agents per trainer, each on its own held-out task; every trainer gets the same tasks and seeds"""
-    ppo_rollouts: Tuple[int, ...] = (64, 256)
+    ppo_rollouts: tuple[int, ...] = (64, 256)
     """--test: PPO sweep, rollout lengths (steps between updates)"""
-    ppo_epochs: Tuple[int, ...] = (1, 4)
+    ppo_epochs: tuple[int, ...] = (1, 4)
     """--test: PPO sweep, epochs per update"""
-    ppo_learning_rates: Tuple[float, ...] = (1e-3, 3e-3)
+    ppo_learning_rates: tuple[float, ...] = (1e-3, 3e-3)
     """--test: PPO sweep, Adam learning rates"""
     num_sweep_tasks: int = 8
     """--test: training-distribution tasks (one agent each) on which each PPO setting is scored"""
 
 
 class ArgsError(ValueError):
-    """A user's mistake in the arguments: reported as one line, before anything is compiled."""
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
 
 
 def resolve_args(args: Args) -> Args:
@@ -197,7 +198,7 @@ class EPGLoss(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, index):
-        leaky = lambda x: nn.leaky_relu(x, negative_slope=0.2)
+        leaky = functools.partial(nn.leaky_relu, negative_slope=0.2)
         x = leaky(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
         x = leaky(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
         context = nn.Dense(32)(x.mean(axis=0))
@@ -280,8 +281,9 @@ def centered_ranks(fitness: jax.Array) -> jax.Array:
     return ranks / (fitness.shape[0] - 1) - 0.5
 
 
-def antithetic_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
-    """ε [pop_size, dim]: pop_size/2 standard normal vectors followed by their negatives."""
+def mirrored_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
+    """ε [pop_size, dim]: pop_size/2 standard normal vectors, drawn in one call, followed by their negatives
+    (mirrored or antithetic sampling; es_basics.py's antithetic_noise draws member i's from fold_in(key, i))."""
     eps = jax.random.normal(key, (pop_size // 2, dim))
     return jnp.concatenate([eps, -eps])
 
@@ -310,7 +312,10 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled.
     random-pendulum: {"mass", "length", "gravity": [n]}; other `test` tasks: new draws. ValueError if unknown."""
     keys = jax.random.split(key, 4)
-    uniform = lambda k, shape, bounds: jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
+
+    def uniform(k, shape, bounds):
+        return jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
+
     if family in GOAL_RADIUS:
         angle = uniform(keys[1], (n,), (-GOAL_HALF_ANGLE, GOAL_HALF_ANGLE)) + (math.pi if test else 0.0)
         r = uniform(keys[0], (n,), GOAL_RADIUS[family])
@@ -318,7 +323,10 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
     if family in ("dir-hopper", "dir-cheetah"):
         return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
     if family == "random-hopper":
-        scale = lambda k, shape: uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
+
+        def scale(k, shape):
+            return uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
+
         return {
             "mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
             "friction_scale": scale(keys[1], (n, num_geoms, 3)),
@@ -352,8 +360,7 @@ class GoalPointEnv:
     def step(self, key, state, action, task):
         vel = (1.0 - self.DAMPING) * state["vel"] + self.DT * jnp.clip(action, -1.0, 1.0)
         pos = state["pos"] + self.DT * vel
-        distance = lambda p: jnp.linalg.norm(task["goal"] - p)
-        reward = (distance(state["pos"]) - distance(pos)) / self.DT
+        reward = (jnp.linalg.norm(task["goal"] - state["pos"]) - jnp.linalg.norm(task["goal"] - pos)) / self.DT
         truncated = (state["t"] + 1 >= self.episode_length).astype(jnp.float32)
         final_obs = jnp.concatenate([pos, vel])
         reset_obs, reset_state = self.reset(key, task)
@@ -384,7 +391,7 @@ class PendulumTaskEnv:
 
     def step(self, key, state, action, task):
         obs, state, reward, terminated, truncated, info = self.env.step(key, state, action, self._params(task))
-        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
         final_obs = info["final_observation"]
         return f32(obs), state, f32(jnp.squeeze(reward)), f32(terminated), f32(truncated), f32(final_obs)
 
@@ -634,10 +641,18 @@ def make_lifetime(args: Args, env) -> Callable:
         optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
-            inputs = lambda: loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
-            epg = lambda: EPGLoss().apply(loss_params, inputs(), n - m + index)
-            ppo = lambda: ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
-            zero = lambda: jnp.float32(0.0)
+            """(1 - α)·L_EPG + α·L_PPO on the minibatch rows `index`; each term computed only when its weight is > 0."""
+
+            def epg():
+                inputs = loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
+                return EPGLoss().apply(loss_params, inputs, n - m + index)
+
+            def ppo():
+                return ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
+
+            def zero():
+                return jnp.float32(0.0)
+
             return (1.0 - alpha) * jax.lax.cond(alpha < 1.0, epg, zero) + alpha * jax.lax.cond(alpha > 0.0, ppo, zero)
 
         def minibatch_step(carry, index):
@@ -663,8 +678,9 @@ def make_lifetime(args: Args, env) -> Callable:
         key_agent, key_reset, key_run = jax.random.split(key, 3)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
-        zeros = lambda *shape: jnp.zeros((n,) + shape)
-        buffer = Buffer(zeros(obs_dim), zeros(action_dim), zeros(), zeros(), zeros(), zeros(obs_dim), zeros())
+        vectors = jnp.zeros((n, obs_dim))
+        scalars = jnp.zeros(n)
+        buffer = Buffer(vectors, jnp.zeros((n, action_dim)), scalars, scalars, scalars, vectors, scalars)
         state = LifetimeState(
             agent,
             optax.adam(settings.learning_rate).init(agent),
@@ -702,7 +718,7 @@ def generation_key(args: Args, generation: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
 
 
-def shard_leading(fn: Callable, n: int, mapped: Tuple[bool, ...]) -> Callable:
+def shard_leading(fn: Callable, n: int, mapped: tuple[bool, ...]) -> Callable:
     """fn with axis 0 (of size n) of the arguments flagged in `mapped`, and of every output, split over the
     largest number of JAX devices that divides n (shard_map); the other arguments are copied to every device."""
     k = math.gcd(n, jax.device_count())
@@ -734,7 +750,7 @@ def make_generation(args: Args, env) -> Callable:
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
-        eps = antithetic_noise(key_noise, args.pop_size, theta.shape[0])
+        eps = mirrored_noise(key_noise, args.pop_size, theta.shape[0])
         tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
         returns = population(
             theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
@@ -760,15 +776,20 @@ def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
 
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
-def atomic_write(path: str, data):
-    """Write bytes, or a dict as JSON, via a temporary file and a rename (never half a file); makes the directory."""
+def atomic_write(path: str, data: bytes):
+    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
+    power cut leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data = (json.dumps(data, indent=2) + "\n").encode() if isinstance(data, dict) else data
     with open(path + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: dict):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_file(path: str, what: str, parse: Callable):
@@ -833,7 +854,7 @@ def save_loss(path: str, theta, args: Args):
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_loss(path: str, args: Args) -> Tuple[jax.Array, Args]:
+def load_loss(path: str, args: Args) -> tuple[jax.Array, Args]:
     """(θ [dim], args with the file's inner-loop settings) of a loss file or a run directory's best_loss.msgpack.
     Raises ArgsError when the file is missing or damaged, or was evolved on another family than --task-family."""
 
@@ -867,9 +888,10 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, --num-generations extended if given."""
     fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
-    parse = lambda data: Args(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items() if k in fields}
-    )
+
+    def parse(data: bytes) -> Args:
+        return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items() if k in fields})
+
     saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
@@ -884,7 +906,7 @@ def run_meta_training(args: Args) -> str:
     opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
-    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
     print(
         f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
         f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
@@ -952,7 +974,7 @@ def run_meta_training(args: Args) -> str:
         wall_seconds=time.time() - start,
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
-    atomic_write(os.path.join(run_dir, "summary.json"), summary)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
     return run_dir
 
@@ -964,17 +986,18 @@ def run_test(args: Args) -> str:
     theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
-    atomic_write(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
-    runner = functools.cache(
-        lambda every, size, n: make_runner(  # compiled once per shape
-            dataclasses.replace(args, update_every=every, buffer_size=size), env, n
-        )
-    )
-    run = lambda cfg, theta, alpha, tasks=tasks: runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(
-        theta, *tasks, InnerSettings.of(cfg, alpha)
-    )  # -> LifetimeOutput with leading axis len(tasks)
+
+    @functools.cache
+    def runner(every: int, size: int, n: int) -> Callable:  # compiled once per shape
+        return make_runner(dataclasses.replace(args, update_every=every, buffer_size=size), env, n)
+
+    def run(cfg: Args, theta, alpha: float, tasks=tasks):
+        """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
+        return runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(theta, *tasks, InnerSettings.of(cfg, alpha))
+
     outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
@@ -1016,7 +1039,7 @@ def run_test(args: Args) -> str:
             f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± {auc.std():.3f}"
         )
     split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    atomic_write(
+    write_json(
         os.path.join(run_dir, "summary.json"),
         dict(
             task_family=args.task_family,

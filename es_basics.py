@@ -32,7 +32,8 @@ import os
 import sys
 import time
 import types
-from typing import Any, Callable, Literal, NamedTuple, Optional, Tuple, get_args
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ class Args:
     """name of this experiment, part of the run name"""
     seed: int = 1
     """seed: generation g draws everything from fold_in(PRNGKey(seed), g); a policy's initial weights too"""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """where to write results (default: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time})"""
     distributed: bool = False
     """call jax.distributed.initialize() first, so that the devices of several hosts share the population"""
@@ -99,15 +100,15 @@ class Args:
     # ---- problem ----
     problem: ProblemName = "sphere"
     """test function, gymnax env id or Brax env name (ite and poet bring their own: the arm, the track)"""
-    num_dims: Optional[int] = None
+    num_dims: int | None = None
     """test functions: dimension of x (default 10); policies: set by the network"""
     num_rollouts: int = 1
     """policies: episodes per member, fitness = their mean return; every member gets the same reset keys"""
     num_eval_episodes: int = 10
     """policies: episodes of the noiseless centre (mean policy, MAP-Elites' best elite) every generation"""
-    hidden: Tuple[int, ...] = (32, 32)
+    hidden: tuple[int, ...] = (32, 32)
     """policies: hidden layer sizes of the deterministic tanh MLP"""
-    normalize_observations: Optional[bool] = None
+    normalize_observations: bool | None = None
     """policies: normalise observations by running statistics (default: on for openai-es, off otherwise)"""
     obs_stats_fraction: float = 0.01
     """policies: fraction of the population's episodes whose observations update the statistics
@@ -116,33 +117,33 @@ class Args:
     """Brax physics backend"""
     episode_length: int = 1000
     """Brax: steps per episode (gymnax envs use their own time limit)"""
-    target: Optional[float] = None
+    target: float | None = None
     """centre fitness at which a run counts as solved, for evaluations-to-target (default per problem)"""
 
     # ---- evolution strategy (None: the default for this method and problem, saved in args.json) ----
     algo: Algo = "openai-es"
     """written-out method, or evosax:<Name> (run with its written-out twin's defaults)"""
-    pop_size: Optional[int] = None
+    pop_size: int | None = None
     """population size per generation; must divide over the JAX devices"""
-    num_generations: Optional[int] = None
+    num_generations: int | None = None
     """generations to run (CMA-ES may stop earlier on Hansen's termination criteria)"""
-    sigma_init: Optional[float] = None
+    sigma_init: float | None = None
     """initial noise scale σ (CEM and SNES: per coordinate; CMA-ES: step size; MAP-Elites: mutation std)"""
-    sigma_decay: Optional[float] = None
+    sigma_decay: float | None = None
     """σ multiplier per generation (plain-es, openai-es, evosax:Open_ES)"""
-    sigma_limit: Optional[float] = None
+    sigma_limit: float | None = None
     """floor of the decayed σ"""
-    learning_rate: Optional[float] = None
+    learning_rate: float | None = None
     """step size α of the mean (plain-es: gradient ascent; openai-es and evosax:Open_ES: Adam)"""
-    lr_decay: Optional[float] = None
+    lr_decay: float | None = None
     """learning-rate multiplier per generation (plain-es, openai-es, evosax:Open_ES)"""
-    weight_decay: Optional[float] = None
+    weight_decay: float | None = None
     """openai-es: L2 coefficient λ; Adam ascends g - λ·μ with g = (1/n) Σ rank_i ε_i (Salimans et al.: 0.005)"""
-    elite_ratio: Optional[float] = None
+    elite_ratio: float | None = None
     """cem: elite fraction ρ, the top ⌊ρ·pop⌋ members refit the Gaussian"""
-    cem_noise: Optional[float] = None
+    cem_noise: float | None = None
     """cem: η added to the elite variance each generation, so σ never collapses"""
-    num_bins: Optional[int] = None
+    num_bins: int | None = None
     """map-elites and ite: cells per descriptor axis (the grid has num_bins² cells; default 20, ite 64)"""
 
     # ---- ite: a MAP-Elites map of the intact arm (--pop-size, --num-generations, --sigma-init), then trials ----
@@ -238,7 +239,7 @@ TARGETS = {
 
 
 class ArgsError(ValueError):
-    """A user's mistake in the arguments: reported as one line, before anything is compiled."""
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
 
 
 def resolve_args(args: Args) -> Args:
@@ -814,7 +815,7 @@ class BraxEnv:
         return state.obs, state, state.reward, state.done
 
 
-def init_policy(key: jax.Array, obs_dim: int, hidden: Tuple[int, ...], action_dim: int) -> list:
+def init_policy(key: jax.Array, obs_dim: int, hidden: tuple[int, ...], action_dim: int) -> list:
     """Weights of the deterministic MLP: a list of (w [in, out], b [out]); w ~ N(0, 1/in), b = 0."""
     sizes = (obs_dim,) + tuple(hidden) + (action_dim,)
     keys = jax.random.split(key, len(sizes) - 1)
@@ -1121,36 +1122,48 @@ def make_generations(args: Args, problem: Problem) -> Callable:
 
 
 def run_generations(
-    args: Args, problem: Problem, on_chunk: Optional[Callable] = None, chunk: Optional[int] = None
-) -> Tuple[LoopState, GenerationOutput]:
+    args: Args, problem: Problem, on_chunk: Callable | None = None, chunk: int | None = None
+) -> tuple[LoopState, GenerationOutput]:
     """Run resolved args for --num-generations, `chunk` per compiled call (default: 100 on test functions, 1 on
     policies) between progress reports, ending early after the
     generation whose update returned a stop code. Returns the final loop state and every generation's output
     (numpy, stacked over the generations run); on_chunk(first_generation, outputs) after each call."""
     generations = make_generations(args, problem)
-    loop, done, outputs = init_loop_state(args, problem), 0, []
-    while done < args.num_generations:
-        count = min(chunk or (100 if args.problem in TEST_FUNCTIONS else 1), args.num_generations - done)
-        loop, out = generations(loop, generation_keys(args.seed, done, count))
+    loop = init_loop_state(args, problem)
+    generations_done = 0
+    outputs = []
+    while generations_done < args.num_generations:
+        count = min(chunk or (100 if args.problem in TEST_FUNCTIONS else 1), args.num_generations - generations_done)
+        loop, out = generations(loop, generation_keys(args.seed, generations_done, count))
         out = jax.tree.map(np.asarray, out)
         stopped = np.flatnonzero(out.stop)
         if stopped.size:  # keep the generations up to and including the one that stopped
-            out = jax.tree.map(lambda a: a[: stopped[0] + 1], out)
+            kept = int(stopped[0]) + 1
+            out = jax.tree.map(lambda a, kept=kept: a[:kept], out)
         outputs.append(out)
         if on_chunk is not None:
-            on_chunk(done, out)
-        done += len(out.stop)
+            on_chunk(generations_done, out)
+        generations_done += len(out.stop)
         if stopped.size:
             break
     return loop, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
 
 
 # ---- Running, saving, plotting. ----
-def write_json(path: str, obj: dict):
-    """Write obj to path as JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+def atomic_write(path: str, data: bytes):
+    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
+    power cut leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: dict):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
@@ -1184,7 +1197,7 @@ def save_figure(path: str, draw: Callable, ncols: int = 1):
     plt.close(fig)
 
 
-def plot_curves(ax, table: dict, problem: str):
+def draw_fitness_curves(ax, table: dict, problem: str):
     """fitness_curve.png: centre, population mean and best member against generations (test functions: f =
     -fitness on a log scale)."""
     sign = -1.0 if problem in TEST_FUNCTIONS else 1.0
@@ -1227,7 +1240,7 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
-    save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: plot_curves(ax, table, args.problem))
+    save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: draw_fitness_curves(ax, table, args.problem))
     np.savez(
         os.path.join(run_dir, "params.tmp.npz"),
         center=np.asarray(loop.es.mean),
@@ -1428,13 +1441,15 @@ def run_poet(args: Args, run_dir: str) -> dict:
                     score(states.mean[parents], jnp.asarray(children)), args.poet_mc_low, args.poet_mc_high
                 )
             )
-            rejected, evaluations = rejected + children[~passed].tolist(), evaluations + len(parents)
+            rejected += children[~passed].tolist()
+            evaluations += len(parents)
             order = np.argsort(-novelty(children, np.array([[e["wall"], e["gap"]] for e in created])))
             for c in [c for c in order if passed[c]][:POET_ADMITTED]:
                 in_child = np.where(slot_env >= 0, np.asarray(score(states.mean, jnp.tile(children[c], (cap, 1)))), -1)
                 free = np.flatnonzero(slot_env < 0)  # or archive the oldest pair
                 slot = free[0] if free.size else min(np.flatnonzero(slot_env >= 0), key=lambda s: slot_env[s])
-                states = jax.tree.map(lambda a: a.at[slot].set(a[int(np.argmax(in_child))]), states)
+                best = int(np.argmax(in_child))
+                states = jax.tree.map(lambda a, slot=slot, best=best: a.at[slot].set(a[best]), states)
                 created.append(
                     dict(
                         id=len(created),

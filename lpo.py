@@ -19,13 +19,16 @@ Example:
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
+import sys
 import time
 import typing
 import warnings
-from typing import Any, Literal, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import flax.serialization
@@ -74,11 +77,11 @@ class Args:
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
-    load: Optional[str] = None
+    load: str | None = None
     """a finished run directory to evaluate again; use with --eval-only"""
     eval_only: bool = False
     """with --load: evaluate the saved policies without training"""
@@ -98,73 +101,73 @@ class Args:
     """Brax physics backend (ignored for gymnax envs); spring is the fastest on CPU, generalized the most accurate"""
     episode_length: int = 1000
     """Brax: physics steps before a time-limit truncation"""
-    action_repeat: Optional[int] = None
+    action_repeat: int | None = None
     """Brax: physics steps per agent step (1; reacher 4)"""
 
     # ---- the method ----
     drift: Literal["lpo", "dpo", "ppo"] = "lpo"
     """drift f in r·A - f(r, A) of an agent run: lpo (the network in --drift-file), dpo (eq. 9), ppo (eq. 6)"""
-    drift_file: Optional[str] = None
+    compare: tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
+    """the drifts --eval-drift trains, each with the same seeds and flags, one run directory each"""
+    drift_file: str | None = None
     """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory"""
     dpo_alpha: float = 2.0
     """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
     dpo_beta: float = 0.6
     """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
-    clip_coef: Optional[float] = None
+    clip_coef: float | None = None
     """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
 
     # ---- PPO loop ----
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
-    num_steps: Optional[int] = None
+    num_steps: int | None = None
     """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 32, Pendulum 16; MinAtar 128)"""
-    num_unrolls: Optional[int] = None
+    num_unrolls: int | None = None
     """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; classic 4)"""
-    num_minibatches: Optional[int] = None
+    num_minibatches: int | None = None
     """minibatches of whole unrolls per epoch (Brax 32; classic 4; Pendulum and MinAtar 8)"""
-    update_epochs: Optional[int] = None
+    update_epochs: int | None = None
     """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
-    learning_rate: Optional[float] = None
+    learning_rate: float | None = None
     """Adam learning rate (Brax 3e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
-    anneal_lr: Optional[bool] = None
+    anneal_lr: bool | None = None
     """anneal the learning rate linearly to 0 (Brax no; gymnax yes)"""
-    gamma: Optional[float] = None
+    gamma: float | None = None
     """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
     gae_lambda: float = 0.95
     """GAE λ"""
-    ent_coef: Optional[float] = None
+    ent_coef: float | None = None
     """entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)"""
     vf_coef: float = 0.5
     """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: float | None = None
     """global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)"""
-    adam_eps: Optional[float] = None
+    adam_eps: float | None = None
     """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
-    reward_scaling: Optional[float] = None
+    reward_scaling: float | None = None
     """rewards are multiplied by this before GAE (ant 10; classic 1, Pendulum 0.1; MinAtar 1)"""
-    normalize_observations: Optional[bool] = None
+    normalize_observations: bool | None = None
     """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
-    actor_hidden: Optional[Tuple[int, ...]] = None
+    actor_hidden: tuple[int, ...] | None = None
     """policy MLP hidden sizes (Brax 32 32 32 32; classic 64 64; MinAtar 256 256)"""
-    critic_hidden: Optional[Tuple[int, ...]] = None
+    critic_hidden: tuple[int, ...] | None = None
     """value MLP hidden sizes (Brax 256 ×5; classic 64 64; MinAtar 256 256)"""
-    activation: Optional[Literal["tanh", "relu", "swish"]] = None
+    activation: Literal["tanh", "relu", "swish"] | None = None
     """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
 
     # ---- LPO: --eval-drift or --plot-drift, else meta-training (the authors' main_drift_brax.py, evosax 0.0.4) ----
-    eval_drift: Optional[str] = None
+    eval_drift: str | None = None
     """a learned drift (file or run directory): train fresh agents on --env-id with it and with --compare's drifts"""
-    compare: Tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
-    """the drifts --eval-drift trains, each with the same seeds and flags, one run directory each"""
-    plot_drift: Optional[str] = None
+    plot_drift: str | None = None
     """a learned drift (file or run directory): draw it beside PPO's and DPO's (drift.png)"""
-    env_ids: Tuple[EnvId, ...] = ()
+    env_ids: tuple[EnvId, ...] = ()
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
-    drift_hidden: Optional[Tuple[int, ...]] = None
+    drift_hidden: tuple[int, ...] | None = None
     """drift network hidden sizes (LPO 128, the authors' DriftNet; LPO-Zero 256 256, section 5.1; Appendix A: 256)"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
@@ -172,9 +175,9 @@ class Args:
     """ES generations (the authors' script: 1025 on Brax ant; the CPU setting in docs/lpo.md: 150)"""
     num_rollouts: int = 1
     """inner training runs per member and env per generation (the same runs for every member)"""
-    sigma: Tuple[float, float, float] = (0.04, 0.999, 0.01)
+    sigma: tuple[float, float, float] = (0.04, 0.999, 0.01)
     """ES noise σ: at generation 0, factor per generation, floor"""
-    es_lr: Tuple[float, float, float] = (0.01, 0.999, 0.001)
+    es_lr: tuple[float, float, float] = (0.01, 0.999, 0.001)
     """Adam learning rate on the ES mean: at generation 0, factor per generation, floor (1e-2 1 1e-2: constant)"""
     es_beta1: float = 0.99
     """Adam β1 on the ES mean (evosax 0.0.4's default; optax's is 0.9)"""
@@ -185,13 +188,17 @@ class Args:
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
-def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_eps: float = 0.2) -> jax.Array:
-    """PPO's drift, f(r, A) = ReLU((r - clip(r, 1-ε, 1+ε))·A)  (Lu et al. 2022, eq. 6).
+Drift = Callable[[jax.Array, jax.Array], jax.Array]
+"""A drift f(r, A): ratio and advantage (broadcastable shapes) -> f, same shape, ≥ 0."""
+
+
+def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_coef: float = 0.2) -> jax.Array:
+    """PPO's drift, f(r, A) = ReLU((r - clip(r, 1-ε, 1+ε))·A) with ε = clip_coef  (Lu et al. 2022, eq. 6).
 
     With it the objective r·A - f equals PPO-clip's min(r·A, clip(r, 1-ε, 1+ε)·A).
     Args: ratio (> 0) and advantage, broadcastable shapes. Returns f, same shape, ≥ 0.
     """
-    return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)) * advantage)
+    return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)) * advantage)
 
 
 def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: float = 0.6) -> jax.Array:
@@ -213,7 +220,7 @@ def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: 
     )
 
 
-def actor_loss(ratio: jax.Array, advantage: jax.Array, drift) -> jax.Array:
+def actor_loss(ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.Array:
     """Mirror Learning policy loss, -mean(r·A - f(r, A))  (Lu et al. 2022, eq. 5).
 
     Args: ratio π(a|s)/π_old(a|s) [batch], advantage [batch] (already normalised), drift f(r, A).
@@ -223,7 +230,6 @@ def actor_loss(ratio: jax.Array, advantage: jax.Array, drift) -> jax.Array:
 
 
 XI = 1e-4  # the margin ξ of eq. 8 (the authors' brax_drift.py line 168: `relu(drift_ppo + drift - 0.0001)`)
-PPO_INIT_EPS = 0.2  # the ε of the PPO drift inside LPO (brax_drift.py line 166), whatever PPO's own --clip-coef
 
 
 def lpo_features(ratio: jax.Array, advantage: jax.Array) -> jax.Array:
@@ -238,13 +244,13 @@ def lpo_features(ratio: jax.Array, advantage: jax.Array) -> jax.Array:
     return jnp.concatenate([deltas, advantage[..., None] * deltas], axis=-1)
 
 
-def drift_layer_sizes(ppo_init: bool, hidden: Optional[Tuple[int, ...]] = None) -> Tuple[int, ...]:
+def drift_layer_sizes(ppo_init: bool, hidden: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Default LPO: 8 → 128 tanh → 1 (the authors' DriftNet, main_drift_brax.py lines 39-45, and Appendix A's one
     hidden layer); LPO-Zero: 8 → 256 → 256 → 1 ReLU (section 5.1's two layers). No biases in either."""
     return (8, *(hidden or ((128,) if ppo_init else (256, 256))), 1)
 
 
-def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: Optional[Tuple[int, ...]] = None) -> list:
+def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: tuple[int, ...] | None = None) -> list:
     """The drift network's weights, a list of matrices [in, out]: zeros for LPO (the authors' ES mean starts at
     zero, so generation 0 is PPO), LeCun-normal for LPO-Zero."""
     sizes = drift_layer_sizes(ppo_init, hidden)
@@ -254,32 +260,34 @@ def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: Optional[Tu
     ]
 
 
-def lpo_drift(net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True) -> jax.Array:
+def lpo_drift(
+    net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True, clip_coef: float = 0.2
+) -> jax.Array:
     """LPO's learned drift (Lu et al. 2022, eq. 8 and section 5.1; brax_drift.py lines 163-169).
 
-        LPO:       f = ReLU(f_PPO(r, A) + f̃(x) - ξ),  f_PPO = ReLU((r - clip(r, 1±0.2))·A)
+        LPO:       f = ReLU(f_PPO(r, A) + f̃(x) - ξ),  f_PPO = ReLU((r - clip(r, 1±ε))·A), ε = clip_coef
         LPO-Zero:  f = ReLU(f̃(x) - ξ)
 
     f̃ is the bias-free MLP of x = lpo_features(r, A), so f̃ = 0 at r = 1 and the margin ξ keeps f = 0 and
-    ∂f/∂r = 0 there for any weights: every candidate is a valid drift. With zero weights, LPO is PPO with a
-    drift lowered by ξ. Args: net from init_drift_params; ratio (> 0), advantage: broadcastable [...].
-    Returns f [...] ≥ 0.
+    ∂f/∂r = 0 there for any weights: every candidate is a valid drift. With zero weights, LPO is PPO (at the same
+    clip_coef as the PPO baseline; the authors' brax_drift.py line 166 fixes 0.2) with a drift lowered by ξ.
+    Args: net from init_drift_params; ratio (> 0), advantage: broadcastable [...]. Returns f [...] ≥ 0.
     """
     h = lpo_features(ratio, advantage)
     for w in net[:-1]:
         h = (jnp.tanh if ppo_init else jax.nn.relu)(h @ w)
     f_tilde = (h @ net[-1])[..., 0]
-    return jax.nn.relu(f_tilde - XI + (ppo_drift(ratio, advantage, PPO_INIT_EPS) if ppo_init else 0.0))
+    return jax.nn.relu(f_tilde - XI + (ppo_drift(ratio, advantage, clip_coef) if ppo_init else 0.0))
 
 
-def make_drift(args: Args):
+def make_drift(args: Args) -> Drift:
     """The drift f(r, A) chosen by --drift, with its coefficients bound."""
     if args.drift == "ppo":
-        return lambda r, a: ppo_drift(r, a, args.clip_coef)
+        return functools.partial(ppo_drift, clip_coef=args.clip_coef)
     if args.drift == "lpo":
         net, ppo_init = load_drift(args.drift_file)
-        return lambda r, a: lpo_drift(net, r, a, ppo_init)
-    return lambda r, a: dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)
+        return functools.partial(lpo_drift, net, ppo_init=ppo_init, clip_coef=args.clip_coef)
+    return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
@@ -421,11 +429,15 @@ ENV_DEFAULTS.update(
 )
 
 
+class ArgsError(ValueError):
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
-    Raises: SystemExit with a one-line message: a batch whose unrolls do not split into --num-minibatches,
-        fewer --total-timesteps than one update, --eval-only without --load.
+    Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls do not split into
+        --num-minibatches, fewer --total-timesteps than one update, --eval-only without --load.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
     unrolls = args.num_envs * args.num_unrolls
@@ -442,19 +454,19 @@ def resolve_args(args: Args) -> Args:
         )
         <= 0
     ):
-        raise SystemExit("error: seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
+        raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if unrolls % args.num_minibatches:
-        raise SystemExit(
-            f"error: num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
+        raise ArgsError(
+            f"num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
             f" do not divide into --num-minibatches {args.num_minibatches}"
         )
     if num_updates(args) == 0:
-        raise SystemExit(
-            f"error: --total-timesteps {args.total_timesteps} is less than one update"
+        raise ArgsError(
+            f"--total-timesteps {args.total_timesteps} is less than one update"
             f" ({batch_size(args) * args.action_repeat} steps)"
         )
     if args.eval_only != (args.load is not None):
-        raise SystemExit("error: --eval-only and --load RUN_DIR go together")
+        raise ArgsError("--eval-only and --load RUN_DIR go together")
     return args
 
 
@@ -540,7 +552,8 @@ class RunningStats(NamedTuple):
 def update_running_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
     """Merge a batch [..., obs_dim] of observations into the running statistics."""
     batch = batch.reshape(-1, batch.shape[-1])
-    n, delta = batch.shape[0], batch.mean(0) - stats.mean
+    n = batch.shape[0]
+    delta = batch.mean(0) - stats.mean
     total = stats.count + n
     var = (stats.var * stats.count + batch.var(0) * n + delta**2 * stats.count * n / total) / total
     return RunningStats(stats.mean + delta * n / total, var, total)
@@ -614,7 +627,7 @@ class MLP(nn.Module):
     """hidden layers, then a linear output [..., out_dim]. Kernels: Brax's lecun-uniform (brax/training/networks.py)
     or PureJaxRL's orthogonal ones (gain √2, output gain out_scale); biases zero."""
 
-    hidden: Tuple[int, ...]
+    hidden: tuple[int, ...]
     out_dim: int
     activation: str
     brax_init: bool
@@ -635,8 +648,8 @@ def make_networks(args: Args, env):
     brax = args.env_id in BRAX_ENVS
     out = env.action_dim if env.discrete else 2 * env.action_dim
     return (
-        MLP(tuple(args.actor_hidden), out, args.activation, brax, 0.01),
-        MLP(tuple(args.critic_hidden), 1, args.activation, brax, 1.0),
+        MLP(tuple(args.actor_hidden), out, args.activation, brax_init=brax, out_scale=0.01),
+        MLP(tuple(args.critic_hidden), 1, args.activation, brax_init=brax, out_scale=1.0),
     )
 
 
@@ -677,7 +690,8 @@ class Runner(NamedTuple):
     update: jax.Array  # updates done
 
 
-METRICS = ("episodic_return", "policy_loss", "value_loss", "entropy", "approx_kl")
+LOSS_METRICS = ("policy_loss", "value_loss", "entropy", "approx_kl")  # means over the epochs' minibatches
+METRICS = ("episodic_return", *LOSS_METRICS)
 
 
 def make_optimizer(args: Args) -> optax.GradientTransformation:
@@ -691,7 +705,7 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift):
+def make_train(args: Args, drift: Drift):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
 
     Returns:
@@ -704,11 +718,13 @@ def make_train(args: Args, drift):
     """
     env = make_env(args)
     actor, critic = make_networks(args, env)
-    n_chunk, obs_norm = max_chunk(args), args.normalize_observations
+    n_chunk = max_chunk(args)
+    obs_norm = args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
     tx = make_optimizer(args)
 
     def init(rng) -> Runner:
+        """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
         rng, key_init, key_reset = jax.random.split(rng, 3)
         key_actor, key_critic = jax.random.split(key_init)
         params = {
@@ -716,7 +732,8 @@ def make_train(args: Args, drift):
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
-        zeros, stats = jnp.zeros(args.num_envs), RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
+        zeros = jnp.zeros(args.num_envs)
+        stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
             jax.tree.map(jnp.asarray, stats),
@@ -728,7 +745,11 @@ def make_train(args: Args, drift):
         )
 
     def env_step(runner: Runner, key):
-        """One step of every environment under the current policy."""
+        """One step of the num_envs environments under the current policy (a scan body over the unroll).
+
+        Returns the runner with the new env states, observations [num_envs, obs_dim] and episode statistics,
+        and the Transition of this step (each field [num_envs, ...]; obs is the observation acted on).
+        """
         key_action, key_env = jax.random.split(key)
         pi = policy(actor, runner.train_state.params, normalize(runner.obs, runner.obs_stats, obs_norm), env.discrete)
         action = pi.sample(key_action)
@@ -747,14 +768,18 @@ def make_train(args: Args, drift):
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
-        """num_steps steps; the observation after the last one is kept for the bootstrap value."""
+        """num_steps steps: a Transition of [num_steps, num_envs, ...] fields, obs [num_steps + 1, num_envs,
+        obs_dim] with the observation after the last step kept for the bootstrap value."""
         runner, traj = jax.lax.scan(env_step, runner, jax.random.split(key, args.num_steps))
         return runner, traj._replace(obs=jnp.concatenate([traj.obs, runner.obs[None]]))
 
     def loss_fn(params, minibatch: Transition, obs_stats, key):
-        """Brax PPO's loss on [T(+1), B] unrolls, values and GAE recomputed with the current critic."""
+        """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
+        values and GAE recomputed with the current critic. Returns (total loss, (policy loss, value loss,
+        entropy, approx-KL)), all scalars."""
         obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        pi, values = policy(actor, params, obs[:-1], env.discrete), critic.apply(params["critic"], obs)[..., 0]
+        pi = policy(actor, params, obs[:-1], env.discrete)
+        values = critic.apply(params["critic"], obs)[..., 0]
         terminated = minibatch.done * (1.0 - minibatch.truncated)
         targets, advantages = compute_gae(
             minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
@@ -769,6 +794,11 @@ def make_train(args: Args, drift):
         return total, (policy_loss, value_loss, entropy, jnp.mean(ratio - 1.0 - log_ratio))  # KL(π_old‖π) estimate
 
     def update_minibatch(carry, minibatch):
+        """One Adam step on one minibatch (a scan body over the epoch's minibatches).
+
+        carry = (train_state, obs_stats, key); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]).
+        Returns the new carry and loss_fn's scalars.
+        """
         train_state, obs_stats, key = carry
         key, key_entropy = jax.random.split(key)
         grads, aux = jax.grad(loss_fn, has_aux=True)(train_state.params, minibatch, obs_stats, key_entropy)
@@ -776,6 +806,11 @@ def make_train(args: Args, drift):
         return (train_state.apply_gradients(grads=grads), obs_stats, key), aux
 
     def update_epoch(carry, key):
+        """One epoch: the batch's unrolls shuffled into num_minibatches minibatches, one Adam step on each.
+
+        carry = (train_state, obs_stats, batch), batch fields [T, num_envs·num_unrolls, ...] (obs [T + 1, ...]).
+        Returns the new carry and loss_fn's scalars [num_minibatches].
+        """
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
         permutation = jax.random.permutation(key_perm, n_unrolls)  # minibatches of whole unrolls, as Brax's
@@ -788,7 +823,11 @@ def make_train(args: Args, drift):
         (train_state, _, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats, key_mb), minibatches)
         return (train_state, obs_stats, batch), aux
 
-    def update(runner: Runner) -> Tuple[Runner, dict]:
+    def update(runner: Runner) -> tuple[Runner, dict]:
+        """One PPO update: num_unrolls unrolls of every env, then update_epochs epochs over that batch.
+
+        Returns the new runner and this update's scalar metrics {name: []} for the names in METRICS.
+        """
         rng, key_unrolls, key_epochs = jax.random.split(runner.rng, 3)
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
@@ -798,17 +837,19 @@ def make_train(args: Args, drift):
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
-        eps = runner.episodes
-        any_finished = eps.finished > 0
+        episodes = runner.episodes
+        any_finished = episodes.finished > 0
         episodic_return = jnp.where(
             jnp.any(any_finished),
-            jnp.sum(jnp.where(any_finished, eps.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
+            jnp.sum(jnp.where(any_finished, episodes.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
             jnp.nan,
         )
         metrics = dict(zip(METRICS, (episodic_return, *jax.tree.map(jnp.mean, aux))))
         return runner._replace(train_state=train_state, obs_stats=obs_stats, rng=rng, update=runner.update + 1), metrics
 
     def train_chunk(runner: Runner, n):
+        """n updates (n traced, at most n_chunk) in one compiled loop; metrics {name: [n_chunk]}, NaN past n."""
+
         def body(i, carry):
             runner, buffers = carry
             runner, metrics = update(runner)
@@ -830,7 +871,8 @@ def make_evaluate(args: Args):
     Each episode runs to its end or the time limit; actions are sampled from the policy (Brax's evaluator,
     deterministic_eval=False) or its mode (deterministic=True, static). Pure; jit and vmap it over seeds.
     """
-    env, n = make_env(args), args.num_eval_envs
+    env = make_env(args)
+    n = args.num_eval_envs
     actor = make_networks(args, env)[0]
 
     def evaluate(params, obs_stats, rng, deterministic: bool):
@@ -861,7 +903,7 @@ def seed_keys(args: Args):
     return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
 
 
-def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
+def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
 
     One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
@@ -878,7 +920,8 @@ def over_seeds(fn, num_seeds: int, seed_axes: Tuple[Optional[int], ...]):
     n = math.gcd(num_seeds, jax.device_count())
     if n == 1:
         return jax.jit(mapped)
-    mesh, spec = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",)), jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
+    spec = jax.sharding.PartitionSpec
     in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
     return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
 
@@ -896,7 +939,9 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     """
     out = {}
     for name, deterministic in (("return", False), ("mode_return", True)):
-        evaluate = over_seeds(lambda p, s, k: make_evaluate(args)(p, s, k, deterministic), args.num_seeds, (0, 0, 0))
+        evaluate = over_seeds(
+            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
+        )
         returns = np.asarray(evaluate(params, obs_stats, seed_keys(args)[1]), dtype=float)
         out.update(
             {
@@ -910,17 +955,25 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 
 def atomic_write(path: str, data: bytes):
-    """Write bytes to path (its directory created) via a temporary file and a rename: never half a file."""
+    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
+    power cut leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: dict):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def load_tree(path: str, template):
     """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes.
 
-    Raises SystemExit (one line) if the file is missing, damaged or of other shapes.
+    Raises ArgsError if the file is missing, damaged or of other shapes.
     """
     try:
         with open(path, "rb") as f:
@@ -928,22 +981,23 @@ def load_tree(path: str, template):
         if [np.shape(x) for x in jax.tree.leaves(tree)] != [np.shape(x) for x in jax.tree.leaves(template)]:
             raise ValueError("shapes differ")
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
-        raise SystemExit(f"error: {path} is missing, damaged or does not match args.json ({type(e).__name__})")
+        raise ArgsError(f"{path} is missing, damaged or does not match args.json ({type(e).__name__})") from None
     return jax.tree.map(jnp.asarray, tree)
 
 
 def load_args(run_dir: str) -> Args:
+    """The Args saved in run_dir/args.json. Raises ArgsError if it is missing or damaged."""
     try:
         with open(os.path.join(run_dir, "args.json")) as f:
             return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(
-            f"error: {run_dir}/args.json is missing or damaged ({type(e).__name__}): "
-            "expected a run directory written by dpo.py"
-        )
+        raise ArgsError(
+            f"{run_dir}/args.json is missing or damaged ({type(e).__name__}):"
+            " expected a run directory written by dpo.py"
+        ) from None
 
 
-FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std") + METRICS[1:] + ("sps",)
+FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
 
 
 def plot_curves(
@@ -963,6 +1017,29 @@ def plot_curves(
     fig.savefig(path)
 
 
+def plot_drifts(path: str, drifts: dict[str, Drift]):
+    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and
+    A ∈ [-2, 2], one panel per named drift f(r, A) (a PNG at path)."""
+    from matplotlib.figure import Figure
+
+    ratios = jnp.linspace(0.01, 2.0, 200)
+    advantages = jnp.linspace(-2.0, 2.0, 161)
+    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
+    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
+
+        def objective(r, a, drift=drift):
+            return r * a - drift(r, a)
+
+        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
+        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
+        image = ax.imshow(
+            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
+        )
+        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
+        fig.colorbar(image, ax=ax)
+    fig.savefig(path)
+
+
 def run_eval_only(args: Args) -> str:
     saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
     template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
@@ -977,12 +1054,40 @@ def run_eval_only(args: Args) -> str:
         num_eval_envs=saved.num_eval_envs,
         **evaluate_seeds(saved, params, obs_stats),
     )
-    atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     print(
         f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
         f"{summary['final_mode_return_mean']:.2f} (mode actions)"
     )
     return run_dir
+
+
+def run_comparison(args: Args) -> str:
+    """Train each drift of --compare with the same seeds and flags, each into run_dir/<drift>/ (a finished run is
+    kept and an interrupted one resumed when the command runs again with the same --run-dir); summary.json holds
+    every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
+    name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
+    base = args.run_dir or os.path.join("runs", name)
+    summary = dict(env_id=args.env_id, drifts={})
+    curves = {}
+    for drift in args.compare:
+        run_dir = os.path.join(base, drift)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
+            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary["drifts"][drift] = json.load(f)
+        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
+        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
+    write_json(os.path.join(base, "summary.json"), summary)
+    title = f"{args.env_id}, {args.num_seeds} seed(s)"
+    plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")
+    for drift, r in summary["drifts"].items():
+        print(
+            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
+            f"IQM {r['final_return_iqm']:.2f} (sampled actions)"
+        )
+    return base
 
 
 def run_training(args: Args) -> str:
@@ -992,16 +1097,18 @@ def run_training(args: Args) -> str:
         or args.run_dir
         or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
     )
-    n_updates, steps_per_update = num_updates(args), batch_size(args) * args.action_repeat
+    n_updates = num_updates(args)
+    steps_per_update = batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
-    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "checkpoint.msgpack")
+    metrics_path = os.path.join(run_dir, "metrics.csv")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
     rows = []
     if args.resume:
         runners = load_tree(checkpoint_path, runners)
         with open(metrics_path) as f:
             rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][: int(runners.update[0])]
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
     writer = None
@@ -1028,31 +1135,38 @@ def run_training(args: Args) -> str:
     start = time.time()
     chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
     print(f"compiled in {time.time() - start:.0f}s", flush=True)
-    first = done = int(runners.update[0])
-    chunk, train_seconds = 1, 0.0
-    while done < n_updates:
-        n = min(chunk, max_chunk(args), n_updates - done)
+    first = updates_done = int(runners.update[0])
+    chunk = 1
+    train_seconds = 0.0
+    while updates_done < n_updates:
+        n = min(chunk, max_chunk(args), n_updates - updates_done)
         t0 = time.time()
         runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(n)))
         seconds = time.time() - t0
-        train_seconds, sps = train_seconds + seconds, n * steps_per_update * args.num_seeds / seconds
+        train_seconds += seconds
+        sps = n * steps_per_update * args.num_seeds / seconds
         metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
         with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
             warnings.simplefilter("ignore", RuntimeWarning)
             returns = metrics["episodic_return"]
-            columns = [(done + np.arange(1, n + 1)) * steps_per_update, np.nanmean(returns, 0), np.nanstd(returns, 0)]
-        columns += [metrics[k].mean(0) for k in METRICS[1:]] + [np.full(n, sps)]
+            columns = [
+                (updates_done + np.arange(1, n + 1)) * steps_per_update,
+                np.nanmean(returns, 0),
+                np.nanstd(returns, 0),
+            ]
+        columns += [metrics[k].mean(0) for k in LOSS_METRICS] + [np.full(n, sps)]
         new_rows = [list(row) for row in zip(*columns)]
         with open(metrics_path, "a", newline="") as f:
             csv.writer(f).writerows(new_rows)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
         for row in new_rows if writer else []:
             for name, value in zip(FIELDS[1:], row[1:]):
-                writer.add_scalar(("losses/" if name in METRICS else "charts/") + name, value, int(row[0]))
-        rows, done = rows + new_rows, done + n
-        eta = (n_updates - done) * seconds / n / 60
+                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
+        rows += new_rows
+        updates_done += n
+        eta = (n_updates - updates_done) * seconds / n / 60
         print(
-            f"update {done}/{n_updates}  step {done * steps_per_update:,}  {sps:,.0f} steps/s  return "
+            f"update {updates_done}/{n_updates}  step {updates_done * steps_per_update:,}  {sps:,.0f} steps/s  return "
             f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min",
             flush=True,
         )
@@ -1065,6 +1179,7 @@ def run_training(args: Args) -> str:
         {"mean over seeds ± 1 std": (steps, mean, std)},
         f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
     )
+    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): make_drift(args)})
     summary = dict(
         env_id=args.env_id,
         drift=args.drift,
@@ -1076,7 +1191,7 @@ def run_training(args: Args) -> str:
         sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
-    atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     if writer:
         writer.close()
     print(
@@ -1089,29 +1204,26 @@ def run_training(args: Args) -> str:
 # ---- LPO: drift files, the ES outer loop, the transfer experiment and the drift pictures.
 def save_drift(path: str, net: list, ppo_init: bool):
     """A drift file: the network's weights and its form (LPO or LPO-Zero), msgpack, written atomically."""
-    atomic_write(
-        path,
-        flax.serialization.msgpack_serialize(
-            {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init}
-        ),
-    )
+    state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init}
+    atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_drift(path: str) -> Tuple[list, bool]:
+def load_drift(path: str) -> tuple[list, bool]:
     """(net, ppo_init) from a drift file, or from a meta-training run directory's drift.msgpack (the ES mean).
 
-    Raises SystemExit (one line) if the file is missing, damaged or not a drift network's weights.
+    Raises ArgsError if the file is missing, damaged or not a drift network's weights.
     """
     file = os.path.join(path, "drift.msgpack") if os.path.isdir(path) else str(path)
     try:
         with open(file, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
-        net, ppo_init = [jnp.asarray(state["net"][str(i)]) for i in range(len(state["net"]))], bool(state["ppo_init"])
+        net = [jnp.asarray(state["net"][str(i)]) for i in range(len(state["net"]))]
+        ppo_init = bool(state["ppo_init"])
         sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
         if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
             raise ValueError("shapes differ")
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
-        raise SystemExit(f"error: drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})")
+        raise ArgsError(f"drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})") from None
     return net, ppo_init
 
 
@@ -1121,17 +1233,16 @@ def make_es(args: Args, solution: list):
     from evosax.algorithms import Open_ES
     from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standardize_fitness_shaping_fn
 
-    schedule = lambda init, decay, limit: optax.exponential_decay(init, 1, decay, end_value=limit)
+    lr = optax.exponential_decay(args.es_lr[0], 1, args.es_lr[1], end_value=args.es_lr[2])
+    sigma = optax.exponential_decay(args.sigma[0], 1, args.sigma[1], end_value=args.sigma[2])
+    shaping = {"z_score": standardize_fitness_shaping_fn, "centered_rank": centered_rank_fitness_shaping_fn}
     return Open_ES(
         population_size=args.pop_size,
         solution=solution,
         use_antithetic_sampling=True,
-        optimizer=optax.adam(schedule(*args.es_lr), b1=args.es_beta1),
-        std_schedule=schedule(*args.sigma),
-        fitness_shaping_fn={
-            "z_score": standardize_fitness_shaping_fn,
-            "centered_rank": centered_rank_fitness_shaping_fn,
-        }[args.fitness_shaping],
+        optimizer=optax.adam(lr, b1=args.es_beta1),
+        std_schedule=sigma,
+        fitness_shaping_fn=shaping[args.fitness_shaping],
     )
 
 
@@ -1143,20 +1254,21 @@ def make_env_fitness(args: Args):
             (Brax's evaluator: --num-eval-envs episodes, sampled actions unless --mode-fitness), mean over R runs;
         baselines(runners, eval_keys) -> (PPO's final return, the untrained policy's return), means over R runs.
     """
-    n_updates, n_chunk, evaluate = num_updates(args), max_chunk(args), make_evaluate(args)
+    n_updates = num_updates(args)
+    n_chunk = max_chunk(args)
+    evaluate = make_evaluate(args)
 
     def final_return(drift, runner, key):
         train_chunk = make_train(args, drift)[1]
-        runner = jax.lax.fori_loop(
-            0,
-            -(-n_updates // n_chunk),
-            lambda i, r: train_chunk(r, jnp.minimum(n_chunk, n_updates - i * n_chunk))[0],
-            runner,
-        )
+
+        def chunk(i, runner):
+            return train_chunk(runner, jnp.minimum(n_chunk, n_updates - i * n_chunk))[0]
+
+        runner = jax.lax.fori_loop(0, -(-n_updates // n_chunk), chunk, runner)
         return evaluate(runner.train_state.params, runner.obs_stats, key, args.mode_fitness)
 
     def member(net, runners, keys):
-        drift = lambda r, a: lpo_drift(net, r, a, args.ppo_init)
+        drift = functools.partial(lpo_drift, net, ppo_init=args.ppo_init, clip_coef=args.clip_coef)
         return jnp.mean(jax.vmap(lambda r, k: final_return(drift, r, k))(runners, keys))
 
     def baselines(runners, keys):
@@ -1177,46 +1289,44 @@ def run_meta_training(args: Args) -> str:
     inner runs are logged beside the members' mean, to show where the population stands.
     """
     if args.pop_size < 2 or args.pop_size % 2:
-        raise SystemExit(f"error: --pop-size {args.pop_size} must be even and positive (antithetic pairs)")
+        raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
     if args.drift_hidden is not None and min(args.drift_hidden, default=0) <= 0:
-        raise SystemExit(f"error: --drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
-    run_dir = (
-        args.resume
-        or args.run_dir
-        or os.path.join(
-            "runs", f"{'+'.join(args.env_ids or (args.env_id,))}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        )
-    )
-    env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in args.env_ids or (args.env_id,)]
+        raise ArgsError(f"--drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
+    env_ids = args.env_ids or (args.env_id,)
+    name = f"{'+'.join(env_ids)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or args.run_dir or os.path.join("runs", name)
+    env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in env_ids]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
-    fields = ["generation", "sigma", "seconds"] + [
-        f"{e}_{k}_return" for e, *_ in envs for k in ("mean", "ppo", "untrained")
-    ]
-    checkpoint_path, log_path = os.path.join(run_dir, "es_checkpoint.msgpack"), os.path.join(run_dir, "generations.csv")
+    env_fields = [f"{e}_{k}_return" for e in env_ids for k in ("mean", "ppo", "untrained")]
+    fields = ["generation", "sigma", "seconds", *env_fields]
+    checkpoint_path = os.path.join(run_dir, "es_checkpoint.msgpack")
+    log_path = os.path.join(run_dir, "generations.csv")
     rows = []
     if args.resume:
         es_state = load_tree(checkpoint_path, es_state)
         with open(log_path) as f:
             rows = [[r[k] for k in fields] for r in csv.DictReader(f)][: int(es_state.generation_counter)]
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + rows)
+    steps = ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args)
     print(
-        f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(e for e, *_ in envs)}: "
-        f"population {args.pop_size}, {args.num_rollouts} run(s) per env of "
-        + ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args)
-        + " steps",
+        f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(env_ids)}: population "
+        f"{args.pop_size}, {args.num_rollouts} run(s) per env of {steps} steps",
         flush=True,
     )
-    ask, tell = jax.jit(es.ask), jax.jit(es.tell)
+    ask = jax.jit(es.ask)
+    tell = jax.jit(es.tell)
     for g in range(len(rows), args.num_generations):
-        t0, sigma = time.time(), float(es_state.std)
+        t0 = time.time()
+        sigma = float(es_state.std)
         key_ask, key_runs, key_tell = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), g), 3)
         population, es_state = ask(key_ask, es_state, es.default_params)
-        scores, columns = [], []
+        scores = []
+        columns = []
         for i, (_, init, fitness, baselines) in enumerate(envs):
             keys = jax.random.split(jax.random.fold_in(key_runs, i), 2 * args.num_rollouts)
             runners = init_seeds(init, keys[: args.num_rollouts])
@@ -1238,108 +1348,54 @@ def run_meta_training(args: Args) -> str:
             flush=True,
         )
     table = dict(zip(fields, np.array(rows, dtype=float).T))
-    gen, zero = table["generation"], 0 * table["generation"]
-    for e, *_ in envs:
-        plot_curves(
-            os.path.join(run_dir, f"fitness_{e}.png"),
-            {
-                "members' mean": (gen, table[f"{e}_mean_return"], zero),
-                "PPO, same runs": (gen, table[f"{e}_ppo_return"], zero),
-            },
-            e,
-            "generation",
-            "final return",
-        )
-    plot_drifts(
-        os.path.join(run_dir, "drift.png"),
-        {
-            f"{'LPO' if args.ppo_init else 'LPO-Zero'} (ES mean)": lambda r, a: lpo_drift(
-                es.get_mean(es_state), r, a, args.ppo_init
-            )
-        },
-    )
+    gen = table["generation"]
+    zero = 0 * gen
+    for e in env_ids:
+        members = (gen, table[f"{e}_mean_return"], zero)
+        ppo = (gen, table[f"{e}_ppo_return"], zero)
+        curves = {"members' mean": members, "PPO, same runs": ppo}
+        plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), curves, e, "generation", "final return")
+    plot_drift_file(run_dir, env_args[0])
     return run_dir
 
 
-def run_eval_drift(args: Args) -> str:
-    """The transfer test: fresh agents on --env-id trained with the learned drift and --compare's others, each drift
-    a dpo.py-style run directory under one directory, with the same seeds and flags. Finished runs are kept and
-    interrupted ones resumed when the command is run again with the same --run-dir."""
-    base = args.run_dir or os.path.join("runs", f"{args.env_id}__lpo_eval__{args.seed}__{int(time.time())}")
-    load_drift(args.eval_drift)  # refuse a bad file before any training
-    summary, curves = dict(env_id=args.env_id, drift_file=os.path.abspath(args.eval_drift), drifts={}), {}
-    for drift in args.compare:
-        run_dir = os.path.join(base, drift)
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):
-            resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
-            run_training(
-                dataclasses.replace(
-                    args,
-                    drift=drift,
-                    drift_file=os.path.abspath(args.eval_drift),
-                    eval_drift=None,
-                    run_dir=run_dir,
-                    resume=resume,
-                )
-            )
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary["drifts"][drift] = json.load(f)
-        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
-        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
-    atomic_write(os.path.join(base, "summary.json"), json.dumps(summary, indent=2).encode())
-    plot_curves(
-        os.path.join(base, "learning_curves.png"),
-        curves,
-        f"{args.env_id}, {args.num_seeds} seed(s)",
-        ylabel="episodic return (mean ± s.e. over seeds)",
-    )
-    for drift, r in summary["drifts"].items():
-        print(
-            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
-            f"IQM {r['final_return_iqm']:.2f} (sampled actions)"
-        )
-    return base
-
-
-def plot_drifts(path: str, drifts: dict):
-    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0, 2] and
-    A ∈ [-2, 2], for PPO, DPO and each named drift f(r, A), side by side."""
-    from matplotlib.figure import Figure
-
-    drifts = {"PPO": lambda r, a: ppo_drift(r, a, 0.2), "DPO": dpo_drift, **drifts}
-    ratios, advantages = jnp.linspace(0.01, 2.0, 200), jnp.linspace(-2.0, 2.0, 161)
-    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
-    for ax, (name, drift) in zip(fig.subplots(1, len(drifts)), drifts.items()):
-        objective = lambda r, a: r * a - drift(r, a)
-        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
-        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
-        image = ax.imshow(
-            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
-        )
-        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
-        fig.colorbar(image, ax=ax)
-    fig.savefig(path)
+def plot_drift_file(path: str, args: Args, folder: str | None = None) -> str:
+    """drift.png in folder (default: the run directory path, or beside the drift file path): PPO's, DPO's and the
+    learned drift side by side, its PPO term at --clip-coef (0.2 when not given). Returns the folder."""
+    folder = folder or (path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    os.makedirs(folder, exist_ok=True)
+    clip_coef = 0.2 if args.clip_coef is None else args.clip_coef
+    learned = make_drift(dataclasses.replace(args, drift="lpo", drift_file=path, clip_coef=clip_coef))
+    plot_drifts(os.path.join(folder, "drift.png"), {"PPO": ppo_drift, "DPO": dpo_drift, "learned": learned})
+    return folder
 
 
 def main(args: Args) -> str:
-    """Meta-train (default; --resume continues), --eval-drift, --plot-drift, --load --eval-only; returns the run dir."""
-    meta = not (args.eval_drift or args.eval_only or args.plot_drift)
-    if args.resume:
-        meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
-        args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
-    if args.plot_drift:  # drift.png in --run-dir, or beside the drift file
-        folder = args.plot_drift if os.path.isdir(args.plot_drift) else os.path.dirname(args.plot_drift)
-        run_dir = args.run_dir or folder or "."
-        os.makedirs(run_dir, exist_ok=True)
-        plot_drifts(
-            os.path.join(run_dir, "drift.png"),
-            {"LPO": make_drift(dataclasses.replace(args, drift="lpo", drift_file=args.plot_drift))},
-        )
-    elif meta:  # each env's defaults are filled in per env
-        run_dir = run_meta_training(args)
-    else:
-        args = resolve_args(args)
-        run_dir = (run_eval_drift if args.eval_drift else run_eval_only if args.eval_only else run_training)(args)
+    """Meta-train (default; --resume continues), --eval-drift, --plot-drift, --load --eval-only; returns the run dir.
+
+    A bad argument or file is one line on stderr and exit code 2 (tyro's code for its own usage errors).
+    """
+    try:
+        meta = not (args.eval_drift or args.eval_only or args.plot_drift)
+        if args.resume:
+            meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
+            args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
+        if args.plot_drift:
+            run_dir = plot_drift_file(args.plot_drift, args, args.run_dir)
+        elif meta:  # each env's defaults are filled in per env
+            run_dir = run_meta_training(args)
+        else:
+            args = resolve_args(args)
+            if args.eval_drift:  # the transfer test: the learned drift and --compare's others on the same seeds
+                load_drift(args.eval_drift)  # refuse a bad file before any training
+                args = dataclasses.replace(args, drift_file=os.path.abspath(args.eval_drift), eval_drift=None)
+            if args.eval_only:
+                run_dir = run_eval_only(args)
+            else:
+                run_dir = run_comparison(args) if args.compare else run_training(args)
+    except ArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"run directory: {run_dir}")
     return run_dir
 

@@ -1,7 +1,8 @@
 """Benchmarks of es_basics.py, not collected by pytest.
 
 compare: several methods over several seeds on one problem, each run into {run_dir}/{method}/seed{s}/ by
-es_basics.run (a run that already has its summary.json is reused, so an interrupted comparison resumes); prints a markdown table of evaluations until the centre first reaches each threshold of f =
+es_basics.run (a run that already has its summary.json is reused, so an interrupted comparison resumes); prints a
+markdown table of evaluations until the centre first reaches each threshold of f =
 -fitness (test functions) or each return (policies), mean ± std over the seeds that reached it, and writes
 compare.json and compare.png (centre against evaluations, median over seeds).
 
@@ -22,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Literal, Optional, Tuple
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -37,25 +38,25 @@ class BenchArgs:
     """compare methods over seeds, or measure generations per second"""
     problem: str = "rosenbrock"
     """problem, as es_basics.py's --problem"""
-    num_dims: Optional[int] = None
+    num_dims: int | None = None
     """test functions: dimension"""
-    methods: Tuple[str, ...] = ("cma-es", "evosax:CMA_ES", "snes", "openai-es")
+    methods: tuple[str, ...] = ("cma-es", "evosax:CMA_ES", "snes", "openai-es")
     """compare: methods, as es_basics.py's --algo"""
     num_seeds: int = 5
     """compare: seeds 1..num_seeds per method"""
-    thresholds: Tuple[float, ...] = (1e-3, 1e-8)
+    thresholds: tuple[float, ...] = (1e-3, 1e-8)
     """compare: f values (test functions) or returns (policies) to count evaluations to"""
-    pop_size: Optional[int] = None
+    pop_size: int | None = None
     """population (None: each method's default)"""
-    sigma_init: Optional[float] = None
+    sigma_init: float | None = None
     """initial σ (None: each method's default)"""
-    num_generations: Optional[int] = None
+    num_generations: int | None = None
     """generations per run (None: each method's default); CMA-ES may stop earlier"""
     run_dir: str = "runs/benchmark_es_basics"
     """compare: where the runs, compare.json and compare.png go"""
     repeats: int = 3
     """throughput: runs per configuration, alternating, the fastest kept (other jobs slow some down)"""
-    device_counts: Tuple[int, ...] = (1, 2)
+    device_counts: tuple[int, ...] = (1, 2)
     """throughput: forced host device counts for openai-es (XLA_FLAGS=--xla_force_host_platform_device_count)"""
     measure: str = ""
     """internal: measure this algo in this process and print one JSON line"""
@@ -116,7 +117,7 @@ def compare(bench: BenchArgs):
     plot(os.path.join(bench.run_dir, "compare.png"), curves, bench.problem, on_function)
     quantity = "f ≤" if on_function else "return ≥"
     print(
-        f"\n| method | λ | σ₀ | budget (generations) | "
+        "\n| method | λ | σ₀ | budget (generations) | "
         + " | ".join(f"evaluations to {quantity} {t:g}" for t in bench.thresholds)
         + " | final (median) |"
     )
@@ -162,6 +163,7 @@ def plot(path: str, curves: dict, problem: str, on_function: bool):
 def measure(bench: BenchArgs, algo: str) -> dict:
     """Compile, then time bench.num_generations generations in one call; observation normalisation off."""
     import jax
+
     import es_basics as eb
 
     args = es_args(bench, algo, normalize_observations=False)

@@ -58,17 +58,19 @@ def main(report: Report):
             ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
         ax.set(title=env, xlabel="environment steps per seed", ylabel="episodic return (training)")
         ax.legend()
-        cell = lambda d: (
-            f"{finals[d]['final_return_mean']:.1f} ± {finals[d]['final_return_std']:.1f} "
-            f"({finals[d]['final_return_iqm']:.1f})"
-            if d in finals
-            else "-"
-        )
-        p = lambda d: (
-            f"{scipy.stats.ttest_ind(finals['lpo']['final_returns'], finals[d]['final_returns'], equal_var=False).pvalue:.2g}"
-            if "lpo" in finals and d in finals
-            else "-"
-        )
+
+        def cell(d, finals=finals):
+            if d not in finals:
+                return "-"
+            r = finals[d]
+            return f"{r['final_return_mean']:.1f} ± {r['final_return_std']:.1f} ({r['final_return_iqm']:.1f})"
+
+        def p(d, finals=finals):
+            if "lpo" not in finals or d not in finals:
+                return "-"
+            test = scipy.stats.ttest_ind(finals["lpo"]["final_returns"], finals[d]["final_returns"], equal_var=False)
+            return f"{test.pvalue:.2g}"
+
         first = next(iter(finals.values()))
         print(
             f"| {env} | {first['total_timesteps']:,} | {first['num_seeds']} | {cell('lpo')} | {cell('dpo')} | "

@@ -252,7 +252,7 @@ def test_directions_cover_both_signs_and_random_parameters_stay_in_range():
 def test_es_gradient_follows_the_fitness():
     """With fitness = <w, ε>, the centered-rank ES direction points along w."""
     w = jax.random.normal(jax.random.PRNGKey(0), (50,))
-    eps = epg.antithetic_noise(jax.random.PRNGKey(1), 2000, 50)
+    eps = epg.mirrored_noise(jax.random.PRNGKey(1), 2000, 50)
     np.testing.assert_array_equal(np.asarray(eps[:1000]), -np.asarray(eps[1000:]))
     g = epg.es_gradient(jnp.zeros(50), eps, eps @ w, weight_decay=0.0)
     assert float(g @ w / (jnp.linalg.norm(g) * jnp.linalg.norm(w))) > 0.9
