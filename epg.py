@@ -274,10 +274,14 @@ def ppo_loss(agent: dict, obs, action, old_pi: "DiagGaussian", advantage, target
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
-    """Centered ranks (Salimans et al. 2017, arXiv:1703.03864, section 2.2; relative_ranks, epg/utils.py:55-62):
-    [pop] -> [pop], rank k (0 = lowest fitness) → k / (pop - 1) - 0.5 in [-0.5, 0.5]; non-finite counts as lowest."""
+    """Centered ranks, Salimans et al.'s fitness shaping (arXiv:1703.03864, section 2.2): [n] -> [n] in [-0.5, 0.5],
+    rank k (0 = lowest) -> k / (n - 1) - 0.5. Ties share the mean of their ranks, so members of equal fitness get
+    equal weights and a generation without spread gives all zeros (no step); NaN and ±inf count as lowest."""
     fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
-    ranks = jnp.argsort(jnp.argsort(fitness))
+    ordered = jnp.sort(fitness)
+    below = jnp.searchsorted(ordered, fitness, side="left")  # members strictly lower
+    up_to = jnp.searchsorted(ordered, fitness, side="right")  # members lower or equal
+    ranks = (below + up_to - 1) / 2.0
     return ranks / (fitness.shape[0] - 1) - 0.5
 
 

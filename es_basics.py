@@ -337,9 +337,15 @@ def best_first(fitness: jax.Array) -> jax.Array:
 
 
 def centered_ranks(fitness: jax.Array) -> jax.Array:
-    """Salimans et al.'s fitness shaping: ranks scaled to [-0.5, 0.5], worst -0.5, best +0.5. [n] -> [n]."""
-    n = fitness.shape[0]
-    return jnp.zeros(n).at[best_first(fitness)].set(jnp.arange(n - 1, -1, -1.0)) / (n - 1) - 0.5
+    """Centered ranks, Salimans et al.'s fitness shaping (arXiv:1703.03864, section 2.2): [n] -> [n] in [-0.5, 0.5],
+    rank k (0 = lowest) -> k / (n - 1) - 0.5. Ties share the mean of their ranks, so members of equal fitness get
+    equal weights and a generation without spread gives all zeros (no step); NaN and ±inf count as lowest."""
+    fitness = jnp.where(jnp.isfinite(fitness), fitness, -jnp.inf)
+    ordered = jnp.sort(fitness)
+    below = jnp.searchsorted(ordered, fitness, side="left")  # members strictly lower
+    up_to = jnp.searchsorted(ordered, fitness, side="right")  # members lower or equal
+    ranks = (below + up_to - 1) / 2.0
+    return ranks / (fitness.shape[0] - 1) - 0.5
 
 
 def es_gradient(fitness: jax.Array, noise: jax.Array, sigma) -> jax.Array:

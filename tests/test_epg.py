@@ -257,7 +257,7 @@ def test_es_gradient_follows_the_fitness():
     g = epg.es_gradient(jnp.zeros(50), eps, eps @ w, weight_decay=0.0)
     assert float(g @ w / (jnp.linalg.norm(g) * jnp.linalg.norm(w))) > 0.9
     shaped = epg.centered_ranks(jnp.array([3.0, jnp.nan, -1.0, jnp.inf * -1, 10.0]))
-    assert float(shaped[4]) == 0.5 and float(shaped.min()) == -0.5 and float(shaped[1]) < float(shaped[2])
+    assert float(shaped[4]) == 0.5 and float(shaped[1]) == float(shaped[3]) < float(shaped[2])  # NaN, -inf tie last
 
 
 def read_rows(run_dir):
@@ -403,3 +403,11 @@ def test_unknown_task_family_is_refused_by_tyro(capsys):
     with pytest.raises(SystemExit) as stop:
         epg_args(["--task-family", "goal-spider"])
     assert stop.value.code == 2 and "goal-point" in capsys.readouterr().err
+
+
+def test_a_generation_of_equal_fitness_gives_no_es_step():
+    # At α = 1 with common random numbers every member scores the same: the update must not follow the noise.
+    eps = epg.mirrored_noise(jax.random.PRNGKey(2), 16, 30)
+    theta = jnp.ones(30)
+    g = epg.es_gradient(theta, eps, jnp.full(16, 3.8329), weight_decay=1e-3)
+    np.testing.assert_allclose(np.asarray(g), -1e-3 * np.asarray(theta), rtol=1e-6)

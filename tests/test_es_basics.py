@@ -472,3 +472,16 @@ def test_ite_and_poet_cli_smoke(tmp_path, flags, files, keys):
     assert all(key in summary for key in keys), summary
     for name in files + ["args.json"]:
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+
+
+def test_centered_ranks_share_ties_and_give_no_step_without_spread():
+    np.testing.assert_allclose(
+        eb.centered_ranks(jnp.array([2.0, 5.0, 2.0, 7.0])), [-1 / 3, 1 / 6, -1 / 3, 0.5], atol=1e-6
+    )
+    np.testing.assert_array_equal(np.asarray(eb.centered_ranks(jnp.full(6, 3.8329))), 0.0)
+    # epg.py's copy is the same function (one meaning per name across the scripts)
+    sys.path.insert(0, ROOT)
+    import epg
+
+    fitness = jnp.array([1.0, jnp.nan, 1.0, -jnp.inf, 4.0, jnp.inf])
+    np.testing.assert_array_equal(np.asarray(epg.centered_ranks(fitness)), np.asarray(eb.centered_ranks(fitness)))
