@@ -189,30 +189,37 @@ class Args:
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
 Drift = Callable[[jax.Array, jax.Array], jax.Array]
-"""A drift f(r, A): ratio and advantage (broadcastable shapes) -> f, same shape, ≥ 0."""
+"""A drift f(r, A) taking log r = logπ - logπ_old and A (broadcastable shapes) -> f, same shape, ≥ 0. It takes the
+log-ratio itself, as the authors' brax_drift.py and PureJaxRL's DPO do: log(exp(x)) is -inf below x ≈ -87."""
+
+LOG_RATIO_BOUND = 20.0
+"""actor_loss clips log r to ±20 (ratios 2e-9 to 5e8) before the drift and exp(): exp overflows float32 above 88,
+and r·A - f would be inf - inf. Samples beyond the bound add no gradient, as PPO's clip does; training never
+meets them."""
 
 
-def ppo_drift(ratio: jax.Array, advantage: jax.Array, clip_coef: float = 0.2) -> jax.Array:
+def ppo_drift(log_ratio: jax.Array, advantage: jax.Array, clip_coef: float = 0.2) -> jax.Array:
     """PPO's drift, f(r, A) = ReLU((r - clip(r, 1-ε, 1+ε))·A) with ε = clip_coef  (Lu et al. 2022, eq. 6).
 
     With it the objective r·A - f equals PPO-clip's min(r·A, clip(r, 1-ε, 1+ε)·A).
-    Args: ratio (> 0) and advantage, broadcastable shapes. Returns f, same shape, ≥ 0.
+    Args: log_ratio = log r and advantage, broadcastable shapes. Returns f, same shape, ≥ 0.
     """
+    ratio = jnp.exp(log_ratio)
     return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)) * advantage)
 
 
-def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: float = 0.6) -> jax.Array:
+def dpo_drift(log_ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: float = 0.6) -> jax.Array:
     """DPO's discovered drift (Lu et al. 2022, eq. 9).
 
         A ≥ 0:  f = ReLU((r-1)·A - α·tanh((r-1)·A / α))
         A < 0:  f = ReLU(log(r)·A - β·tanh(log(r)·A / β))
 
     x - c·tanh(x/c) is ≥ 0 for x ≥ 0 and grows like x³/(3c²) near 0, so f = 0 and ∂f/∂r = 0 at r = 1
-    (a valid drift, paper Appendix D). Args: ratio (> 0) and advantage, broadcastable shapes.
+    (a valid drift, paper Appendix D). Args: log_ratio = log r and advantage, broadcastable shapes.
     Returns f, same shape, ≥ 0.
     """
-    positive = (ratio - 1.0) * advantage
-    negative = jnp.log(ratio) * advantage
+    positive = jnp.expm1(log_ratio) * advantage
+    negative = log_ratio * advantage
     return jnp.where(
         advantage >= 0,
         jax.nn.relu(positive - alpha * jnp.tanh(positive / alpha)),
@@ -220,26 +227,27 @@ def dpo_drift(ratio: jax.Array, advantage: jax.Array, alpha: float = 2.0, beta: 
     )
 
 
-def actor_loss(ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.Array:
+def actor_loss(log_ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.Array:
     """Mirror Learning policy loss, -mean(r·A - f(r, A))  (Lu et al. 2022, eq. 5).
 
-    Args: ratio π(a|s)/π_old(a|s) [batch], advantage [batch] (already normalised), drift f(r, A).
-    Returns a scalar to minimise.
+    Args: log_ratio = logπ(a|s) - logπ_old(a|s) [batch] (clipped to ±LOG_RATIO_BOUND), advantage [batch] (already
+    normalised), drift f (a Drift, taking the log-ratio). Returns a scalar to minimise, finite for any log-ratio.
     """
-    return -jnp.mean(ratio * advantage - drift(ratio, advantage))
+    log_ratio = jnp.clip(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return -jnp.mean(jnp.exp(log_ratio) * advantage - drift(log_ratio, advantage))
 
 
 XI = 1e-4  # the margin ξ of eq. 8 (the authors' brax_drift.py line 168: `relu(drift_ppo + drift - 0.0001)`)
 
 
-def lpo_features(ratio: jax.Array, advantage: jax.Array) -> jax.Array:
+def lpo_features(log_ratio: jax.Array, advantage: jax.Array) -> jax.Array:
     """The drift network's input (Lu et al. 2022, section 4.1), in the order of the authors' brax_drift.py
     lines 157-162: [log r, (log r)², 1-r, (1-r)²] and the same four times A. All eight are 0 at r = 1.
 
-    Args: ratio (> 0) and advantage, broadcastable shapes [...]. Returns [..., 8].
+    Args: log_ratio = log r and advantage, broadcastable shapes [...]. Returns [..., 8].
     """
-    ratio, advantage = jnp.broadcast_arrays(ratio, advantage)
-    log_r, one_minus_r = jnp.log(ratio), 1.0 - ratio
+    log_r, advantage = jnp.broadcast_arrays(log_ratio, advantage)
+    one_minus_r = -jnp.expm1(log_r)
     deltas = jnp.stack([log_r, log_r**2, one_minus_r, one_minus_r**2], axis=-1)
     return jnp.concatenate([deltas, advantage[..., None] * deltas], axis=-1)
 
@@ -261,7 +269,7 @@ def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: tuple[int, 
 
 
 def lpo_drift(
-    net: list, ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True, clip_coef: float = 0.2
+    net: list, log_ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True, clip_coef: float = 0.2
 ) -> jax.Array:
     """LPO's learned drift (Lu et al. 2022, eq. 8 and section 5.1; brax_drift.py lines 163-169).
 
@@ -271,13 +279,13 @@ def lpo_drift(
     f̃ is the bias-free MLP of x = lpo_features(r, A), so f̃ = 0 at r = 1 and the margin ξ keeps f = 0 and
     ∂f/∂r = 0 there for any weights: every candidate is a valid drift. With zero weights, LPO is PPO (at the same
     clip_coef as the PPO baseline; the authors' brax_drift.py line 166 fixes 0.2) with a drift lowered by ξ.
-    Args: net from init_drift_params; ratio (> 0), advantage: broadcastable [...]. Returns f [...] ≥ 0.
+    Args: net from init_drift_params; log_ratio = log r, advantage: broadcastable [...]. Returns f [...] ≥ 0.
     """
-    h = lpo_features(ratio, advantage)
+    h = lpo_features(log_ratio, advantage)
     for w in net[:-1]:
         h = (jnp.tanh if ppo_init else jax.nn.relu)(h @ w)
     f_tilde = (h @ net[-1])[..., 0]
-    return jax.nn.relu(f_tilde - XI + (ppo_drift(ratio, advantage, clip_coef) if ppo_init else 0.0))
+    return jax.nn.relu(f_tilde - XI + (ppo_drift(log_ratio, advantage, clip_coef) if ppo_init else 0.0))
 
 
 def make_drift(args: Args) -> Drift:
@@ -787,7 +795,7 @@ def make_train(args: Args, drift: Drift):
         log_ratio = pi.log_prob(minibatch.action) - minibatch.log_prob
         ratio = jnp.exp(log_ratio)
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = actor_loss(ratio, advantages, drift)
+        policy_loss = actor_loss(log_ratio, advantages, drift)
         value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
         entropy = jnp.mean(pi.entropy(key))
         total = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
@@ -1028,7 +1036,7 @@ def plot_drifts(path: str, drifts: dict[str, Drift]):
     for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
 
         def objective(r, a, drift=drift):
-            return r * a - drift(r, a)
+            return r * a - drift(jnp.log(r), a)
 
         grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
         bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it

@@ -31,7 +31,18 @@ import dpo  # noqa: E402
 RATIOS = jnp.linspace(0.05, 3.0, 301)
 ADVANTAGES = jnp.linspace(-3.0, 3.0, 121)
 R_GRID, A_GRID = jnp.meshgrid(RATIOS, ADVANTAGES, indexing="ij")
-DRIFTS = {"dpo": dpo.dpo_drift, "ppo": dpo.ppo_drift}
+
+
+def in_ratio(drift):
+    """The drift as a function of the ratio r itself (the scripts' drifts take log r)."""
+
+    def f(r, a):
+        return drift(jnp.log(r), a)
+
+    return f
+
+
+DRIFTS = {"dpo": in_ratio(dpo.dpo_drift), "ppo": in_ratio(dpo.ppo_drift)}
 
 
 @pytest.mark.parametrize("name", DRIFTS)
@@ -56,16 +67,17 @@ def test_dpo_drift_matches_equation_9_at_given_points():
         return max(0.0, x - c * math.tanh(x / c))
 
     for r, a in [(1.5, 1.0), (3.0, 2.0), (0.5, 1.0), (0.5, -1.0), (0.2, -2.5), (1.8, -1.0), (1.0, 0.7), (2.2, 0.0)]:
-        assert float(dpo.dpo_drift(jnp.float32(r), jnp.float32(a))) == pytest.approx(eq9(r, a), abs=1e-6)
+        assert float(DRIFTS["dpo"](jnp.float32(r), jnp.float32(a))) == pytest.approx(eq9(r, a), abs=1e-6)
     # Hand-worked values: (r=1.5, A=1) -> 0.5 - 2·tanh(0.25); (r=0.5, A=-1) -> ln 2 - 0.6·tanh(ln 2 / 0.6).
-    assert float(dpo.dpo_drift(jnp.float32(1.5), jnp.float32(1.0))) == pytest.approx(0.0101627, abs=1e-6)
-    assert float(dpo.dpo_drift(jnp.float32(0.5), jnp.float32(-1.0))) == pytest.approx(0.2014566, abs=1e-6)
-    assert float(dpo.dpo_drift(jnp.float32(1.5), jnp.float32(1.0), alpha=0.5)) == pytest.approx(eq9(1.5, 1.0, 0.5))
+    assert float(DRIFTS["dpo"](jnp.float32(1.5), jnp.float32(1.0))) == pytest.approx(0.0101627, abs=1e-6)
+    assert float(DRIFTS["dpo"](jnp.float32(0.5), jnp.float32(-1.0))) == pytest.approx(0.2014566, abs=1e-6)
+    half = dpo.dpo_drift(jnp.log(jnp.float32(1.5)), jnp.float32(1.0), alpha=0.5)
+    assert float(half) == pytest.approx(eq9(1.5, 1.0, 0.5), abs=1e-6)
 
 
 def test_ppo_drift_makes_the_objective_ppo_clip():
     eps = 0.2
-    loss_per_point = jax.vmap(lambda r, a: dpo.actor_loss(r[None], a[None], lambda x, y: dpo.ppo_drift(x, y, eps)))
+    loss_per_point = jax.vmap(lambda r, a: dpo.actor_loss(jnp.log(r[None]), a[None], dpo.ppo_drift))
     ours = loss_per_point(R_GRID.ravel(), A_GRID.ravel())
     clipped = -jnp.minimum(R_GRID * A_GRID, jnp.clip(R_GRID, 1 - eps, 1 + eps) * A_GRID).ravel()
     np.testing.assert_allclose(np.asarray(ours), np.asarray(clipped), atol=1e-6)
@@ -74,7 +86,7 @@ def test_ppo_drift_makes_the_objective_ppo_clip():
 def test_dpo_objective_rolls_back_where_ppo_is_flat():
     # For A < 0 and r < 1 - ε PPO's loss is flat in r; DPO's pushes r back up towards 1:
     # ∂L/∂r = -A + ∂f/∂r = 1 - 2·(1 - sech²(ln 2 / 0.6)) ≈ -0.34 < 0, so gradient descent raises r.
-    grad_loss = jax.grad(lambda r, a, d: dpo.actor_loss(r[None], a[None], d))
+    grad_loss = jax.grad(lambda r, a, d: dpo.actor_loss(jnp.log(r[None]), a[None], d))
     r, a = jnp.float32(0.5), jnp.float32(-1.0)
     assert float(grad_loss(r, a, dpo.ppo_drift)) == 0.0
     expected = 1.0 - 2.0 * (1.0 - 1.0 / math.cosh(math.log(2.0) / 0.6) ** 2)

@@ -26,14 +26,16 @@ SHIPPED = os.path.join(ROOT, "drifts", "lpo_classic.msgpack")
 
 
 def test_features_are_the_authors_eight_and_vanish_at_ratio_one():
-    x = lpo.lpo_features(R_GRID, A_GRID)
+    x = lpo.lpo_features(jnp.log(R_GRID), A_GRID)
     assert x.shape == R_GRID.shape + (8,)
     r, a = 1.5, -2.0
     expected = [np.log(r), np.log(r) ** 2, 1 - r, (1 - r) ** 2]
     np.testing.assert_allclose(
-        np.asarray(lpo.lpo_features(jnp.float32(r), jnp.float32(a))), expected + [a * e for e in expected], rtol=1e-6
+        np.asarray(lpo.lpo_features(jnp.log(jnp.float32(r)), jnp.float32(a))),
+        expected + [a * e for e in expected],
+        rtol=1e-6,
     )
-    np.testing.assert_array_equal(np.asarray(lpo.lpo_features(jnp.ones_like(A_LINE), A_LINE)), 0.0)
+    np.testing.assert_array_equal(np.asarray(lpo.lpo_features(jnp.zeros_like(A_LINE), A_LINE)), 0.0)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +46,10 @@ def test_random_drift_networks_are_valid_drifts(ppo_init, hidden, seed):
     sizes = lpo.drift_layer_sizes(ppo_init, hidden)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
     net = [jax.random.normal(k, (i, o)) for k, i, o in zip(keys, sizes, sizes[1:])]  # far from 0 off r = 1
-    drift = functools.partial(lpo.lpo_drift, net, ppo_init=ppo_init)
+
+    def drift(r, a):
+        return lpo.lpo_drift(net, jnp.log(r), a, ppo_init)
+
     f = drift(R_GRID, A_GRID)
     assert bool(jnp.all(f >= 0.0)) and float(f.max()) > 1e-2
     np.testing.assert_array_equal(np.asarray(drift(jnp.ones_like(A_LINE), A_LINE)), 0.0)
@@ -57,15 +62,16 @@ def test_zero_weights_with_ppo_init_are_ppo_with_eps_0_2():
     assert all(float(jnp.abs(w).max()) == 0.0 for w in zeros)
 
     def lpo_loss(r, a):
-        return lpo.actor_loss(r, a, functools.partial(lpo.lpo_drift, zeros))
+        return lpo.actor_loss(jnp.log(r), a, functools.partial(lpo.lpo_drift, zeros))
 
     def ppo_loss(r, a):
-        return lpo.actor_loss(r, a, lpo.ppo_drift)
+        return lpo.actor_loss(jnp.log(r), a, lpo.ppo_drift)
 
     r, a = R_GRID.ravel(), A_GRID.ravel()
     assert abs(float(lpo_loss(r, a)) - float(ppo_loss(r, a))) <= lpo.XI  # the objective moves by at most ξ
     # The gradients are PPO's except in the band 0 < f_PPO ≤ ξ, where the ReLU blocks a gradient of order ξ.
-    outside_band = ~((lpo.ppo_drift(r, a, 0.2) > 0) & (lpo.ppo_drift(r, a, 0.2) <= 10 * lpo.XI))
+    f_ppo = lpo.ppo_drift(jnp.log(r), a, 0.2)
+    outside_band = ~((f_ppo > 0) & (f_ppo <= 10 * lpo.XI))
     np.testing.assert_array_equal(
         np.asarray(jax.grad(lpo_loss)(r, a))[outside_band], np.asarray(jax.grad(ppo_loss)(r, a))[outside_band]
     )
@@ -79,7 +85,8 @@ def test_an_lpo_zero_drift_file_keeps_its_architecture(tmp_path, hidden):
     shapes = list(zip((8,) + hidden, hidden + (1,)))
     assert not ppo_init and [w.shape for w in loaded] == [w.shape for w in net] == shapes
     np.testing.assert_array_equal(
-        np.asarray(lpo.lpo_drift(loaded, R_GRID, A_GRID, False)), np.asarray(lpo.lpo_drift(net, R_GRID, A_GRID, False))
+        np.asarray(lpo.lpo_drift(loaded, jnp.log(R_GRID), A_GRID, False)),
+        np.asarray(lpo.lpo_drift(net, jnp.log(R_GRID), A_GRID, False)),
     )
 
 
@@ -206,7 +213,7 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
     # The shipped drift is not PPO's (on this short run ratios stay near 1, where the two can coincide).
     net, ppo_init = lpo.load_drift(SHIPPED)
     r, a = jnp.meshgrid(jnp.linspace(0.5, 1.5, 101), jnp.linspace(-2.0, 2.0, 81), indexing="ij")
-    assert ppo_init and float(jnp.abs(lpo.lpo_drift(net, r, a) - lpo.ppo_drift(r, a, 0.2)).max()) > 1e-2
+    assert ppo_init and float(jnp.abs(lpo.lpo_drift(net, jnp.log(r), a) - lpo.ppo_drift(jnp.log(r), a)).max()) > 1e-2
 
 
 def test_plot_drift_draws_the_shipped_drift(tmp_path):
@@ -232,3 +239,24 @@ def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
     code = exit_info.value.code
     message = capsys.readouterr().err + (code if isinstance(code, str) else "")
     assert code == 2 and expected in message, message  # tyro's exit code for usage errors
+
+
+def test_extreme_log_ratios_give_finite_losses_and_gradients():
+    # log r = ±200: exp(-200) is 0 and exp(200) inf in float32; log(exp(-200)) would be -inf (issue 20).
+    log_ratio = jnp.array([-200.0, -200.0, 200.0, 200.0, -90.0, 90.0, 0.0])
+    advantage = jnp.array([1.5, -1.5, 1.5, -1.5, -1.0, 1.0, 0.3])
+    net = lpo.init_drift_params(jax.random.PRNGKey(0), True)
+    net = [jax.random.normal(jax.random.PRNGKey(i + 1), w.shape) for i, w in enumerate(net)]
+    drifts = {
+        "ppo": lpo.ppo_drift,
+        "dpo": lpo.dpo_drift,
+        "lpo": functools.partial(lpo.lpo_drift, net),
+        "lpo-zero": functools.partial(
+            lpo.lpo_drift, lpo.init_drift_params(jax.random.PRNGKey(2), False), ppo_init=False
+        ),
+    }
+    for name, drift in drifts.items():
+        loss, grad = jax.value_and_grad(lpo.actor_loss)(log_ratio, advantage, drift)
+        assert np.isfinite(float(loss)) and bool(jnp.all(jnp.isfinite(grad))), name
+        bounded = jnp.clip(log_ratio, -lpo.LOG_RATIO_BOUND, lpo.LOG_RATIO_BOUND)  # what actor_loss passes on
+        assert bool(jnp.all(jnp.isfinite(drift(bounded, advantage)))), name
