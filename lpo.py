@@ -1107,7 +1107,8 @@ def run_training(args: Args) -> str:
     )
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
-    init, train_chunk = make_train(args, make_drift(args))
+    drift = make_drift(args)
+    init, train_chunk = make_train(args, drift)
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
@@ -1187,7 +1188,7 @@ def run_training(args: Args) -> str:
         {"mean over seeds ± 1 std": (steps, mean, std)},
         f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
     )
-    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): make_drift(args)})
+    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
     summary = dict(
         env_id=args.env_id,
         drift=args.drift,
