@@ -117,22 +117,30 @@ class Args:
     """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
 
     # ---- PPO loop ----
+    ppo_loop: Literal["brax", "purejaxrl"] | None = None
+    """brax: Brax PPO's loop (minibatches of whole unrolls, GAE recomputed per minibatch, unclipped value loss);
+    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε).
+    Brax envs brax, gymnax envs purejaxrl"""
+    log_frequency: int | None = None
+    """Brax: the authors' loop runs (log_frequency + 1) × (n // log_frequency) updates where n updates fit in
+    --total-timesteps (brax_drift.py lines 330-349; ant 20: 21 × 9 = 189 of 183); 0 runs n (gymnax 0)"""
     total_timesteps: int | None = None
     """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
     num_envs: int | None = None
     """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
     num_steps: int | None = None
-    """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 32, Pendulum 16; MinAtar 128)"""
+    """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 128, Pendulum 64; MinAtar 128)"""
     num_unrolls: int | None = None
-    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; classic 4)"""
+    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; gymnax 1)"""
     num_minibatches: int | None = None
-    """minibatches of whole unrolls per epoch (Brax 32; classic 4; Pendulum and MinAtar 8)"""
+    """minibatches per epoch, of whole unrolls (brax loop) or samples (purejaxrl) (Brax 32, pusher 16; classic 4;
+    Pendulum and MinAtar 8)"""
     update_epochs: int | None = None
     """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
     learning_rate: float | None = None
-    """Adam learning rate (Brax 3e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
+    """Adam learning rate (Brax 3e-4, humanoidstandup 6e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
     anneal_lr: bool | None = None
-    """anneal the learning rate linearly to 0 (Brax no; gymnax yes)"""
+    """anneal the learning rate linearly to 0, constant within an update (Brax no; gymnax yes)"""
     gamma: float | None = None
     """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
     gae_lambda: float = 0.95
@@ -146,7 +154,7 @@ class Args:
     adam_eps: float | None = None
     """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
     reward_scaling: float | None = None
-    """rewards are multiplied by this before GAE (ant 10; classic 1, Pendulum 0.1; MinAtar 1)"""
+    """rewards are multiplied by this before GAE (ant and inverted pendulums 10; classic 1, Pendulum 0.1; MinAtar 1)"""
     normalize_observations: bool | None = None
     """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
     actor_hidden: tuple[int, ...] | None = None
@@ -215,7 +223,8 @@ def make_drift(args: Args) -> Drift:
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
-    """Brax PPO's generalised advantage estimation (Schulman et al. 2016, eq. 16, in V-trace form), by reverse scan.
+    """Brax PPO's generalised advantage estimation, the brax loop's (Schulman et al. 2016, eq. 16, in V-trace form),
+    by reverse scan.
 
         δ_t  = (r_t + γ(1 - term_t)·V_{t+1} - V_t)·(1 - trunc_t)
         v_t  = V_t + δ_t + γλ(1 - term_t)(1 - trunc_t)·(v_{t+1} - V_{t+1})        (λ-returns, value targets)
@@ -242,6 +251,28 @@ def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: 
     return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages)
 
 
+def compute_gae_purejaxrl(rewards, values, bootstrap_value, done, gamma: float, gae_lambda: float):
+    """PureJaxRL's generalised advantage estimation (Schulman et al. 2016, eq. 16), the purejaxrl loop's, once per
+    rollout with the rollout's values (purejaxrl/ppo.py lines 142-164):
+
+        δ_t = r_t + γ(1 - done_t)·V_{t+1} - V_t,    A_t = δ_t + γλ(1 - done_t)·A_{t+1},    targets = A_t + V_t
+
+    Every episode end is terminal, time limits included (ppo.py line 150 uses terminated or truncated).
+    Args: rewards, values, done [T, B]; bootstrap_value [B] = V(s_T). Returns (value targets [T, B], advantages
+    [T, B]), gradients stopped.
+    """
+    next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
+    deltas = rewards + gamma * (1.0 - done) * next_values - values
+
+    def backward(acc, step):
+        delta, d = step
+        acc = delta + gamma * gae_lambda * (1.0 - d) * acc
+        return acc, acc
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, done), reverse=True)
+    return jax.lax.stop_gradient(advantages + values), jax.lax.stop_gradient(advantages)
+
+
 # ---- Defaults per environment family, for the Args fields left at None.
 _BRAX = dict(
     num_envs=2048,
@@ -255,21 +286,24 @@ _BRAX = dict(
     clip_coef=0.3,
     max_grad_norm=0.0,
     adam_eps=1e-8,
+    ppo_loop="brax",
 )  # Brax PPO's networks and optimiser; ε from the authors' compute_ppo_loss
 # The authors' dpo/main_drift_brax.py `train_fn` table (num_unrolls = batch_size × num_minibatches / num_envs);
-# the envs it does not list take the settings of the closest one that it does.
-BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, update_epochs, gamma, ent_coef, repeat
-    "ant": (30_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1),
-    "humanoid": (50_000_000, 0.1, 10, 16, 8, 0.97, 1e-3, 1),
-    "halfcheetah": (100_000_000, 1.0, 20, 8, 8, 0.95, 1e-3, 1),
-    "walker2d": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1),
-    "reacher": (100_000_000, 5.0, 50, 4, 8, 0.95, 1e-3, 4),
-    "hopper": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1),
-    "humanoidstandup": (100_000_000, 0.1, 15, 16, 8, 0.97, 1e-2, 1),
-    "inverted_pendulum": (2_000_000, 1.0, 5, 16, 4, 0.97, 1e-2, 1),
-    "inverted_double_pendulum": (20_000_000, 1.0, 5, 16, 4, 0.97, 1e-2, 1),
-    "pusher": (50_000_000, 5.0, 30, 4, 8, 0.95, 1e-2, 1),
-    "swimmer": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1),
+# the envs it does not list take Brax's training notebook's (notebooks/training.ipynb: humanoidstandup,
+# inverted_pendulum, inverted_double_pendulum, pusher), and hopper and swimmer (PPO-less there) walker2d's.
+BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, update_epochs, gamma, ent_coef,
+    # action_repeat, log_frequency
+    "ant": (30_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1, 20),
+    "humanoid": (50_000_000, 0.1, 10, 16, 8, 0.97, 1e-3, 1, 20),
+    "halfcheetah": (100_000_000, 1.0, 20, 8, 8, 0.95, 1e-3, 1, 10),
+    "walker2d": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1, 10),
+    "reacher": (100_000_000, 5.0, 50, 4, 8, 0.95, 1e-3, 4, 20),
+    "hopper": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1, 10),
+    "humanoidstandup": (100_000_000, 0.1, 15, 16, 8, 0.97, 1e-2, 1, 20),
+    "inverted_pendulum": (2_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1, 20),
+    "inverted_double_pendulum": (20_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1, 20),
+    "pusher": (50_000_000, 5.0, 30, 4, 8, 0.95, 1e-2, 1, 20),
+    "swimmer": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1, 10),
 }
 ENV_DEFAULTS = {
     env: dict(
@@ -285,6 +319,7 @@ ENV_DEFAULTS = {
                     "gamma",
                     "ent_coef",
                     "action_repeat",
+                    "log_frequency",
                 ),
                 row,
             )
@@ -292,11 +327,15 @@ ENV_DEFAULTS = {
     )
     for env, row in BRAX_TABLE.items()
 }
-_CLASSIC = dict(  # PureJaxRL's ppo.py (4 envs × 128 steps, 4 minibatches), as 4 unrolls of 32 steps per env
+ENV_DEFAULTS["humanoidstandup"]["learning_rate"] = 6e-4  # Brax's training notebook
+ENV_DEFAULTS["pusher"]["num_minibatches"] = 16  # Brax's training notebook (its batch size 512)
+_CLASSIC = dict(  # PureJaxRL's ppo.py __main__ config: 4 envs × 128 steps, 4 epochs × 4 minibatches
+    ppo_loop="purejaxrl",
+    log_frequency=0,
     total_timesteps=500_000,
     num_envs=4,
-    num_steps=32,
-    num_unrolls=4,
+    num_steps=128,
+    num_unrolls=1,
     num_minibatches=4,
     update_epochs=4,
     learning_rate=2.5e-4,
@@ -318,7 +357,7 @@ ENV_DEFAULTS["Pendulum-v1"] = dict(
     _CLASSIC,
     total_timesteps=1_000_000,
     num_envs=16,
-    num_steps=16,
+    num_steps=64,
     num_minibatches=8,
     update_epochs=10,
     learning_rate=1e-3,
@@ -335,7 +374,6 @@ ENV_DEFAULTS.update(
             total_timesteps=10_000_000,
             num_envs=64,
             num_steps=128,
-            num_unrolls=1,
             num_minibatches=8,
             learning_rate=5e-4,
             actor_hidden=(256, 256),
@@ -360,11 +398,12 @@ class ArgsError(ValueError):
 def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
-    Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls do not split into
-        --num-minibatches, fewer --total-timesteps than one update, --eval-only without --load.
+    Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls (brax loop) or samples
+        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update, --eval-only
+        without --load.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
-    unrolls = args.num_envs * args.num_unrolls
+    unrolls = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)
     if (
         min(
             args.num_seeds,
@@ -381,7 +420,7 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if unrolls % args.num_minibatches:
         raise ArgsError(
-            f"num_envs × num_unrolls = {args.num_envs} × {args.num_unrolls} = {unrolls} unrolls"
+            f"the batch's {unrolls} {'unrolls' if args.ppo_loop == 'brax' else 'samples'}"
             f" do not divide into --num-minibatches {args.num_minibatches}"
         )
     if num_updates(args) == 0:
@@ -400,8 +439,12 @@ def batch_size(args: Args) -> int:
 
 
 def num_updates(args: Args) -> int:
-    """total_timesteps // (batch × action_repeat), as the authors' brax_drift.py counts them."""
-    return args.total_timesteps // (batch_size(args) * args.action_repeat)
+    """n = total_timesteps // (batch × action_repeat) (brax_drift.py line 330), run by the authors' loop as
+    (log_frequency + 1) × (n // log_frequency) updates (lines 333 and 349) when n ≥ log_frequency > 0."""
+    n = args.total_timesteps // (batch_size(args) * args.action_repeat)
+    if 0 < args.log_frequency <= n:
+        return (args.log_frequency + 1) * (n // args.log_frequency)
+    return n
 
 
 # ---- Environments: one interface over gymnax and Brax, for a single environment (vmap for many).
@@ -484,8 +527,11 @@ def update_running_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
 
 
 def normalize(obs: jax.Array, stats: RunningStats, enabled: bool) -> jax.Array:
-    """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; the identity when not enabled."""
-    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -10.0, 10.0) if enabled else obs
+    """(obs - mean) / sqrt(var), var clipped to [1e-6, 1e6], the result to [-5, 5] (brax v0.0.11's
+    brax/training/normalization.py, the version the authors ran); the identity when not enabled."""
+    if not enabled:
+        return obs
+    return jnp.clip((obs - stats.mean) / jnp.sqrt(jnp.clip(stats.var, 1e-6, 1e6)), -5.0, 5.0)
 
 
 # ---- Action distributions (written out: distrax does not run on current JAX) and networks.
@@ -596,6 +642,17 @@ class Transition(NamedTuple):
     truncated: jax.Array  # [num_envs], 1.0 when it ended at the time limit only
 
 
+class Sample(NamedTuple):
+    """The purejaxrl loop's batch: agent steps with what the rollout fixed, fields [samples, ...]."""
+
+    obs: jax.Array  # raw
+    action: jax.Array
+    log_prob: jax.Array  # under the behaviour policy
+    value: jax.Array  # the critic's at rollout time
+    advantage: jax.Array  # GAE, before normalisation
+    target: jax.Array  # value target A + V
+
+
 class EpisodeStats(NamedTuple):
     episode_return: jax.Array  # [num_envs], unscaled return of the running episode
     last_return: jax.Array  # [num_envs], unscaled return of the last finished episode
@@ -614,18 +671,20 @@ class Runner(NamedTuple):
     update: jax.Array  # updates done
 
 
-LOSS_METRICS = ("policy_loss", "value_loss", "entropy", "approx_kl")  # means over the epochs' minibatches
+LOSS_METRICS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")  # means over minibatches
 METRICS = ("episodic_return", *LOSS_METRICS)
 
 
 def make_optimizer(args: Args) -> optax.GradientTransformation:
-    """Adam(--learning-rate, --adam-eps), linearly annealed with --anneal-lr, after a global-norm clip if
-    --max-grad-norm > 0. Brax's defaults (brax/training/agents/ppo/train.py: optax.adam, max_grad_norm=None) have no
-    clip; PureJaxRL's clip at 0.5 with ε = 1e-5."""
-    lr = args.learning_rate
-    if args.anneal_lr:
-        lr = optax.linear_schedule(lr, 0.0, num_updates(args) * args.update_epochs * args.num_minibatches)
-    tx = optax.adam(lr, eps=args.adam_eps)
+    """Adam(--learning-rate, --adam-eps), with --anneal-lr linearly to 0 over the updates (constant within one, as
+    PureJaxRL's ppo.py lines 73-79), after a global-norm clip if --max-grad-norm > 0. Brax's defaults
+    (brax/training/agents/ppo/train.py: optax.adam, max_grad_norm=None) have no clip; PureJaxRL's clip at 0.5."""
+    steps_per_update = args.update_epochs * args.num_minibatches
+
+    def annealed(count):
+        return args.learning_rate * (1.0 - (count // steps_per_update) / num_updates(args))
+
+    tx = optax.adam(annealed if args.anneal_lr else args.learning_rate, eps=args.adam_eps)
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
@@ -637,14 +696,16 @@ def make_train(args: Args, drift: Drift):
             0.10.2 on CPU can deadlock on batched LAPACK calls, such as the QR of a vmapped orthogonal init.
         train_chunk(runner, n) -> (runner, metrics): n updates (n may be traced, at most max_chunk(args));
             metrics[name] [max_chunk(args)] for the names in METRICS, NaN past n. episodic_return is the mean over
-            envs of the last finished episode's unscaled return (NaN before any finished); the losses, entropy
-            and approx_kl are means over epochs and minibatches.
+            envs of the last finished episode's unscaled return (NaN before any finished); the losses, entropy,
+            approx_kl and clip_fraction (share of samples with |r - 1| > ε) are means over epochs and minibatches.
     """
     env = make_env(args)
     actor, critic = make_networks(args, env)
     n_chunk = max_chunk(args)
     obs_norm = args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
+    brax_loop = args.ppo_loop == "brax"
+    shuffle_axis = 1 if brax_loop else 0  # Brax shuffles whole unrolls [T, U·E]; PureJaxRL samples [T·U·E]
     tx = make_optimizer(args)
 
     def init(rng) -> Runner:
@@ -697,31 +758,65 @@ def make_train(args: Args, drift: Drift):
         runner, traj = jax.lax.scan(env_step, runner, jax.random.split(key, args.num_steps))
         return runner, traj._replace(obs=jnp.concatenate([traj.obs, runner.obs[None]]))
 
-    def loss_fn(params, minibatch: Transition, obs_stats, key):
+    def objective(pi, action, behaviour_log_prob, advantages, value_loss, key):
+        """The drift's policy loss (actor_loss on per-minibatch normalised advantages) + vf_coef·value loss -
+        ent_coef·entropy. Returns (total, (policy loss, value loss, entropy, approx-KL, clip fraction)), scalars."""
+        log_ratio = pi.log_prob(action) - behaviour_log_prob
+        ratio = jnp.exp(log_ratio)
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = actor_loss(log_ratio, advantages, drift)
+        entropy = jnp.mean(pi.entropy(key))
+        total = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
+        approx_kl = jnp.mean(ratio - 1.0 - log_ratio)  # KL(π_old‖π) estimate
+        return total, (policy_loss, value_loss, entropy, approx_kl, jnp.mean(jnp.abs(ratio - 1.0) > args.clip_coef))
+
+    def unroll_loss(params, minibatch: Transition, obs_stats, key):
         """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
-        values and GAE recomputed with the current critic. Returns (total loss, (policy loss, value loss,
-        entropy, approx-KL)), all scalars."""
+        values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
         obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        pi = policy(actor, params, obs[:-1], env.discrete)
         values = critic.apply(params["critic"], obs)[..., 0]
         terminated = minibatch.done * (1.0 - minibatch.truncated)
         targets, advantages = compute_gae(
             minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
         )
-        log_ratio = pi.log_prob(minibatch.action) - minibatch.log_prob
-        ratio = jnp.exp(log_ratio)
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = actor_loss(log_ratio, advantages, drift)
         value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
-        entropy = jnp.mean(pi.entropy(key))
-        total = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
-        return total, (policy_loss, value_loss, entropy, jnp.mean(ratio - 1.0 - log_ratio))  # KL(π_old‖π) estimate
+        pi = policy(actor, params, obs[:-1], env.discrete)
+        return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, key)
+
+    def sample_loss(params, minibatch: Sample, obs_stats, key):
+        """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
+        and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
+        179-186). Returns objective's."""
+        obs = normalize(minibatch.obs, obs_stats, obs_norm)
+        values = critic.apply(params["critic"], obs)[..., 0]
+        clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
+        errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
+        pi = policy(actor, params, obs, env.discrete)
+        return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, 0.5 * jnp.mean(errors), key)
+
+    loss_fn = unroll_loss if brax_loop else sample_loss
+
+    def rollout_samples(params, batch: Transition, obs_stats) -> Sample:
+        """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
+        flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
+        values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
+        targets, advantages = compute_gae_purejaxrl(
+            batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
+        )
+        samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+
+    def minibatches_of(x, permutation):
+        """x shuffled along shuffle_axis and split into [num_minibatches, ...] minibatches along it."""
+        x = jnp.take(x, permutation, axis=shuffle_axis)
+        x = x.reshape(x.shape[:shuffle_axis] + (args.num_minibatches, -1) + x.shape[shuffle_axis + 1 :])
+        return jnp.moveaxis(x, shuffle_axis, 0)
 
     def update_minibatch(carry, minibatch):
         """One Adam step on one minibatch (a scan body over the epoch's minibatches).
 
-        carry = (train_state, obs_stats, key); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]).
-        Returns the new carry and loss_fn's scalars.
+        carry = (train_state, obs_stats, key); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]) in
+        the brax loop, Sample fields [B, ...] in the purejaxrl loop. Returns the new carry and loss_fn's scalars.
         """
         train_state, obs_stats, key = carry
         key, key_entropy = jax.random.split(key)
@@ -730,20 +825,17 @@ def make_train(args: Args, drift: Drift):
         return (train_state.apply_gradients(grads=grads), obs_stats, key), aux
 
     def update_epoch(carry, key):
-        """One epoch: the batch's unrolls shuffled into num_minibatches minibatches, one Adam step on each.
+        """One epoch: the batch's unrolls (brax) or samples (purejaxrl) shuffled into num_minibatches minibatches,
+        one Adam step on each.
 
-        carry = (train_state, obs_stats, batch), batch fields [T, num_envs·num_unrolls, ...] (obs [T + 1, ...]).
-        Returns the new carry and loss_fn's scalars [num_minibatches].
+        carry = (train_state, obs_stats, batch), batch a Transition with fields [T, num_envs·num_unrolls, ...]
+        (obs [T + 1, ...]) or a Sample with fields [batch_size(args), ...]. Returns the new carry and loss_fn's
+        scalars [num_minibatches].
         """
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
-        permutation = jax.random.permutation(key_perm, n_unrolls)  # minibatches of whole unrolls, as Brax's
-        minibatches = jax.tree.map(
-            lambda x: jnp.swapaxes(
-                jnp.take(x, permutation, axis=1).reshape((x.shape[0], args.num_minibatches, -1) + x.shape[2:]), 0, 1
-            ),
-            batch,
-        )
+        permutation = jax.random.permutation(key_perm, n_unrolls if brax_loop else batch_size(args))
+        minibatches = jax.tree.map(functools.partial(minibatches_of, permutation=permutation), batch)
         (train_state, _, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats, key_mb), minibatches)
         return (train_state, obs_stats, batch), aux
 
@@ -758,6 +850,8 @@ def make_train(args: Args, drift: Drift):
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
+        if not brax_loop:
+            batch = rollout_samples(runner.train_state.params, batch, obs_stats)
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
@@ -856,25 +950,38 @@ def init_seeds(init, keys) -> Runner:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
 
 
+def seed_statistics(x, prefix: str) -> dict:
+    """Statistics over seeds of x [num_seeds]: {prefix}_mean, _std (sample std, ddof 1; 0 for one seed), _iqm (the
+    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples; the
+    IQM itself for one seed), and {prefix}s, the values."""
+    x = np.asarray(x, dtype=float)
+    iqm = float(scipy.stats.trim_mean(x, 0.25))
+    ci = [iqm, iqm]
+    if len(x) > 1:
+        boot = scipy.stats.bootstrap(
+            (x,), functools.partial(scipy.stats.trim_mean, proportiontocut=0.25), n_resamples=2000, method="percentile"
+        )
+        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    return {
+        f"{prefix}_mean": float(x.mean()),
+        f"{prefix}_std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+        f"{prefix}_iqm": iqm,
+        f"{prefix}_iqm_ci": ci,
+        f"{prefix}s": x.tolist(),
+    }
+
+
 def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
 
-    Returns final_{return,mode_return}_{mean,std,iqm} over seeds and final_{return,mode_return}s per seed.
+    Returns seed_statistics' final_return_* and final_mode_return_* entries.
     """
     out = {}
     for name, deterministic in (("return", False), ("mode_return", True)):
         evaluate = over_seeds(
             functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
         )
-        returns = np.asarray(evaluate(params, obs_stats, seed_keys(args)[1]), dtype=float)
-        out.update(
-            {
-                f"final_{name}_mean": float(returns.mean()),
-                f"final_{name}_std": float(returns.std()),
-                f"final_{name}_iqm": float(scipy.stats.trim_mean(returns, 0.25)),  # as rliable's IQM
-                f"final_{name}s": returns.tolist(),
-            }
-        )
+        out.update(seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), f"final_{name}"))
     return out
 
 
@@ -1007,10 +1114,16 @@ def run_comparison(args: Args) -> str:
     title = f"{args.env_id}, {args.num_seeds} seed(s)"
     plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")
     for drift, r in summary["drifts"].items():
+        low, high = r["final_return_iqm_ci"]
         print(
-            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f}, "
-            f"IQM {r['final_return_iqm']:.2f} (sampled actions)"
+            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} (sample std), "
+            f"IQM {r['final_return_iqm']:.2f} [{low:.2f}, {high:.2f}] (sampled actions)"
         )
+    if len(args.compare) == 2 and args.num_seeds > 1:
+        a, b = (summary["drifts"][d]["final_returns"] for d in args.compare)
+        p = float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue)
+        verdict = "different at p < 0.05" if p < 0.05 else f"no difference detected at n = {args.num_seeds}"
+        print(f"Welch's t-test {args.compare[0].upper()} vs {args.compare[1].upper()}: p = {p:.3g} ({verdict})")
     return base
 
 

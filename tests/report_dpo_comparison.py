@@ -1,7 +1,8 @@
 """Table and figure of a PPO-vs-DPO comparison from dpo.py run directories (not collected by pytest).
 
 Reads runs/compare/{env}__{ppo,dpo}/ (written by runs/compare/run.sh, see docs/dpo.md), prints the markdown table
-of final sampled-action returns (mean ± std and interquartile mean over seeds, and Welch's t-test p-value) and
+of final sampled-action returns (mean ± sample std, the interquartile mean with its bootstrap 95% interval, and
+Welch's t-test p-value) and
 writes the learning curves (mean ± standard error over seeds) to docs/dpo_comparison.png.
 
     python tests/report_dpo_comparison.py --runs runs/compare --out docs/dpo_comparison.png
@@ -32,7 +33,10 @@ class Report:
 def main(report: Report):
     envs = sorted({name.rsplit("__", 1)[0] for name in os.listdir(report.runs) if "__" in name})
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
-    print("| env | budget per seed | seeds | PPO mean ± std | PPO IQM | DPO mean ± std | DPO IQM | Welch p |")
+    print(
+        "| env | budget per seed | seeds | PPO mean ± std | PPO IQM [95% CI] | DPO mean ± std | DPO IQM [95% CI]"
+        " | Welch p |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for ax, env in zip(axes[0], envs):
         finals = {}
@@ -57,11 +61,13 @@ def main(report: Report):
         if len(finals) == 2:
             ppo, dpo = finals["ppo"], finals["dpo"]
             p = scipy.stats.ttest_ind(ppo["final_returns"], dpo["final_returns"], equal_var=False).pvalue
-            print(
-                f"| {env} | {ppo['total_timesteps']:,} | {ppo['num_seeds']} | {ppo['final_return_mean']:.1f} ± "
-                f"{ppo['final_return_std']:.1f} | {ppo['final_return_iqm']:.1f} | {dpo['final_return_mean']:.1f} ± "
-                f"{dpo['final_return_std']:.1f} | {dpo['final_return_iqm']:.1f} | {p:.2g} |"
-            )
+            cells = [f"{env} | {ppo['total_timesteps']:,} | {ppo['num_seeds']}"]
+            for s in (ppo, dpo):  # summary.json's sample std (ddof 1) and the IQM's bootstrap interval
+                low, high = s["final_return_iqm_ci"]
+                cells.append(f"{s['final_return_mean']:.1f} ± {s['final_return_std']:.1f}")
+                cells.append(f"{s['final_return_iqm']:.1f} [{low:.1f}, {high:.1f}]")
+            verdict = "" if p < 0.05 else f" (no difference detected at n = {ppo['num_seeds']})"
+            print(f"| {' | '.join(cells)} | {p:.2g}{verdict} |")
     fig.tight_layout()
     fig.savefig(report.out, dpi=110)
     print(f"figure: {report.out}")

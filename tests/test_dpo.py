@@ -118,6 +118,58 @@ def test_gae_matches_brax_formula_written_as_a_plain_loop():
     assert np.all(np.asarray(adv)[truncated > 0] == 0.0)  # a time-limit step gets no advantage
 
 
+def test_purejaxrl_gae_matches_its_formula_written_as_a_plain_loop():
+    rng = np.random.default_rng(1)
+    T, B, gamma, lam = 24, 5, 0.99, 0.95
+    rewards, values, bootstrap = rng.normal(size=(T, B)), rng.normal(size=(T, B)), rng.normal(size=B)
+    done = (rng.random((T, B)) < 0.15).astype(float)
+    assert done.any()
+    adv, acc, next_value = np.zeros((T, B)), np.zeros(B), bootstrap
+    for t in reversed(range(T)):  # purejaxrl/ppo.py's _get_advantages, one step at a time
+        delta = rewards[t] + gamma * next_value * (1 - done[t]) - values[t]
+        acc = delta + gamma * lam * (1 - done[t]) * acc
+        adv[t], next_value = acc, values[t]
+    targets, ours = dpo.compute_gae_purejaxrl(
+        *(jnp.asarray(x, jnp.float32) for x in (rewards, values, bootstrap, done)), gamma=gamma, gae_lambda=lam
+    )
+    np.testing.assert_allclose(np.asarray(ours), adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(targets), adv + values, rtol=1e-5, atol=1e-5)
+    # an episode end (a time limit too) is terminal: its advantage is r - V, with no bootstrap or trace
+    np.testing.assert_allclose(np.asarray(ours)[done > 0], (rewards - values)[done > 0], rtol=1e-5, atol=1e-5)
+
+
+def test_each_family_runs_its_own_ppo_loop():
+    ant, cartpole = (dpo.resolve_args(dpo.Args(env_id=e)) for e in ("ant", "CartPole-v1"))
+    assert (ant.ppo_loop, ant.num_unrolls, ant.num_steps) == ("brax", 16, 5)
+    assert (cartpole.ppo_loop, cartpole.num_unrolls, cartpole.num_steps, cartpole.num_envs) == ("purejaxrl", 1, 128, 4)
+    # PureJaxRL's learning rate: linear to 0 over the updates, constant within one (ppo.py lines 73-79)
+    args = dataclasses.replace(cartpole, max_grad_norm=0.0)
+    tx = dpo.make_optimizer(args)
+    grads = jnp.ones(3)
+    state = tx.init(grads)
+    steps = []
+    for _ in range(args.update_epochs * args.num_minibatches + 1):
+        updates, state = tx.update(grads, state)
+        steps.append(float(-updates[0]))
+    n = dpo.num_updates(args)
+    assert steps[0] == pytest.approx(args.learning_rate, rel=1e-3)  # Adam's first step is lr·sign(g)
+    assert steps[-2] == pytest.approx(steps[0], rel=1e-3)  # the whole first update at the full rate
+    assert steps[-1] == pytest.approx(args.learning_rate * (1 - 1 / n), rel=1e-3)
+    # Brax's normaliser (v0.0.11): variance clipped to [1e-6, 1e6], normalised observations to ±5
+    stats = dpo.RunningStats(jnp.zeros(2), jnp.array([1e-9, 4.0]), 10.0)
+    np.testing.assert_allclose(dpo.normalize(jnp.array([1e-4, 40.0]), stats, True), [0.1, 5.0], rtol=1e-5)
+
+
+def test_seed_statistics_use_the_sample_std_and_bootstrap_the_iqm():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 100.0, 5.0, 6.0, 7.0])
+    stats = dpo.seed_statistics(x, "final_return")
+    assert stats["final_return_std"] == pytest.approx(np.std(x, ddof=1))
+    assert stats["final_return_iqm"] == pytest.approx(np.mean(np.sort(x)[2:6]))  # the middle half
+    low, high = stats["final_return_iqm_ci"]
+    assert low < stats["final_return_iqm"] < high < 100.0
+    assert dpo.seed_statistics([3.0], "r") == dict(r_mean=3.0, r_std=0.0, r_iqm=3.0, r_iqm_ci=[3.0, 3.0], rs=[3.0])
+
+
 def test_squashed_gaussian_log_prob_is_a_change_of_variables():
     loc, scale = jnp.array([0.3, -1.2]), jnp.array([0.5, 1.5])
     pi = dpo.TanhGaussian(loc, scale)
@@ -171,11 +223,18 @@ def test_brax_optimiser_does_not_clip_and_gymnax_does():
 
 
 def test_update_counts_follow_the_authors_budget():
-    # updates = total_timesteps // (num_envs · num_unrolls · num_steps · action_repeat): ant 30M / 163,840;
-    # reacher 100M / (2048 · 4 · 50 · 4) = 61, a quarter of what ignoring the action repeat would give.
-    assert dpo.num_updates(dpo.resolve_args(dpo.Args(env_id="ant"))) == 30_000_000 // 163_840 == 183
+    # n = total_timesteps // (num_envs · num_unrolls · num_steps · action_repeat), run by the authors' loop as
+    # (log_frequency + 1) × (n // log_frequency): ant n = 30M / 163,840 = 183 -> 21 × 9 = 189; reacher
+    # n = 100M / (2048 · 4 · 50 · 4) = 61 (a quarter of what ignoring the action repeat gives) -> 21 × 3 = 63.
+    ant = dpo.resolve_args(dpo.Args(env_id="ant"))
+    assert ant.log_frequency == 20 and dpo.num_updates(ant) == 21 * (30_000_000 // 163_840 // 20) == 189
+    assert dpo.num_updates(dataclasses.replace(ant, log_frequency=0)) == 183
     reacher = dpo.resolve_args(dpo.Args(env_id="reacher"))
-    assert reacher.action_repeat == 4 and dpo.num_updates(reacher) == 61
+    assert reacher.action_repeat == 4 and dpo.num_updates(reacher) == 63
+    # fewer updates than log_frequency: the budget's own count (a short CPU run is not stretched)
+    assert dpo.num_updates(dataclasses.replace(ant, total_timesteps=10 * 163_840)) == 10
+    # gymnax: PureJaxRL's count, total_timesteps // (num_envs · num_steps) = 500k / 512
+    assert dpo.num_updates(dpo.resolve_args(dpo.Args(env_id="CartPole-v1"))) == 976
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +363,7 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) * int(rows[0]["global_step"]) == summary["total_timesteps"]
+    assert all(0.0 <= float(r["clip_fraction"]) <= 1.0 for r in rows)  # share of samples with |r - 1| > ε
     if env_flags[1] == "ant":
         return  # reloading is the same code for every family; compiling Brax again is the suite's slowest step
     eval_dir = str(tmp_path / "eval")
@@ -377,10 +437,11 @@ BAD_INPUTS = {
     "unknown env": (["--env-id", "Pong-v5"], "CartPole-v1"),
     "unknown backend": (["--env-id", "ant", "--backend", "warp"], "positional"),
     "unknown drift": (["--drift", "trpo"], "ppo"),
-    "indivisible batch": (
-        ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-unrolls", "1", "--num-minibatches", "4"],
-        "do not divide",
+    "indivisible batch of samples": (
+        ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"],
+        "15 samples do not divide",
     ),
+    "indivisible batch of unrolls": (["--env-id", "ant", "--num-envs", "3"], "48 unrolls do not divide"),
     "non-positive size": (["--env-id", "CartPole-v1", "--num-envs", "0"], "must be positive"),
     "too few steps": (["--env-id", "CartPole-v1", "--total-timesteps", "100"], "less than one update"),
     "missing run": (["--load", "/nonexistent/run", "--eval-only"], "missing or damaged"),
@@ -401,7 +462,7 @@ def test_bad_input_is_a_short_message_and_nonzero_exit(name, capsys):
 
 
 def test_cli_error_has_no_traceback_and_comes_before_compiling():
-    for flags in (["--env-id", "Pong-v5"], ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-unrolls", "1"]):
+    for flags in (["--env-id", "Pong-v5"], ["--env-id", "CartPole-v1", "--num-envs", "3", "--num-steps", "5"]):
         proc = run_cli(*flags, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and "compiled" not in proc.stdout
 

@@ -92,6 +92,8 @@ def test_an_lpo_zero_drift_file_keeps_its_architecture(tmp_path, hidden):
 
 SHARED = (
     "compute_gae",
+    "compute_gae_purejaxrl",
+    "Sample",
     "resolve_args",
     "batch_size",
     "num_updates",
@@ -113,6 +115,7 @@ SHARED = (
     "seed_keys",
     "over_seeds",
     "init_seeds",
+    "seed_statistics",
     "evaluate_seeds",
     "atomic_write",
     "load_tree",
