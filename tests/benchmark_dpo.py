@@ -6,17 +6,27 @@ Prints, from one process, so every number is a ratio against a reference measure
     their ratio, and dpo.py's rollouts alone (--update-epochs 0: acting and stepping, no SGD), which splits
     training's time between acting and learning, and the actor's and critic's forward and backward passes alone on
     minibatch-shaped inputs, which bound from above the training / ceiling ratio that any PPO could reach here;
-  any env: N seeds vmapped in one call against N one-seed calls.
+  any env: N seeds vmapped in one call against N one-seed calls;
+  with --purejaxrl PATH (a PureJaxRL checkout's purejaxrl/ folder) on a Brax env: the command users run
+    (dpo.py's run_training, as `python dpo.py` runs it, its summary's sps) and its compiled training, each against
+    PureJaxRL's dpo_continuous_action.py at the same shape and backend, timed in the same process (with
+    --num-seeds N against N sequential PureJaxRL runs, i.e. its one-run rate).
 Every function is compiled first and then timed; each timing is the fastest of --repeats runs.
 
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh --total-timesteps 256000
     python tests/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
+    python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
+        --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh \
+        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl
 """
 
 import dataclasses
+import functools
+import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -24,6 +34,7 @@ import jax.numpy as jnp
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo  # noqa: E402
 
 
@@ -31,6 +42,8 @@ import dpo  # noqa: E402
 class Bench(dpo.Args):
     repeats: int = 3
     """timed runs of each function; the fastest counts"""
+    purejaxrl: str | None = None
+    """a PureJaxRL checkout's purejaxrl/ folder: compare with its dpo_continuous_action.py (Brax envs)"""
 
 
 def fastest(fn, *args, repeats: int) -> float:
@@ -98,6 +111,49 @@ def mlp_steps_time(args: dpo.Args, repeats: int) -> float:
     return fastest(run, params, key, repeats=repeats)
 
 
+def purejaxrl_sps(args: dpo.Args, folder: str, repeats: int) -> float:
+    """Env-steps/s of PureJaxRL's dpo_continuous_action.py train() (compiled first, one seed) at args' shape:
+    num_envs, num_steps, minibatches, epochs, learning rate, γ, the total steps and the Brax backend."""
+    from report_purejaxrl_comparison import import_purejaxrl
+
+    module = import_purejaxrl(folder, "dpo_continuous_action")
+    module.BraxGymnaxWrapper = functools.partial(module.BraxGymnaxWrapper, backend=args.backend)
+    steps = dpo.num_updates(args) * args.num_envs * args.num_steps
+    config = dict(
+        LR=args.learning_rate,
+        NUM_ENVS=args.num_envs,
+        NUM_STEPS=args.num_steps,
+        TOTAL_TIMESTEPS=steps,
+        UPDATE_EPOCHS=args.update_epochs,
+        NUM_MINIBATCHES=args.num_minibatches,
+        GAMMA=args.gamma,
+        GAE_LAMBDA=args.gae_lambda,
+        CLIP_EPS=0.2,
+        DPO_ALPHA=2.0,
+        DPO_BETA=0.6,
+        ENT_COEF=args.ent_coef,
+        VF_COEF=0.5,
+        MAX_GRAD_NORM=0.5,
+        ACTIVATION="tanh",
+        ENV_NAME=args.env_id,
+        ANNEAL_LR=False,
+        NORMALIZE_ENV=True,
+        DEBUG=False,
+    )
+    key = jax.random.PRNGKey(0)
+    train = jax.jit(module.make_train(config)).lower(key).compile()
+    return steps / fastest(train, key, repeats=repeats)
+
+
+def cli_sps(args: dpo.Args) -> float:
+    """The `sps` that `python dpo.py` with these args writes to summary.json (training over all seeds, compilation
+    excluded), from a run in a temporary directory."""
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = dpo.run_training(dataclasses.replace(args, run_dir=os.path.join(folder, "run"), num_eval_envs=8))
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)["sps"]
+
+
 def main(bench: Bench):
     args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
     args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args) * args.action_repeat)
@@ -126,6 +182,13 @@ def main(bench: Bench):
             f"the MLPs' SGD steps alone:           {floor:12.2f} s (any PPO's epochs take at least this); "
             f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}"
         )
+    if bench.purejaxrl and args.env_id in dpo.BRAX_ENVS:
+        reference = purejaxrl_sps(args, bench.purejaxrl, bench.repeats)
+        print(f"PureJaxRL dpo_continuous_action.py:  {reference:12,.0f} env-steps/s (one seed)")
+        print(f"dpo.py compiled training / PureJaxRL:{train_sps / reference:12.3f}")
+        command = cli_sps(args)
+        print(f"python dpo.py (summary sps):         {command:12,.0f} env-steps/s over {args.num_seeds} seed(s)")
+        print(f"python dpo.py / PureJaxRL:           {command / reference:12.3f}")
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
         sequential = args.num_seeds * training_time(one, bench.repeats)

@@ -82,7 +82,8 @@ class Categorical:
 
 class FiveValueStep:
     """A gymnax 1.0 env whose step returns (obs, state, reward, terminated or truncated, info), as gymnax 0.0.x
-    did and PureJaxRL's wrappers expect."""
+    did and PureJaxRL's wrappers expect. info loses gymnax 1.0's `final_observation`, which ppo.py would stack for
+    every step of the run (MinAtar: 1.6 GB per seed at 1M steps) and never reads."""
 
     def __init__(self, env):
         self._env = env
@@ -92,37 +93,64 @@ class FiveValueStep:
 
     def step(self, key, state, action, params=None):
         obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, params)
+        info = {k: v for k, v in info.items() if k != "final_observation"}
         return obs, state, reward, jnp.logical_or(terminated, truncated), info
 
 
-def import_purejaxrl_ppo(folder: str):
-    """purejaxrl/ppo.py from a checkout, with the stand-ins installed. Raises SystemExit naming a missing folder."""
-    if not os.path.exists(os.path.join(folder, "ppo.py")):
-        raise SystemExit(f"error: no ppo.py in {folder}: pass --purejaxrl PATH/TO/purejaxrl/purejaxrl")
+class MultivariateNormalDiag:
+    """Stand-in for distrax.MultivariateNormalDiag: the three methods dpo_continuous_action.py calls."""
+
+    def __init__(self, loc, scale_diag):
+        self.loc, self.scale = loc, scale_diag
+
+    def sample(self, seed):
+        return self.loc + self.scale * jax.random.normal(seed, self.loc.shape)
+
+    def log_prob(self, value):
+        z = (value - self.loc) / self.scale
+        return jnp.sum(-0.5 * z**2 - jnp.log(self.scale) - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+    def entropy(self):
+        return jnp.sum(0.5 + 0.5 * jnp.log(2 * jnp.pi) + jnp.log(self.scale) * jnp.ones_like(self.loc), axis=-1)
+
+
+def import_purejaxrl(folder: str, module: str = "ppo"):
+    """purejaxrl/<module>.py from a checkout, with the stand-ins installed; gymnax envs made by the module step with
+    five values. Raises SystemExit naming a missing file."""
+    if not os.path.exists(os.path.join(folder, f"{module}.py")):
+        raise SystemExit(f"error: no {module}.py in {folder}: pass --purejaxrl PATH/TO/purejaxrl/purejaxrl")
+    import importlib
+
     import gymnax
 
-    sys.modules["distrax"] = types.SimpleNamespace(Categorical=Categorical)
+    sys.modules["distrax"] = types.SimpleNamespace(
+        Categorical=Categorical, MultivariateNormalDiag=MultivariateNormalDiag
+    )
     sys.modules["chex"] = types.SimpleNamespace(Array=jax.Array, PRNGKey=jax.Array)
     sys.modules["navix"] = types.ModuleType("navix")
     sys.path.insert(0, folder)
-    import ppo
+    loaded = importlib.import_module(module)
 
     def make_five_value(env_id, **kwargs):
         env, params = gymnax.make(env_id, **kwargs)
         return FiveValueStep(env), params
 
-    ppo.gymnax = types.SimpleNamespace(make=make_five_value)  # ppo.py's only use of gymnax; dpo.py's is untouched
-    return ppo
+    loaded.gymnax = types.SimpleNamespace(make=make_five_value)  # the module's only use of gymnax; dpo.py's untouched
+    return loaded
 
 
 def purejaxrl_scores(ppo, env_id: str, total_timesteps: int, num_seeds: int) -> tuple[np.ndarray, float]:
-    """Per-seed scores [num_seeds] of ppo.py's make_train (seeds vmapped, as its README does) and the seconds."""
+    """Per-seed scores [num_seeds] of ppo.py's make_train and the seconds. The seeds run one after another: vmapped
+    (as PureJaxRL's README does), its network initialisation batches LAPACK's QR, which on Breakout-MinAtar hung
+    jaxlib 0.10.2's CPU thread pool here."""
     config = dict(CONFIG, ENV_NAME=env_id, TOTAL_TIMESTEPS=total_timesteps)
-    train = jax.jit(jax.vmap(ppo.make_train(config)))
+    train = jax.jit(ppo.make_train(config))
     start = time.time()
-    out = jax.block_until_ready(train(jax.random.split(jax.random.PRNGKey(0), num_seeds)))
-    returns = np.asarray(out["metrics"]["returned_episode_returns"])[:, :, -1, :].mean(-1)  # [seeds, updates]
-    return tail_mean(returns), time.time() - start
+    returns = []
+    for key in jax.random.split(jax.random.PRNGKey(0), num_seeds):
+        out = jax.block_until_ready(train(key))
+        returns.append(np.asarray(out["metrics"]["returned_episode_returns"])[:, -1, :].mean(-1))  # [updates]
+    return tail_mean(np.stack(returns)), time.time() - start
 
 
 def dpo_args(env_id: str, total_timesteps: int, num_seeds: int, drift: str) -> dpo.Args:
@@ -149,23 +177,32 @@ def dpo_args(env_id: str, total_timesteps: int, num_seeds: int, drift: str) -> d
     return dpo.resolve_args(args)
 
 
-def dpo_scores(args: dpo.Args) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-seed training scores and final evaluations (sampled actions) [num_seeds] of dpo.py, and the seconds."""
-    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
+def train_seeds(args: dpo.Args, drift) -> tuple[dpo.Runner, dict, float]:
+    """dpo.py's training of args.num_seeds seeds with drift, chunk by chunk as its CLI runs it, without files.
+
+    Returns the final runners, metrics {name: [num_seeds, num_updates]} and the training seconds.
+    """
+    init, train_chunk = dpo.make_train(args, drift)
     runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
     n = dpo.num_updates(args)
     chunk_fn = dpo.over_seeds(train_chunk, args.num_seeds, (0, None))
     start = time.time()
-    returns = []
+    chunks = []
     done = 0
     while done < n:
         k = min(dpo.max_chunk(args), n - done)
         runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(k)))
-        returns.append(np.asarray(metrics["episodic_return"])[:, :k])
+        chunks.append({name: np.asarray(v)[:, :k] for name, v in metrics.items()})
         done += k
-    seconds = time.time() - start
+    metrics = {name: np.concatenate([c[name] for c in chunks], axis=1) for name in chunks[0]}
+    return runners, metrics, time.time() - start
+
+
+def dpo_scores(args: dpo.Args) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-seed training scores and final evaluations (sampled actions) [num_seeds] of dpo.py, and the seconds."""
+    runners, metrics, seconds = train_seeds(args, dpo.make_drift(args))
     final = dpo.evaluate_seeds(args, runners.train_state.params, runners.obs_stats)["final_returns"]
-    return tail_mean(np.concatenate(returns, axis=1)), np.asarray(final), seconds
+    return tail_mean(metrics["episodic_return"]), np.asarray(final), seconds
 
 
 def tail_mean(returns: np.ndarray) -> np.ndarray:
@@ -188,7 +225,7 @@ def describe(x: np.ndarray) -> dict:
 
 
 def main(args: Args):
-    ppo = import_purejaxrl_ppo(args.purejaxrl)
+    ppo = import_purejaxrl(args.purejaxrl)
     results = {}
     for env_id in args.env_ids:
         steps = args.minatar_timesteps if env_id.endswith("MinAtar") else 500_000
