@@ -487,7 +487,7 @@ def resolve_args(args: Args) -> Args:
         without --load.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
-    unrolls = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)
+    items = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)  # shuffled units
     if (
         min(
             args.num_seeds,
@@ -502,9 +502,9 @@ def resolve_args(args: Args) -> Args:
         <= 0
     ):
         raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
-    if unrolls % args.num_minibatches:
+    if items % args.num_minibatches:
         raise ArgsError(
-            f"the batch's {unrolls} {'unrolls' if args.ppo_loop == 'brax' else 'samples'}"
+            f"the batch's {items} {'unrolls' if args.ppo_loop == 'brax' else 'samples'}"
             f" do not divide into --num-minibatches {args.num_minibatches}"
         )
     if num_updates(args) == 0:
@@ -1036,14 +1036,18 @@ def init_seeds(init, keys) -> Runner:
 
 def seed_statistics(x, prefix: str) -> dict:
     """Statistics over seeds of x [num_seeds]: {prefix}_mean, _std (sample std, ddof 1; 0 for one seed), _iqm (the
-    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples; the
-    IQM itself for one seed), and {prefix}s, the values."""
+    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples drawn
+    with a fixed generator, so a summary is reproducible; the IQM itself for one seed), and {prefix}s, the values."""
     x = np.asarray(x, dtype=float)
     iqm = float(scipy.stats.trim_mean(x, 0.25))
     ci = [iqm, iqm]
     if len(x) > 1:
         boot = scipy.stats.bootstrap(
-            (x,), functools.partial(scipy.stats.trim_mean, proportiontocut=0.25), n_resamples=2000, method="percentile"
+            (x,),
+            functools.partial(scipy.stats.trim_mean, proportiontocut=0.25),
+            n_resamples=2000,
+            method="percentile",
+            rng=np.random.default_rng(0),
         )
         ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
     return {

@@ -212,15 +212,16 @@ def tail_mean(returns: np.ndarray) -> np.ndarray:
 
 
 def describe(x: np.ndarray) -> dict:
-    """Mean, sample std (ddof 1), IQM and its bootstrap 95% CI of per-seed scores x [n]."""
-    iqm = scipy.stats.bootstrap((x,), lambda v, axis: scipy.stats.trim_mean(v, 0.25, axis=axis), random_state=0)
+    """Mean, sample std (ddof 1), IQM and its bootstrap 95% CI (dpo.py's seed_statistics), and the worst of
+    per-seed scores x [n]."""
+    stats = dpo.seed_statistics(x, "score")
     return dict(
-        mean=float(x.mean()),
-        std=float(x.std(ddof=1)),
-        iqm=float(scipy.stats.trim_mean(x, 0.25)),
-        iqm_ci=[float(iqm.confidence_interval.low), float(iqm.confidence_interval.high)],
-        min=float(x.min()),
-        scores=x.tolist(),
+        mean=stats["score_mean"],
+        std=stats["score_std"],
+        iqm=stats["score_iqm"],
+        iqm_ci=stats["score_iqm_ci"],
+        min=float(np.min(x)),
+        scores=stats["scores"],
     )
 
 
