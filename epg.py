@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 import tyro
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
@@ -47,10 +48,11 @@ BRAX_BASE = {
     "random-hopper": "hopper",
     "goal-reacher": "reacher",
 }  # Brax family -> the Brax environment it changes
+LOSS_SIZES = {"small": ((8, 16), 16), "reference": ((16, 32), 32)}  # conv channels, context width
 EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
-GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM = 0, 1, 2, 3  # every key: fold_in(PRNGKey(--seed), STREAM)
+GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM, SELECT_STREAM = range(5)  # fold_in(PRNGKey(seed), STREAM)
 PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
 INNER_FIELDS = (
     "lifetime",
@@ -60,10 +62,13 @@ INNER_FIELDS = (
     "update_epochs",
     "inner_learning_rate",
     "memory_units",
+    "loss_size",
+    "goal_split",
     "num_eval_episodes",
     "episode_length",
     "reward_blind",
-)  # in a loss file, used by --test
+)  # in a loss file, used by --test (reward_blind last: the settings a reward-blind loss must share)
+LEGACY_INNER = {"loss_size": "reference", "goal_split": "half"}  # loss files written before these fields existed
 
 
 @dataclasses.dataclass
@@ -82,6 +87,9 @@ class Args:
     """Brax physics backend (ignored by the other families)"""
     episode_length: int | None = None
     """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
+    goal_split: Literal["sides", "sector", "half"] = "sides"
+    """goal families: training goals in the ±y quadrants (sides), everywhere but the -x quadrant (sector), or the
+    +x half (half, the paper's); --test goals in the -x quadrant (sides, sector) or the -x half (half)"""
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
@@ -94,10 +102,19 @@ class Args:
     """passes over the M newest steps per policy update"""
     inner_learning_rate: float = 1e-3
     """Adam learning rate of the agent (policy, memory units, PPO value function)"""
-    memory_units: int = 32
-    """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none)"""
+    memory_units: int = 0
+    """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none, as the
+    reference's default launch, launch_local.py:84; the paper's 32)"""
+    loss_size: Literal["small", "reference"] = "small"
+    """loss network: convolutions of 8 and 16 channels, context 16 (small, about 1.9k parameters on goal-point),
+    or the reference's 16, 32 and 32 (losses.py:36-93)"""
+    loss_init: Literal["zero-output", "flax"] = "zero-output"
+    """θ₀: flax's default init with the output layer's kernel at zero (zero-output: θ₀ is the zero loss, and the
+    members of an antithetic pair push the agent in opposite directions), or all of it flax's (the reference's
+    random start; at σ = 0.01 its members' returns hardly differ, docs/epg.md)"""
     num_eval_episodes: int = 3
-    """a lifetime's return (the fitness) is the mean over its last this many episodes (the reference's 3)"""
+    """a lifetime's return (the fitness) is the mean over this many fresh episodes of the final policy, run
+    after the lifetime (the reference's 3, rollout.py:66-77)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
     pop_size: int = 16
@@ -108,8 +125,9 @@ class Args:
     """ES generations (default 500; on --resume, the saved run's unless given)"""
     sigma: float = 0.01
     """ES noise standard deviation σ"""
-    es_learning_rate: float = 1e-2
-    """Adam (β1 = 0) learning rate of the ES update, divided by 10 after half of the generations"""
+    es_learning_rate: float | None = None
+    """Adam (β1 = 0) learning rate of the ES update, divided by 10 after half of the generations (default
+    σ/(2·√num_generations), so a random walk of the generations' steps stays near σ/2; the reference's: 1e-2)"""
     weight_decay: float = 1e-3
     """L2 coefficient subtracted in the ES gradient, on the scale of the rank term ranks·ε / n (no 1/σ)"""
     ppo_anneal_frac: float = 0.125
@@ -117,15 +135,19 @@ class Args:
     eval_every: int = 10
     """evaluate the current loss (ES mean, α = 0) every this many generations on the fixed evaluation tasks"""
     num_eval_tasks: int = 8
-    """training-distribution tasks of that evaluation, drawn once per run; the best loss is best_loss.msgpack"""
+    """training-distribution tasks of that evaluation, drawn once per run (the curve of eval_fitness)"""
+    num_select_tasks: int = 32
+    """at the end, every evaluated ES mean runs on this many training tasks drawn for this choice alone; the best
+    there is best_loss.msgpack (until then, the best on the evaluation tasks)"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
     test: bool = False
-    """instead of meta-training: evolved loss vs tuned PPO vs zero (vs reward-blind) loss on held-out tasks"""
+    """instead of meta-training: evolved loss vs its reward-ablated self vs tuned PPO vs zero (vs reward-blind)
+    loss on held-out tasks"""
     load_loss: str | None = None
     """--test: a loss .msgpack or a run directory (its best loss); the file's inner-loop settings are used"""
     load_reward_blind_loss: str | None = None
-    """--test: a loss meta-trained with --reward-blind, run as a fourth trainer"""
+    """--test: a loss meta-trained with --reward-blind, run as a fifth trainer"""
     num_seeds: int = 32
     """--test: agents per trainer, each on its own held-out task; every trainer gets the same tasks and seeds"""
     ppo_rollouts: tuple[int, ...] = (64, 256)
@@ -146,6 +168,8 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError naming the problem."""
     defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.es_learning_rate is None and args.num_generations > 0:
+        args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
     for name in (
         "lifetime",
         "buffer_size",
@@ -158,6 +182,7 @@ def resolve_args(args: Args) -> Args:
         "num_generations",
         "eval_every",
         "num_eval_tasks",
+        "num_select_tasks",
         "save_every",
         "num_seeds",
         "episode_length",
@@ -194,16 +219,20 @@ class EPGLoss(nn.Module):
     `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as channels, through
     Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time,
     Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU, Dense(1), mean over
-    the B. Leaky slope 0.2 (chainer's default, which the reference uses)."""
+    the B. Leaky slope 0.2 (chainer's default, which the reference uses). `channels` and `context` set the widths
+    (16, 32 and 32 above, the reference's; LOSS_SIZES)."""
+
+    channels: tuple[int, int] = (16, 32)
+    context: int = 32
 
     @nn.compact
     def __call__(self, inputs, index):
         leaky = functools.partial(nn.leaky_relu, negative_slope=0.2)
-        x = leaky(nn.Conv(16, kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
-        x = leaky(nn.Conv(32, kernel_size=(4,), strides=(2,), padding="VALID")(x))
-        context = nn.Dense(32)(x.mean(axis=0))
+        x = leaky(nn.Conv(self.channels[0], kernel_size=(6,), strides=(5,), padding="VALID")(inputs))
+        x = leaky(nn.Conv(self.channels[1], kernel_size=(4,), strides=(2,), padding="VALID")(x))
+        context = nn.Dense(self.context)(x.mean(axis=0))
         h = jnp.concatenate([inputs[index], jnp.broadcast_to(context, index.shape + context.shape)], axis=-1)
-        return nn.Dense(1)(leaky(nn.Dense(16)(h))).mean()
+        return nn.Dense(1, name="output")(leaky(nn.Dense(16)(h))).mean()
 
 
 class Buffer(NamedTuple):
@@ -218,8 +247,16 @@ class Buffer(NamedTuple):
     valid: jax.Array  # [N]
 
 
-def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_blind=False) -> jax.Array:
-    """The loss's inputs [N, D]: normalised observation, action, reward, done, policy mean and log-std, memory units
+def loss_network(args: Args) -> EPGLoss:
+    """The EPGLoss of --loss-size."""
+    return EPGLoss(*LOSS_SIZES[args.loss_size])
+
+
+def loss_inputs(
+    agent: dict, buffer: Buffer, obs_stats: "RunningStats", action_stats: "RunningStats", reward_blind=False
+) -> jax.Array:
+    """The loss's inputs [N, D]: normalised observation and action (each by its running statistics, as the
+    reference's trajectory normaliser, agents.py:131-134), reward, done, policy mean and log-std, memory units
     (epg/agents.py:90-104), zero on unfilled rows. Policy outputs and memory units [memory_units] = tanh(W·1 + b) are
     recomputed from `agent`, so L_φ's gradient reaches the policy (also through the context) and W, b, which only L_φ
     reads (section 3.2; networks.py:51-70). Reward: raw (agents.py:142), or zero if `reward_blind` (agents.py:123)."""
@@ -230,7 +267,7 @@ def loss_inputs(agent: dict, buffer: Buffer, obs_stats: "RunningStats", reward_b
         jnp.concatenate(
             [
                 obs,
-                buffer.action,
+                action_stats.normalize(buffer.action),
                 jnp.where(reward_blind, 0.0, buffer.reward)[:, None],
                 buffer.done[:, None],
                 pi.mean,
@@ -306,13 +343,28 @@ def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_dec
 SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
-GOAL_HALF_ANGLE = 0.45 * math.pi  # goals within ±81° of +x (training) or of -x (--test): strictly one half
+GOAL_HALF_ANGLE = 0.45 * math.pi  # --goal-split half: goals within ±81° of +x (training) or of -x (--test)
+QUADRANT = 0.25 * math.pi  # half-width of a 90° sector
 
 
-def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0) -> dict:
+def goal_angles(key: jax.Array, n: int, test: bool, split: str) -> jax.Array:
+    """Goal angles [n] (radians) of a --goal-split. sides: training goals within ±45° of +y or of -y, equally
+    likely, so their mean direction is zero and no goal-agnostic movement gains in expectation (docs/epg.md);
+    sector: within ±135° of +x; both test within ±45° of -x. half: within ±81° of +x, test of -x."""
+    u = jax.random.uniform(key, (n,), minval=-1.0, maxval=1.0)
+    if test:
+        return math.pi + u * (GOAL_HALF_ANGLE if split == "half" else QUADRANT)
+    if split == "sides":
+        return jnp.where(u > 0, 1.0, -1.0) * (0.5 * math.pi + (2.0 * jnp.abs(u) - 1.0) * QUADRANT)
+    return u * (GOAL_HALF_ANGLE if split == "half" else 3.0 * QUADRANT)
+
+
+def sample_tasks(
+    family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0, split: str = "sides"
+) -> dict:
     """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
-    GOAL_RADIUS, angle within ±81° of +x (training) or of -x (`test`). dir-*: {"direction": [n]}, ±1 equally likely
-    (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
+    GOAL_RADIUS, angle from goal_angles(`split`) (training or `test` goals). dir-*: {"direction": [n]}, ±1 equally
+    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
     "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled.
     random-pendulum: {"mass", "length", "gravity": [n]}; other `test` tasks: new draws. ValueError if unknown."""
     keys = jax.random.split(key, 4)
@@ -321,7 +373,7 @@ def sample_tasks(family: str, key: jax.Array, n: int, test: bool, num_links: int
         return jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
 
     if family in GOAL_RADIUS:
-        angle = uniform(keys[1], (n,), (-GOAL_HALF_ANGLE, GOAL_HALF_ANGLE)) + (math.pi if test else 0.0)
+        angle = goal_angles(keys[1], n, test, split)
         r = uniform(keys[0], (n,), GOAL_RADIUS[family])
         return {"goal": jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)}
     if family in ("dir-hopper", "dir-cheetah"):
@@ -585,6 +637,7 @@ class LifetimeState(NamedTuple):
     agent: dict
     opt_state: optax.OptState
     obs_stats: RunningStats
+    action_stats: RunningStats  # of the sampled actions, for the loss's inputs only
     buffer: Buffer
     env_state: object
     obs: jax.Array
@@ -594,7 +647,7 @@ class LifetimeState(NamedTuple):
 
 
 class LifetimeOutput(NamedTuple):
-    final_return: jax.Array  # scalar: mean return of the last --num-eval-episodes finished episodes (fitness)
+    final_return: jax.Array  # scalar: mean return of --num-eval-episodes fresh episodes of the final policy (fitness)
     curve: jax.Array  # [lifetime / M]: return of the last finished episode at each policy update (NaN before)
     agent: dict  # the final agent parameters (init_agent's structure)
 
@@ -605,9 +658,11 @@ def make_lifetime(args: Args, env) -> Callable:
     buffer (last N steps) is refreshed and the agent takes settings.update_epochs passes over the M newest steps in
     minibatches, each an Adam step on (1 - α)·L_φ + α·L_PPO, L_φ's context the whole buffer (epg/agents.py:119-199);
     a term of weight 0 is not computed, a non-finite gradient is skipped (agents.py:190). Fitness: the mean return of
-    the last --num-eval-episodes episodes (epg/evolution.py:184). One lax.scan; jit and vmap freely."""
+    --num-eval-episodes fresh episodes that the final policy (sampled actions, statistics frozen) runs after the
+    lifetime (evolution.py:178, rollout.py:66-77). One lax.scan; jit and vmap freely."""
     obs_dim, action_dim, n, m = env.obs_dim, env.action_dim, args.buffer_size, args.update_every
     unravel = ravel_pytree(loss_template(args, env))[1]
+    network = loss_network(args)
     max_epochs = max(args.update_epochs, *args.ppo_epochs)  # split(key, k)[:e] does not depend on k
 
     def env_step(state: LifetimeState, task):  # a ~ π(·|obs); the environment gets a clipped to its bounds
@@ -628,7 +683,7 @@ def make_lifetime(args: Args, env) -> Callable:
 
     def interval(state: LifetimeState, loss_params, task, settings: InnerSettings):
         state, steps = jax.lax.scan(lambda s, _: env_step(s, task), state, None, m)
-        obs_stats = state.obs_stats.update(steps.obs)
+        obs_stats, action_stats = state.obs_stats.update(steps.obs), state.action_stats.update(steps.action)
         buffer = jax.tree.map(lambda old, new: jnp.concatenate([old[m:], new]), state.buffer, steps)
         # PPO's batch, fixed before the update: the M newest steps, their GAE advantages and the policy as it was
         recent = jax.tree.map(lambda x: x[n - m :], buffer)
@@ -648,8 +703,8 @@ def make_lifetime(args: Args, env) -> Callable:
             """(1 - α)·L_EPG + α·L_PPO on the minibatch rows `index`; each term computed only when its weight is > 0."""
 
             def epg():
-                inputs = loss_inputs(agent, buffer, obs_stats, settings.reward_blind)
-                return EPGLoss().apply(loss_params, inputs, n - m + index)
+                inputs = loss_inputs(agent, buffer, obs_stats, action_stats, settings.reward_blind)
+                return network.apply(loss_params, inputs, n - m + index)
 
             def ppo():
                 return ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
@@ -675,11 +730,27 @@ def make_lifetime(args: Args, env) -> Callable:
             return jax.lax.scan(minibatch_step, carry, indices)[0]
 
         agent, opt_state = jax.lax.fori_loop(0, settings.update_epochs, epoch, (state.agent, state.opt_state))
-        state = state._replace(agent=agent, opt_state=opt_state, obs_stats=obs_stats, buffer=buffer, key=key)
+        state = state._replace(
+            agent=agent, opt_state=opt_state, obs_stats=obs_stats, action_stats=action_stats, buffer=buffer, key=key
+        )
         return state, state.recent_returns[-1]
 
+    def fresh_episodes(state: LifetimeState, task, key):  # from a reset, no learning; at least k episodes end
+        k = args.num_eval_episodes
+        key_reset, key_run = jax.random.split(key)
+        obs, env_state = env.reset(key_reset, task)
+        state = state._replace(
+            obs=obs,
+            env_state=env_state,
+            episode_return=jnp.float32(0.0),
+            recent_returns=jnp.full(k, jnp.nan),
+            key=key_run,
+        )
+        state = jax.lax.scan(lambda s, _: (env_step(s, task)[0], None), state, None, k * args.episode_length)[0]
+        return jnp.nanmean(state.recent_returns)
+
     def lifetime(theta, task, key, settings: InnerSettings):
-        key_agent, key_reset, key_run = jax.random.split(key, 3)
+        key_agent, key_reset, key_run, key_eval = jax.random.split(key, 4)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         obs, env_state = env.reset(key_reset, task)
         vectors = jnp.zeros((n, obs_dim))
@@ -689,6 +760,7 @@ def make_lifetime(args: Args, env) -> Callable:
             agent,
             optax.adam(settings.learning_rate).init(agent),
             RunningStats.init(obs_dim),
+            RunningStats.init(action_dim),
             buffer,
             env_state,
             obs,
@@ -700,16 +772,20 @@ def make_lifetime(args: Args, env) -> Callable:
         state, curve = jax.lax.scan(
             lambda s, _: interval(s, loss_params, task, settings), state, None, args.lifetime // m
         )
-        return LifetimeOutput(jnp.nanmean(state.recent_returns), curve, state.agent)
+        return LifetimeOutput(fresh_episodes(state, task, key_eval), curve, state.agent)
 
     return lifetime
 
 
 def loss_template(args: Args, env) -> dict:
-    """EPGLoss parameters for the environment's sizes (the generation-0 loss, flax default init from --seed)."""
+    """EPGLoss parameters for the environment's sizes: the generation-0 loss θ₀, flax's default init from --seed,
+    with the output layer's kernel at zero for --loss-init zero-output."""
     dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
     inputs = jnp.zeros((args.buffer_size, dim))
-    return EPGLoss().init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
+    params = loss_network(args).init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
+    if args.loss_init == "zero-output":
+        params["params"]["output"]["kernel"] = jnp.zeros_like(params["params"]["output"]["kernel"])
+    return params
 
 
 def ppo_alpha(args: Args, g: int) -> float:
@@ -739,23 +815,30 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.adam(schedule, b1=0.0)
 
 
+def make_population(args: Args, env, n: int) -> Callable:
+    """returns(members [n, dim], tasks [num_tasks, ...], keys [num_tasks, 2], settings) -> final returns [n,
+    num_tasks]: every member (a flattened loss) on every task, the same tasks and lifetime seeds for all; the member
+    axis sharded over the JAX devices. Not jitted (make_generation and tests/preflight_epg.py jit it)."""
+    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
+    return shard_leading(
+        jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)), n, (True, False, False, False)
+    )
+
+
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
     Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks tasks
     and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
     mean final return over them. The member axis is sharded over the JAX devices; only returns come back."""
-    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
-    population = shard_leading(
-        jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)),
-        args.pop_size,
-        (True, False, False, False),
-    )
+    population = make_population(args, env, args.pop_size)
     optimizer = make_es_optimizer(args)
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = mirrored_noise(key_noise, args.pop_size, theta.shape[0])
-        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms)
+        tasks = sample_tasks(
+            env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms, args.goal_split
+        )
         returns = population(
             theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
         )
@@ -776,7 +859,8 @@ def make_runner(args: Args, env, n: int) -> Callable:
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
     key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    return sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms), jax.random.split(key_lives, n)
+    tasks = sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms, args.goal_split)
+    return tasks, jax.random.split(key_lives, n)
 
 
 # ---- Files: atomic writes, checkpoints, loss files, plots.
@@ -808,8 +892,8 @@ def read_file(path: str, what: str, parse: Callable):
 
 
 def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best: dict):
-    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best evaluated loss), generations.csv,
-    loss.msgpack (θ), best_loss.msgpack and fitness_curve.png."""
+    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best: the best evaluated loss and every
+    evaluated ES mean [k, dim]), generations.csv, loss.msgpack (θ), best_loss.msgpack and fitness_curve.png."""
     state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
@@ -839,7 +923,8 @@ def load_checkpoint(run_dir: str, theta, opt_state):
     """(theta, opt_state, rows, best) restored into the given templates; ArgsError if missing or damaged."""
 
     def parse(data):
-        template = dict(theta=theta, opt_state=opt_state, rows="", best={"fitness": 0.0, "theta": theta})
+        best = {"fitness": 0.0, "theta": theta, "candidates": np.zeros((0, theta.shape[0]), np.float32)}
+        template = dict(theta=theta, opt_state=opt_state, rows="", best=best)
         state = flax.serialization.from_bytes(template, data)
         if state["theta"].shape != theta.shape or state["best"]["theta"].shape != theta.shape:
             raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
@@ -864,7 +949,8 @@ def load_loss(path: str, args: Args) -> tuple[jax.Array, Args]:
 
     def parse(data):
         state = flax.serialization.msgpack_restore(data)
-        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
+        inner = {**LEGACY_INNER, **json.loads(state["inner"])}
+        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], inner
 
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
     theta, family, inner = read_file(file, path, parse)
@@ -907,7 +993,12 @@ def run_meta_training(args: Args) -> str:
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
     env = make_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
-    opt_state, rows, best = make_es_optimizer(args).init(theta), [], {"fitness": -np.inf, "theta": theta}
+    candidates = np.zeros((0, theta.shape[0]), np.float32)  # the ES mean at each evaluation
+    opt_state, rows, best = (
+        make_es_optimizer(args).init(theta),
+        [],
+        dict(fitness=-np.inf, theta=theta, candidates=candidates),
+    )
     if args.resume is not None:
         theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
@@ -937,10 +1028,13 @@ def run_meta_training(args: Args) -> str:
                 new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
                 fitness = np.where(np.isfinite(fitness), fitness, np.nan)
                 seconds = time.time() - t0  # the generation alone, without the evaluation below
-                eval_fitness = float("nan")
+                eval_fitness, new_best = float("nan"), best
                 if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
                     eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
-                new_best = {"fitness": eval_fitness, "theta": new_theta} if eval_fitness > best["fitness"] else best
+                    candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
+                    new_best = dict(best, candidates=candidates)
+                    if eval_fitness > best["fitness"]:
+                        new_best.update(fitness=eval_fitness, theta=new_theta)
                 row = dict(
                     generation=g + 1,
                     alpha=alpha,
@@ -968,25 +1062,66 @@ def run_meta_training(args: Args) -> str:
             )
             sys.exit(130)
     seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
+    # the shipped loss: the ES mean, among those evaluated, that scores best on tasks drawn for this choice alone
+    select = make_runner(args, env, args.num_select_tasks)
+    select_tasks = fixed_tasks(args, env, SELECT_STREAM, args.num_select_tasks, False) + (InnerSettings.of(args, 0.0),)
+    scores = [float(np.nanmean(select(c, *select_tasks).final_return)) for c in best["candidates"]]
+    chosen = int(np.nanargmax(scores))
+    best = dict(best, fitness=scores[chosen], theta=jnp.asarray(best["candidates"][chosen]))
+    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+    evaluated = [r["generation"] for r in rows if np.isfinite(r["eval_fitness"])]
     summary = dict(
         task_family=args.task_family,
         reward_blind=args.reward_blind,
         num_generations=len(rows),
-        best_eval_fitness=best["fitness"],
+        best_eval_fitness=float(np.nanmax([r["eval_fitness"] for r in rows])),
+        selected_generation=evaluated[chosen],
+        selected_fitness=scores[chosen],
+        selection_scores=dict(zip(evaluated, scores)),
         final_mean_fitness=rows[-1]["mean_fitness"],
         lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
         wall_seconds=time.time() - start,
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    print(f"best evaluated loss: {best['fitness']:.2f}; last generation mean {summary['final_mean_fitness']:.2f}")
+    print(
+        f"best_loss.msgpack: the ES mean of generation {evaluated[chosen]}, {scores[chosen]:.2f} on "
+        f"{args.num_select_tasks} fresh tasks; last generation's mean fitness {summary['final_mean_fitness']:.2f}"
+    )
     return run_dir
 
 
+def seed_statistics(x, prefix: str) -> dict:
+    """Statistics over seeds of x [num_seeds]: {prefix}_mean, _std (sample std, ddof 1; 0 for one seed), _iqm (the
+    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples drawn
+    with a fixed generator, so a summary is reproducible; the IQM itself for one seed), and {prefix}s, the values."""
+    x = np.asarray(x, dtype=float)
+    iqm = float(scipy.stats.trim_mean(x, 0.25))
+    ci = [iqm, iqm]
+    if len(x) > 1:
+        boot = scipy.stats.bootstrap(
+            (x,),
+            functools.partial(scipy.stats.trim_mean, proportiontocut=0.25),
+            n_resamples=2000,
+            method="percentile",
+            rng=np.random.default_rng(0),
+        )
+        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    return {
+        f"{prefix}_mean": float(x.mean()),
+        f"{prefix}_std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+        f"{prefix}_iqm": iqm,
+        f"{prefix}_iqm_ci": ci,
+        f"{prefix}s": x.tolist(),
+    }
+
+
 def run_test(args: Args) -> str:
-    """The paper's test on held-out tasks (left-half goals for the goal families), the same tasks and seeds for every
-    trainer: the evolved loss (α = 0), a zero loss (the initial policy), the reward-blind loss if given, and tuned
-    PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes summary.json and curves."""
+    """The paper's test on held-out tasks (the held-out goals of --goal-split for the goal families), the same tasks
+    and seeds for every trainer: the evolved loss (α = 0), the same loss with its reward input zeroed
+    (evolved-no-reward: does it learn from the reward?), a zero loss (the initial policy), the reward-blind loss if
+    given, and tuned PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes
+    summary.json and curves."""
     theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
@@ -1002,7 +1137,11 @@ def run_test(args: Args) -> str:
         """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
         return runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(theta, *tasks, InnerSettings.of(cfg, alpha))
 
-    outputs = {"evolved": run(args, theta, 0.0), "zero": run(args, 0 * theta, 0.0)}
+    outputs = {
+        "evolved": run(args, theta, 0.0),
+        "evolved-no-reward": run(dataclasses.replace(args, reward_blind=True), theta, 0.0),
+        "zero": run(args, 0 * theta, 0.0),
+    }
     if args.load_reward_blind_loss is not None:
         blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
@@ -1031,18 +1170,16 @@ def run_test(args: Args) -> str:
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
-        trainers[name] = dict(
-            final_return_mean=float(final.mean()),
-            final_return_std=float(final.std()),
-            auc_mean=float(auc.mean()),
-            auc_std=float(auc.std()),
-            final_returns=final.tolist(),
-        )
+        trainers[name] = {**seed_statistics(final, "final_return"), **seed_statistics(auc, "auc")}
         series[name] = (steps, curve)
-        print(
-            f"{name:13s} final return {final.mean():9.3f} ± {final.std():.3f}   AUC {auc.mean():9.3f} ± {auc.std():.3f}"
-        )
-    split = "left-half goals" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
+        line = f"{name:17s}"
+        for what, s in ((w, seed_statistics(x, w)) for w, x in (("final return", final), ("AUC", auc))):
+            low, high = s[f"{what}_iqm_ci"]
+            line += f"  {what} {s[f'{what}_mean']:8.3f} ± {s[f'{what}_std']:.3f} (IQM {s[f'{what}_iqm']:.3f}, "
+            line += f"95% CI {low:.3f} to {high:.3f})"
+        print(line)
+    held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
+    split = f"goals in {held_out}" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
     write_json(
         os.path.join(run_dir, "summary.json"),
         dict(

@@ -43,6 +43,8 @@ FLAGS = [
     "2",
     "--num-eval-tasks",
     "4",
+    "--num-select-tasks",
+    "4",
     "--save-every",
     "1",
     "--memory-units",
@@ -107,12 +109,18 @@ def unit(env):
         final_obs=jnp.zeros((n, OBS_DIM)),
         valid=jnp.ones(n),
     )
-    return epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM), epg.loss_template(ARGS, env), buffer
+    random_start = epg.loss_template(dataclasses.replace(ARGS, loss_init="flax"), env)  # zero-output: no gradient
+    return epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM), random_start, buffer
+
+
+def stats():
+    """The statistics of a lifetime's start: (observations, actions)."""
+    return epg.RunningStats.init(OBS_DIM), epg.RunningStats.init(ACTION_DIM)
 
 
 def loss_value(loss_params, agent, buffer, index, reward_blind=False):
-    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM), reward_blind)
-    return epg.EPGLoss().apply(loss_params, inputs, index)
+    inputs = epg.loss_inputs(agent, buffer, *stats(), reward_blind)
+    return epg.loss_network(ARGS).apply(loss_params, inputs, index)
 
 
 NEWEST = jnp.arange(32, 64)  # the minibatch: the 32 newest steps of the buffer
@@ -120,7 +128,7 @@ NEWEST = jnp.arange(32, 64)  # the minibatch: the 32 newest steps of the buffer
 
 def test_loss_maps_buffer_to_scalar_with_finite_nonzero_policy_gradient(unit):
     agent, loss_params, buffer = unit
-    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM))
+    inputs = epg.loss_inputs(agent, buffer, *stats())
     # observation, action, reward, done, policy mean and log-std, memory units
     assert inputs.shape == (ARGS.buffer_size, OBS_DIM + ACTION_DIM + 2 + 2 * ACTION_DIM + ARGS.memory_units)
     value = loss_value(loss_params, agent, buffer, NEWEST)
@@ -144,7 +152,7 @@ def test_gradient_reaches_the_policy_through_the_context_alone(unit):
     """Cut the head's direct connection to the per-step policy outputs: the policy still gets a gradient."""
     agent, loss_params, buffer = unit
     first = OBS_DIM + ACTION_DIM + 2  # columns of the policy's mean and log-std in the step features
-    head = loss_params["params"]["Dense_1"]["kernel"]  # [D + 32, 16]: step features then context
+    head = loss_params["params"]["Dense_1"]["kernel"]  # [D + context, 16]: step features then context
     cut = jax.tree.map(lambda x: x, loss_params)
     cut["params"]["Dense_1"]["kernel"] = head.at[first : first + 2 * ACTION_DIM].set(0.0)
     grads = jax.grad(loss_value, argnums=1)(cut, agent, buffer, NEWEST)
@@ -155,7 +163,7 @@ def test_gradient_reaches_the_policy_through_the_context_alone(unit):
 def test_reward_blind_loss_ignores_the_reward(unit):
     agent, loss_params, buffer = unit
     changed = buffer._replace(reward=buffer.reward + 3.0)
-    inputs = epg.loss_inputs(agent, buffer, epg.RunningStats.init(OBS_DIM), reward_blind=True)
+    inputs = epg.loss_inputs(agent, buffer, *stats(), reward_blind=True)
     assert float(jnp.abs(inputs[:, OBS_DIM + ACTION_DIM]).max()) == 0.0  # the reward column
     for blind, same in ((True, True), (False, False)):
         a, b = (float(loss_value(loss_params, agent, x, NEWEST, blind)) for x in (buffer, changed))
@@ -181,6 +189,22 @@ def test_goal_point_ppo_lifetime_learns_and_a_zero_loss_moves_nothing(env):
     for change in (dict(update_epochs=2), dict(inner_learning_rate=3e-3)):
         other = run(zero, tasks, keys, epg.InnerSettings.of(dataclasses.replace(ARGS, **change), 1.0))
         assert not np.array_equal(np.asarray(other.curve), np.asarray(ppo.curve)), change
+
+
+def test_fitness_is_scored_on_fresh_episodes_after_the_lifetime():
+    """A lifetime shorter than one episode finishes no episode of its own (its curve is all NaN), yet its fitness is
+    the finite return of --num-eval-episodes episodes that the final policy runs afterwards (rollout.py:66-77)."""
+    short = dataclasses.replace(ARGS, lifetime=64, episode_length=100, num_eval_episodes=2)
+    env = epg.make_env(short)
+    tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), 2, False)
+    out = epg.make_runner(short, env, 2)(
+        jnp.zeros(epg.ravel_pytree(epg.loss_template(short, env))[0].shape),
+        tasks,
+        jax.random.split(jax.random.PRNGKey(1), 2),
+        epg.InnerSettings.of(short, 1.0),
+    )
+    assert np.isnan(np.asarray(out.curve)).all() and np.isfinite(np.asarray(out.final_return)).all()
+    assert float(jnp.abs(out.final_return[0] - out.final_return[1])) > 0.0  # two goals, two scores
 
 
 def test_goal_point_reward_is_progress_towards_the_goal():
@@ -215,11 +239,23 @@ def test_generation_shares_tasks_and_seeds_across_the_population(env):
     assert len(np.unique(epg_returns[:, 0])) > 1
 
 
-def test_goal_samplers_split_the_plane_by_halves():
+@pytest.mark.parametrize("split", ["sides", "sector", "half"])
+def test_goal_splits_hold_out_their_test_goals(split):
+    """half: right vs left half. sides: the ±y quadrants, equally, so the mean direction is zero (no goal-agnostic
+    movement gains); sector: all but the -x quadrant; both test in the -x quadrant."""
     for family, (low, high) in epg.GOAL_RADIUS.items():
-        train = np.asarray(epg.sample_tasks(family, jax.random.PRNGKey(0), 2000, False)["goal"])
-        test = np.asarray(epg.sample_tasks(family, jax.random.PRNGKey(0), 2000, True)["goal"])
-        assert (train[:, 0] > 0).all() and (test[:, 0] < 0).all()
+        train = np.asarray(epg.sample_tasks(family, jax.random.PRNGKey(0), 4000, False, split=split)["goal"])
+        test = np.asarray(epg.sample_tasks(family, jax.random.PRNGKey(0), 4000, True, split=split)["goal"])
+        in_test_quadrant = (train[:, 0] < 0) & (np.abs(train[:, 1]) < -train[:, 0])
+        direction = (train / np.linalg.norm(train, axis=1, keepdims=True)).mean(axis=0)
+        if split == "half":
+            assert (train[:, 0] > 0).all() and (test[:, 0] < 0).all()
+        else:
+            assert not in_test_quadrant.any() and (np.abs(test[:, 1]) < -test[:, 0]).all()
+            in_plus_x_quadrant = (train[:, 0] > 0) & (np.abs(train[:, 1]) < train[:, 0])
+            assert in_plus_x_quadrant.any() == (split == "sector")
+        if split == "sides":
+            assert (np.abs(train[:, 1]) > np.abs(train[:, 0])).all() and np.abs(direction).max() < 0.05
         for goals in (train, test):
             radius = np.linalg.norm(goals, axis=1)
             assert radius.min() >= low - 1e-6 and radius.max() <= high + 1e-6
@@ -287,6 +323,12 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
     with open(os.path.join(full, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_generations"] == 2 and summary["lifetimes_per_minute"] > 0
+    # best_loss.msgpack: the evaluated ES mean (generation 2, the only one) scored on tasks drawn for the choice
+    assert summary["selected_generation"] == 2 and list(summary["selection_scores"]) == ["2"]
+    chosen = epg.load_loss(os.path.join(full, "best_loss.msgpack"), ARGS)[0]
+    np.testing.assert_array_equal(
+        np.asarray(chosen), np.asarray(epg.load_loss(os.path.join(full, "loss.msgpack"), ARGS)[0])
+    )
 
     # Ctrl-C before generation 2: the finished generation is checkpointed and the exit code is 130
     original = epg.generation_key
@@ -314,8 +356,9 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
 
 
 def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
-    """--test: evolved, tuned PPO (a sweep of four settings), zero and reward-blind losses on the same left-half
-    goals, with the meta-training settings of this module (so the runner compiled for them serves every trainer)."""
+    """--test: evolved, reward-ablated evolved, tuned PPO (a sweep of four settings), zero and reward-blind losses
+    on the same held-out goals, with the meta-training settings of this module (so the runner compiled for them
+    serves every trainer)."""
     theta = jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0]
     evolved, blind = str(tmp_path / "evolved.msgpack"), str(tmp_path / "blind.msgpack")
     epg.save_loss(evolved, theta + 0.01, ARGS)
@@ -348,13 +391,17 @@ def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
     )
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    assert set(summary["trainers"]) == {"evolved", "ppo", "zero", "reward-blind"}
-    for stats in summary["trainers"].values():
-        for key in ("final_return_mean", "final_return_std", "auc_mean", "auc_std"):
-            assert np.isfinite(stats[key]), key
+    assert set(summary["trainers"]) == {"evolved", "evolved-no-reward", "ppo", "zero", "reward-blind"}
+    for trainer in summary["trainers"].values():
+        for key in ("final_return_mean", "final_return_std", "final_return_iqm", "auc_mean", "auc_std", "auc_iqm"):
+            assert np.isfinite(trainer[key]), key
+        low, high = trainer["final_return_iqm_ci"]
+        assert low <= trainer["final_return_iqm"] <= high
     trainers = summary["trainers"]
     assert trainers["evolved"]["final_returns"] != trainers["zero"]["final_returns"]  # different losses
-    assert summary["task_family"] == "goal-point" and "left-half" in summary["split"] and summary["lifetime"] == 2048
+    # the reward-ablated evolved loss: the same loss and seeds, the reward input zeroed, so other agents
+    assert trainers["evolved"]["final_returns"] != trainers["evolved-no-reward"]["final_returns"]
+    assert summary["task_family"] == "goal-point" and "-x quadrant" in summary["split"] and summary["lifetime"] == 2048
     sweep, choice = summary["ppo_sweep"], summary["ppo_choice"]
     assert len({row["final_return_mean"] for row in sweep}) == 4  # epochs and learning rate take effect
     best = max(sweep, key=lambda row: row["final_return_mean"])

@@ -1,0 +1,89 @@
+"""Pre-flight gate of an epg.py meta-training run (not collected by pytest): will the ES see anything?
+
+At the run's starting loss θ₀ and α = 0, --num-pairs antithetic pairs θ₀ ± σ·ε_i each run one lifetime on every
+task of two independent sets of --num-tasks training tasks (tasks and lifetime seeds shared by the members within a
+set, as in a generation). On each set a pair's difference is d_i = F(θ₀ + σ·ε_i) - F(θ₀ - σ·ε_i), F the mean over
+the set's tasks of the fitness. The gate is the correlation r of d on set A with d on set B across the pairs: near
+zero, the ranks of a generation are task noise and the run will be a random walk; launch a long run only where r is
+clearly positive (docs/epg.md: r ≥ 0.2). `--reward-blind-control` repeats it with the loss's reward input zeroed:
+a signal that survives without the reward is about a behaviour, not about learning from reward.
+
+Everything after this script's own flags goes to epg.py's arguments, so the gate measures the run's own setting:
+
+    python tests/preflight_epg.py --reward-blind-control --task-family goal-point --lifetime 2048 --update-epochs 4
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tyro
+from jax.flatten_util import ravel_pytree
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import epg  # noqa: E402
+
+
+@dataclasses.dataclass
+class Gate:
+    num_pairs: int = 32
+    """antithetic pairs (2 × this many members on each task set)"""
+    reward_blind_control: bool = False
+    """also measure r with the loss's reward input zeroed (doubles the time)"""
+    seed: int = 0
+    """seed of the noise and of the two task sets (independent of the run's --seed)"""
+
+
+def pair_differences(args: epg.Args, env, run, theta, eps, key, reward_blind: bool):
+    """(d [num_pairs], F [2·num_pairs]) on one task set drawn from key: d_i = F(θ + σ·ε_i) - F(θ - σ·ε_i), eps
+    [num_pairs, dim], run the jitted make_population of 2·num_pairs members."""
+    key_tasks, key_lives = jax.random.split(key)
+    tasks = epg.sample_tasks(
+        env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms, args.goal_split
+    )
+    settings = epg.InnerSettings.of(dataclasses.replace(args, reward_blind=reward_blind), 0.0)
+    members = np.concatenate([theta + args.sigma * eps, theta - args.sigma * eps])
+    fitness = np.asarray(run(members, tasks, jax.random.split(key_lives, args.num_tasks), settings)).mean(axis=1)
+    return fitness[: len(eps)] - fitness[len(eps) :], fitness
+
+
+def correlation_interval(r: float, n: int) -> tuple[float, float]:
+    """The 95% interval of a Pearson r over n pairs (Fisher's z)."""
+    z, half = math.atanh(r), 1.96 / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def main(gate: Gate, args: epg.Args):
+    env = epg.make_env(args)
+    theta = np.asarray(ravel_pytree(epg.loss_template(args, env))[0])
+    key_noise, key_a, key_b = jax.random.split(jax.random.PRNGKey(gate.seed), 3)
+    eps = np.asarray(jax.random.normal(key_noise, (gate.num_pairs, theta.shape[0])))
+    run = jax.jit(epg.make_population(args, env, 2 * gate.num_pairs))
+    print(
+        f"gate on {args.task_family} ({args.goal_split} goals), loss of {theta.shape[0]:,} parameters "
+        f"(--loss-init {args.loss_init}), σ {args.sigma}, {gate.num_pairs} pairs × {args.num_tasks} tasks × 2 sets, "
+        f"lifetimes of {args.lifetime:,} steps, {args.update_epochs} epoch(s), α = 0",
+        flush=True,
+    )
+    for reward_blind in (False, True) if gate.reward_blind_control else (False,):
+        start = time.time()
+        d_a, f_a = pair_differences(args, env, run, theta, eps, key_a, reward_blind)
+        d_b, _ = pair_differences(args, env, run, theta, eps, key_b, reward_blind)
+        r = float(np.corrcoef(d_a, d_b)[0, 1]) if d_a.std() > 0 and d_b.std() > 0 else float("nan")
+        low, high = correlation_interval(r, gate.num_pairs) if np.isfinite(r) else (float("nan"),) * 2
+        print(
+            f"{'reward input zeroed' if reward_blind else 'reward input read '}: r = {r:.3f} (95% CI {low:.2f} to "
+            f"{high:.2f}); members' fitness {f_a.mean():.2f} ± {f_a.std(ddof=1):.2f}, pair differences sd "
+            f"{d_a.std(ddof=1):.3f}; {time.time() - start:.0f} s",
+            flush=True,
+        )
+    print("gate: launch the long run only where r (reward read) is at least 0.2")
+
+
+if __name__ == "__main__":
+    gate, rest = tyro.cli(Gate, return_unknown_args=True)
+    main(gate, epg.resolve_args(tyro.cli(epg.Args, args=rest)))
