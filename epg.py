@@ -10,7 +10,7 @@ Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (secti
 Relative to a policy-gradient method, the hand-written surrogate objective is replaced by L_φ; during the
 first part of meta-training it is mixed with a PPO loss, (1 - α)·L_φ + α·L_PPO, α annealed from 1 to 0.
 
-Example (more in docs/epg.md: --test on left-half goals, --resume, the Brax families):
+Example (more in docs/epg.md: --test on held-out goals, the design checks, --resume, the Brax families):
     python epg.py --task-family goal-point --num-generations 200        # meta-train on the CPU family
 """
 
@@ -68,7 +68,6 @@ INNER_FIELDS = (
     "episode_length",
     "reward_blind",
 )  # in a loss file, used by --test (reward_blind last: the settings a reward-blind loss must share)
-LEGACY_INNER = {"loss_size": "reference", "goal_split": "half"}  # loss files written before these fields existed
 
 
 @dataclasses.dataclass
@@ -949,8 +948,7 @@ def load_loss(path: str, args: Args) -> tuple[jax.Array, Args]:
 
     def parse(data):
         state = flax.serialization.msgpack_restore(data)
-        inner = {**LEGACY_INNER, **json.loads(state["inner"])}
-        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], inner
+        return jnp.asarray(state["theta"], dtype=jnp.float32), state["task_family"], json.loads(state["inner"])
 
     file = os.path.join(path, "best_loss.msgpack") if os.path.isdir(path) else path
     theta, family, inner = read_file(file, path, parse)
@@ -1124,6 +1122,9 @@ def run_test(args: Args) -> str:
     summary.json and curves."""
     theta, args = load_loss(args.load_loss, args)
     env = make_env(args)
+    size = ravel_pytree(loss_template(args, env))[0].shape[0]
+    if theta.shape[0] != size:  # a file of an earlier epg.py, whose settings had no --loss-size
+        raise ArgsError(f"{args.load_loss}: a loss of {theta.shape[0]:,} parameters, its settings give {size:,}")
     run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
@@ -1170,13 +1171,18 @@ def run_test(args: Args) -> str:
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
-        trainers[name] = {**seed_statistics(final, "final_return"), **seed_statistics(auc, "auc")}
+        trainers[name] = stats = {**seed_statistics(final, "final_return"), **seed_statistics(auc, "auc")}
         series[name] = (steps, curve)
         line = f"{name:17s}"
-        for what, s in ((w, seed_statistics(x, w)) for w, x in (("final return", final), ("AUC", auc))):
-            low, high = s[f"{what}_iqm_ci"]
-            line += f"  {what} {s[f'{what}_mean']:8.3f} ± {s[f'{what}_std']:.3f} (IQM {s[f'{what}_iqm']:.3f}, "
-            line += f"95% CI {low:.3f} to {high:.3f})"
+        for what in ("final_return", "auc"):
+            low, high = stats[f"{what}_iqm_ci"]
+            line += f"  {what} {stats[f'{what}_mean']:8.3f} ± {stats[f'{what}_std']:.3f} (IQM "
+            line += f"{stats[f'{what}_iqm']:.3f}, 95% CI {low:.3f} to {high:.3f})"
+            if name != "evolved":  # Welch's t-test against the evolved loss (the first trainer)
+                evolved = trainers["evolved"][f"{what}s"]
+                p = float(scipy.stats.ttest_ind(evolved, stats[f"{what}s"], equal_var=False).pvalue)
+                stats[f"{what}_welch_p_vs_evolved"] = p
+                line += f" p {p:.3g}"
         print(line)
     held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
     split = f"goals in {held_out}" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"

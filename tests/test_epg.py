@@ -416,9 +416,12 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
     (run_dir / "args.json").write_text(json.dumps({"task_family": "goal-point"}))
     (run_dir / "checkpoint.msgpack").write_bytes(b"\x00not a checkpoint")
     (run_dir / "best_loss.msgpack").write_bytes(b"garbage")
+    wrong_size = str(tmp_path / "wrong_size.msgpack")  # e.g. a file of an epg.py without --loss-size
+    epg.save_loss(wrong_size, jnp.zeros(100), ARGS)
     for flags, expected in [
         (["--resume", str(run_dir)], "damaged checkpoint.msgpack"),
         (["--test", "--load-loss", str(run_dir)], "damaged best_loss.msgpack"),
+        (["--test", "--load-loss", wrong_size], "a loss of 100 parameters"),
     ]:
         with pytest.raises(SystemExit) as stop:
             epg.main(epg_args(flags))
