@@ -6,11 +6,14 @@ set, as in a generation). On each set a pair's difference is d_i = F(θ₀ + σ�
 the set's tasks of the fitness. The gate is the correlation r of d on set A with d on set B across the pairs: near
 zero, the ranks of a generation are task noise and the run will be a random walk; launch a long run only where r is
 clearly positive (docs/epg.md: r ≥ 0.2). `--reward-blind-control` repeats it with the loss's reward input zeroed:
-a signal that survives without the reward is about a behaviour, not about learning from reward.
+a signal that survives without the reward is about a behaviour, not about learning from reward, and the
+correlation of the reward-specific part (the difference with the reward read minus the same pair's with it zeroed,
+on each set) says what reading the reward alone contributes.
 
 Everything after this script's own flags goes to epg.py's arguments, so the gate measures the run's own setting:
 
-    python tests/preflight_epg.py --reward-blind-control --task-family goal-point --lifetime 2048 --update-epochs 4
+    python tests/preflight_epg.py --reward-blind-control --lifetime 2048 --update-every 256 --update-epochs 4 \
+        --inner-learning-rate 3e-3 --buffer-size 512
 """
 
 import dataclasses
@@ -57,6 +60,15 @@ def correlation_interval(r: float, n: int) -> tuple[float, float]:
     return math.tanh(z - half), math.tanh(z + half)
 
 
+def describe(d_a: np.ndarray, d_b: np.ndarray) -> str:
+    """The gate's r of pair differences d_a, d_b [num_pairs] on the two task sets, with its 95% interval."""
+    if d_a.std() == 0 or d_b.std() == 0:
+        return "r undefined (no pair differs)"
+    r = float(np.corrcoef(d_a, d_b)[0, 1])
+    low, high = correlation_interval(r, len(d_a))
+    return f"r = {r:.3f} (95% CI {low:.2f} to {high:.2f})"
+
+
 def main(gate: Gate, args: epg.Args):
     env = epg.make_env(args)
     theta = np.asarray(ravel_pytree(epg.loss_template(args, env))[0])
@@ -69,18 +81,21 @@ def main(gate: Gate, args: epg.Args):
         f"lifetimes of {args.lifetime:,} steps, {args.update_epochs} epoch(s), α = 0",
         flush=True,
     )
+    differences = {}
     for reward_blind in (False, True) if gate.reward_blind_control else (False,):
         start = time.time()
         d_a, f_a = pair_differences(args, env, run, theta, eps, key_a, reward_blind)
         d_b, _ = pair_differences(args, env, run, theta, eps, key_b, reward_blind)
-        r = float(np.corrcoef(d_a, d_b)[0, 1]) if d_a.std() > 0 and d_b.std() > 0 else float("nan")
-        low, high = correlation_interval(r, gate.num_pairs) if np.isfinite(r) else (float("nan"),) * 2
+        differences[reward_blind] = d_a, d_b
         print(
-            f"{'reward input zeroed' if reward_blind else 'reward input read '}: r = {r:.3f} (95% CI {low:.2f} to "
-            f"{high:.2f}); members' fitness {f_a.mean():.2f} ± {f_a.std(ddof=1):.2f}, pair differences sd "
-            f"{d_a.std(ddof=1):.3f}; {time.time() - start:.0f} s",
+            f"{'reward input zeroed' if reward_blind else 'reward input read '}: {describe(d_a, d_b)}; members' "
+            f"fitness {f_a.mean():.2f} ± {f_a.std(ddof=1):.2f}, pair differences sd {d_a.std(ddof=1):.3f}; "
+            f"{time.time() - start:.0f} s",
             flush=True,
         )
+    if gate.reward_blind_control:  # what reading the reward adds to each pair's difference, on each set
+        (read_a, read_b), (blind_a, blind_b) = differences[False], differences[True]
+        print(f"reward-specific part (read - zeroed): {describe(read_a - blind_a, read_b - blind_b)}")
     print("gate: launch the long run only where r (reward read) is at least 0.2")
 
 
