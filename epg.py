@@ -61,6 +61,7 @@ INNER_FIELDS = (
     "minibatch_size",
     "update_epochs",
     "inner_learning_rate",
+    "inner_optimizer",
     "memory_units",
     "loss_size",
     "goal_split",
@@ -100,7 +101,10 @@ class Args:
     update_epochs: int = 1
     """passes over the M newest steps per policy update"""
     inner_learning_rate: float = 1e-3
-    """Adam learning rate of the agent (policy, memory units, PPO value function)"""
+    """learning rate of the agent's optimiser (policy, memory units, PPO value function)"""
+    inner_optimizer: Literal["adam", "sgd"] = "adam"
+    """the agent's optimiser: Adam (the reference's, agents.py:208), whose step ignores the loss's scale, or plain
+    SGD, whose step follows it (a design check, docs/epg.md); --test's PPO always uses Adam"""
     memory_units: int = 0
     """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none, as the
     reference's default launch, launch_local.py:84; the paper's 32)"""
@@ -696,7 +700,7 @@ def make_lifetime(args: Args, env) -> Callable:
         pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
         batch = (obs, recent.action, old_pi, advantage, target)  # ppo_loss's arguments, [M, ...]
-        optimizer, alpha = optax.adam(settings.learning_rate), settings.alpha
+        optimizer, alpha = inner_optimizer(args, settings.learning_rate), settings.alpha
 
         def total_loss(agent, index):
             """(1 - α)·L_EPG + α·L_PPO on the minibatch rows `index`; each term computed only when its weight is > 0."""
@@ -757,7 +761,7 @@ def make_lifetime(args: Args, env) -> Callable:
         buffer = Buffer(vectors, jnp.zeros((n, action_dim)), scalars, scalars, scalars, vectors, scalars)
         state = LifetimeState(
             agent,
-            optax.adam(settings.learning_rate).init(agent),
+            inner_optimizer(args, settings.learning_rate).init(agent),
             RunningStats.init(obs_dim),
             RunningStats.init(action_dim),
             buffer,
@@ -774,6 +778,11 @@ def make_lifetime(args: Args, env) -> Callable:
         return LifetimeOutput(fresh_episodes(state, task, key_eval), curve, state.agent)
 
     return lifetime
+
+
+def inner_optimizer(args: Args, learning_rate) -> optax.GradientTransformation:
+    """The agent's optimiser of --inner-optimizer at this learning rate (a traced scalar inside the lifetime)."""
+    return optax.adam(learning_rate) if args.inner_optimizer == "adam" else optax.sgd(learning_rate)
 
 
 def loss_template(args: Args, env) -> dict:
@@ -1131,12 +1140,14 @@ def run_test(args: Args) -> str:
     start = time.time()
 
     @functools.cache
-    def runner(every: int, size: int, n: int) -> Callable:  # compiled once per shape
-        return make_runner(dataclasses.replace(args, update_every=every, buffer_size=size), env, n)
+    def runner(every: int, size: int, optimizer: str, n: int) -> Callable:  # compiled once per shape
+        cfg = dataclasses.replace(args, update_every=every, buffer_size=size, inner_optimizer=optimizer)
+        return make_runner(cfg, env, n)
 
     def run(cfg: Args, theta, alpha: float, tasks=tasks):
         """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
-        return runner(cfg.update_every, cfg.buffer_size, tasks[1].shape[0])(theta, *tasks, InnerSettings.of(cfg, alpha))
+        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer, tasks[1].shape[0])
+        return compiled(theta, *tasks, InnerSettings.of(cfg, alpha))
 
     outputs = {
         "evolved": run(args, theta, 0.0),
@@ -1157,6 +1168,7 @@ def run_test(args: Args) -> str:
             inner_learning_rate=lr,
             buffer_size=max(args.buffer_size, rollout),
             reward_blind=False,
+            inner_optimizer="adam",
         )
         score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
         sweep.append((score, ppo))
