@@ -461,3 +461,20 @@ def test_a_generation_of_equal_fitness_gives_no_es_step():
     theta = jnp.ones(30)
     g = epg.es_gradient(theta, eps, jnp.full(16, 3.8329), weight_decay=1e-3)
     np.testing.assert_allclose(np.asarray(g), -1e-3 * np.asarray(theta), rtol=1e-6)
+
+
+def test_inner_optimizers_adam_ignores_the_loss_scale_and_sgd_follows_it():
+    """--inner-optimizer: Adam's first step is ±lr whatever the gradient's size; SGD's is lr times the gradient."""
+    params, lr = {"w": jnp.zeros(3)}, 0.1
+    for name in ("adam", "sgd"):
+        optimizer = epg.inner_optimizer(dataclasses.replace(ARGS, inner_optimizer=name), lr)
+        steps = [
+            optimizer.update({"w": scale * jnp.ones(3)}, optimizer.init(params), params)[0]["w"]
+            for scale in (1e-3, 1.0)
+        ]
+        if name == "adam":
+            np.testing.assert_allclose(np.asarray(steps[0]), np.asarray(steps[1]), rtol=1e-3)
+            np.testing.assert_allclose(np.asarray(steps[1]), -lr, rtol=1e-3)
+        else:
+            np.testing.assert_allclose(np.asarray(steps[1]), 1000 * np.asarray(steps[0]), rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(steps[1]), -lr, rtol=1e-6)
