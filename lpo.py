@@ -176,7 +176,8 @@ class Args:
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
     drift_hidden: tuple[int, ...] | None = None
-    """drift network hidden sizes (LPO 128, the authors' DriftNet; LPO-Zero 256 256, section 5.1; Appendix A: 256)"""
+    """drift network hidden sizes (LPO 128, the authors' DriftNet; LPO-Zero 256 256, section 5.1; Appendix A: 256);
+    the flag alone: the linear sign-split drift (16 weights; an ES gradient at zero, see drift_layer_sizes)"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
     num_generations: int = 1025
@@ -193,6 +194,11 @@ class Args:
     """how fitness becomes ES weights (the authors: z-score)"""
     mode_fitness: bool = False
     """fitness from mode actions instead of sampled ones (Brax's evaluator, the authors' fitness, samples)"""
+    validate_every: int = 10
+    """every this many generations, train --num-validation-seeds agents with the ES mean and log their return beside
+    PPO's on the same fixed seeds, which no generation draws; the best mean so far is best_drift.msgpack (0: never)"""
+    num_validation_seeds: int = 16
+    """seeds of the ES mean's validation, the same at every validation and paired with PPO's"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
@@ -262,8 +268,11 @@ def lpo_features(log_ratio: jax.Array, advantage: jax.Array) -> jax.Array:
 
 def drift_layer_sizes(ppo_init: bool, hidden: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Default LPO: 8 → 128 tanh → 1 (the authors' DriftNet, main_drift_brax.py lines 39-45, and Appendix A's one
-    hidden layer); LPO-Zero: 8 → 256 → 256 → 1 ReLU (section 5.1's two layers). No biases in either."""
-    return (8, *(hidden or ((128,) if ppo_init else (256, 256))), 1)
+    hidden layer); LPO-Zero: 8 → 256 → 256 → 1 ReLU (section 5.1's two layers). No biases in either. hidden = ():
+    16 → 1, the linear sign-split drift (the 8 features where A ≥ 0, then where A < 0), whose f̃ is odd in the
+    weights, so an antithetic pair at zero differs (the network's f̃(-W) = f̃(W): the same drift, no ES gradient)."""
+    hidden = ((128,) if ppo_init else (256, 256)) if hidden is None else hidden
+    return (16 if hidden == () else 8, *hidden, 1)
 
 
 def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: tuple[int, ...] | None = None) -> list:
@@ -284,12 +293,15 @@ def lpo_drift(
         LPO:       f = ReLU(f_PPO(r, A) + f̃(x) - ξ),  f_PPO = ReLU((r - clip(r, 1±ε))·A), ε = clip_coef
         LPO-Zero:  f = ReLU(f̃(x) - ξ)
 
-    f̃ is the bias-free MLP of x = lpo_features(r, A), so f̃ = 0 at r = 1 and the margin ξ keeps f = 0 and
-    ∂f/∂r = 0 there for any weights: every candidate is a valid drift. With zero weights, LPO is PPO (at the same
-    clip_coef as the PPO baseline; the authors' brax_drift.py line 166 fixes 0.2) with a drift lowered by ξ.
+    f̃ is the bias-free MLP (or sign-split linear map) of x = lpo_features(r, A), so f̃ = 0 at r = 1 and the margin
+    ξ keeps f = 0 and ∂f/∂r = 0 there for any weights: every candidate is a valid drift. With zero weights, LPO is
+    PPO (at the same clip_coef as the PPO baseline; the authors' line 166 fixes 0.2) with a drift lowered by ξ.
     Args: net from init_drift_params; log_ratio = log r, advantage: broadcastable [...]. Returns f [...] ≥ 0.
     """
     h = lpo_features(log_ratio, advantage)
+    if len(net) == 1:  # the linear sign-split drift: its own weights for A ≥ 0 and for A < 0
+        positive = jnp.broadcast_to(advantage, h.shape[:-1])[..., None] >= 0
+        h = jnp.concatenate([h * positive, h * ~positive], axis=-1)
     for w in net[:-1]:
         h = (jnp.tanh if ppo_init else jax.nn.relu)(h @ w)
     f_tilde = (h @ net[-1])[..., 0]
@@ -301,7 +313,7 @@ def make_drift(args: Args) -> Drift:
     if args.drift == "ppo":
         return functools.partial(ppo_drift, clip_coef=args.clip_coef)
     if args.drift == "lpo":
-        net, ppo_init = load_drift(args.drift_file)
+        net, ppo_init, _ = load_drift(args.drift_file)
         return functools.partial(lpo_drift, net, ppo_init=ppo_init, clip_coef=args.clip_coef)
     return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
 
@@ -1328,14 +1340,23 @@ def run_training(args: Args) -> str:
 
 
 # ---- LPO: drift files, the ES outer loop, the transfer experiment and the drift pictures.
-def save_drift(path: str, net: list, ppo_init: bool):
-    """A drift file: the network's weights and its form (LPO or LPO-Zero), msgpack, written atomically."""
-    state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init}
+_NAMES = [f.name for f in dataclasses.fields(Args)]
+INNER_FIELDS = ("env_ids", "num_eval_envs", *_NAMES[_NAMES.index("env_id") : _NAMES.index("activation") + 1])
+INNER_FIELDS = tuple(k for k in INNER_FIELDS if k not in ("drift", "compare", "drift_file", "dpo_alpha", "dpo_beta"))
+"""the flags a drift file records: its meta-training envs, the inner runs' settings and their evaluation"""
+
+
+def save_drift(path: str, net: list, ppo_init: bool, settings: dict | None = None):
+    """A drift file: the network's weights, its form (LPO or LPO-Zero) and the INNER_FIELDS of settings (the first
+    meta-training env's resolved Args), msgpack, written atomically."""
+    inner = json.dumps({k: v for k, v in (settings or {}).items() if k in INNER_FIELDS})
+    state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init, "settings": inner}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
-def load_drift(path: str) -> tuple[list, bool]:
-    """(net, ppo_init) from a drift file, or from a meta-training run directory's drift.msgpack (the ES mean).
+def load_drift(path: str) -> tuple[list, bool, dict]:
+    """(net, ppo_init, settings) from a drift file, or from a meta-training run directory's drift.msgpack (the ES
+    mean); settings are the recorded inner-loop flags ({} in files written before they were recorded).
 
     Raises ArgsError if the file is missing, damaged or not a drift network's weights.
     """
@@ -1348,9 +1369,12 @@ def load_drift(path: str) -> tuple[list, bool]:
         sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
         if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
             raise ValueError("shapes differ")
+        settings = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state.get("settings", "{}")).items()
+        }
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
         raise ArgsError(f"drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})") from None
-    return net, ppo_init
+    return net, ppo_init, settings
 
 
 def make_es(args: Args, solution: list):
@@ -1372,13 +1396,27 @@ def make_es(args: Args, solution: list):
     )
 
 
+def es_signal(per_run: np.ndarray) -> float:
+    """The ES's signal-to-noise figure: the correlation over antithetic pairs of the differences F(θ+σε) - F(θ-σε) on
+    the first and on the second half of the inner runs (independent seeds). About 0: the ES walks at random; 1: every
+    difference replicates. per_run [pop_size, R], member i's twin at i + pop_size/2 (evosax). NaN for R < 2."""
+    half = per_run.shape[1] // 2
+    differences = per_run[: len(per_run) // 2] - per_run[len(per_run) // 2 :]
+    first, second = differences[:, :half].mean(1), differences[:, half : 2 * half].mean(1)
+    return float(np.corrcoef(first, second)[0, 1]) if half and min(first.std(), second.std()) > 0 else float("nan")
+
+
+VALIDATION_STREAM = 2**31 - 1  # fold_in index of the validation seeds' key; generations use 0 .. num_generations - 1
+
+
 def make_env_fitness(args: Args):
     """One meta-training env's compiled pieces, all on the same inner runs (common random numbers).
 
-    Returns (init, fitness, baselines): init(rng) -> Runner as make_train's;
-        fitness(nets [pop_size, ...], runners [R, ...], eval_keys [R, 2]) -> [pop_size] each member's final return
-            (Brax's evaluator: --num-eval-envs episodes, sampled actions unless --mode-fitness), mean over R runs;
-        baselines(runners, eval_keys) -> (PPO's final return, the untrained policy's return), means over R runs.
+    Returns (init, fitness, validate, baselines): init(rng) -> Runner as make_train's;
+        fitness(nets [pop_size, ...], runners [R, ...], eval_keys [R, 2]) -> [pop_size, R] each member's final return
+            per run (Brax's evaluator: --num-eval-envs episodes, sampled actions unless --mode-fitness);
+        validate(net, runners, eval_keys) -> [R] one drift's final returns (the ES mean's, on validation seeds);
+        baselines(runners, eval_keys) -> (PPO's final returns [R], the untrained policy's returns [R]).
     """
     n_updates = num_updates(args)
     n_chunk = max_chunk(args)
@@ -1395,15 +1433,15 @@ def make_env_fitness(args: Args):
 
     def member(net, runners, keys):
         drift = functools.partial(lpo_drift, net, ppo_init=args.ppo_init, clip_coef=args.clip_coef)
-        return jnp.mean(jax.vmap(lambda r, k: final_return(drift, r, k))(runners, keys))
+        return jax.vmap(lambda r, k: final_return(drift, r, k))(runners, keys)
 
     def baselines(runners, keys):
         ppo = make_drift(dataclasses.replace(args, drift="ppo"))
         untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k, args.mode_fitness))
-        trained = jax.vmap(lambda r, k: final_return(ppo, r, k))
-        return jnp.mean(trained(runners, keys)), jnp.mean(untrained(runners, keys))
+        return jax.vmap(lambda r, k: final_return(ppo, r, k))(runners, keys), untrained(runners, keys)
 
-    return make_train(args, ppo_drift)[0], over_seeds(member, args.pop_size, (0, None, None)), jax.jit(baselines)
+    fitness = over_seeds(member, args.pop_size, (0, None, None))
+    return make_train(args, ppo_drift)[0], fitness, jax.jit(member), jax.jit(baselines)
 
 
 def run_meta_training(args: Args) -> str:
@@ -1416,8 +1454,8 @@ def run_meta_training(args: Args) -> str:
     """
     if args.pop_size < 2 or args.pop_size % 2:
         raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
-    if args.drift_hidden is not None and min(args.drift_hidden, default=0) <= 0:
-        raise ArgsError(f"--drift-hidden {args.drift_hidden} needs one or more positive layer sizes")
+    if args.drift_hidden is not None and min(args.drift_hidden, default=1) <= 0:
+        raise ArgsError(f"--drift-hidden {args.drift_hidden} needs positive layer sizes (none: the linear drift)")
     env_ids = args.env_ids or (args.env_id,)
     name = f"{'+'.join(env_ids)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
@@ -1426,8 +1464,12 @@ def run_meta_training(args: Args) -> str:
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
-    env_fields = [f"{e}_{k}_return" for e in env_ids for k in ("mean", "ppo", "untrained")]
-    fields = ["generation", "sigma", "seconds", *env_fields]
+    env_fields = [f"{e}_{k}" for e in env_ids for k in ("mean_return", "ppo_return", "untrained_return", "signal")]
+    fields = ["generation", "sigma", "seconds", *env_fields, *(f"{e}_validation_return" for e in env_ids)]
+    v = args.num_validation_seeds
+    validation_keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), VALIDATION_STREAM), 2 * v)
+    validation_runners = [init_seeds(env[1], validation_keys[:v]) for env in envs] if args.validate_every else []
+    validation_ppo = [float(np.mean(e[4](r, validation_keys[v:])[0])) for e, r in zip(envs, validation_runners)]
     checkpoint_path = os.path.join(run_dir, "es_checkpoint.msgpack")
     log_path = os.path.join(run_dir, "generations.csv")
     rows = []
@@ -1453,33 +1495,53 @@ def run_meta_training(args: Args) -> str:
         population, es_state = ask(key_ask, es_state, es.default_params)
         scores = []
         columns = []
-        for i, (_, init, fitness, baselines) in enumerate(envs):
+        for i, (_, init, fitness, _, baselines) in enumerate(envs):
             keys = jax.random.split(jax.random.fold_in(key_runs, i), 2 * args.num_rollouts)
             runners = init_seeds(init, keys[: args.num_rollouts])
-            returns = np.asarray(fitness(population, runners, keys[args.num_rollouts :]), dtype=float)
-            returns = np.where(np.isfinite(returns), returns, np.min(returns[np.isfinite(returns)], initial=0.0))
+            per_run = np.asarray(fitness(population, runners, keys[args.num_rollouts :]), dtype=float)  # [pop, R]
+            per_run = np.where(np.isfinite(per_run), per_run, np.min(per_run[np.isfinite(per_run)], initial=0.0))
+            returns = per_run.mean(1)
             scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env
-            columns += [float(returns.mean()), *(float(x) for x in baselines(runners, keys[args.num_rollouts :]))]
+            ppo, untrained = baselines(runners, keys[args.num_rollouts :])
+            columns += [returns.mean(), float(np.mean(ppo)), float(np.mean(untrained)), es_signal(per_run)]
         es_state, _ = tell(key_tell, population, -np.mean(scores, 0), es_state, es.default_params)  # evosax minimises
+        mean = es.get_mean(es_state)
+        validated = args.validate_every and (g + 1) % args.validate_every == 0
+        for i, (_, _, _, validate, _) in enumerate(envs):
+            columns.append(np.mean(validate(mean, validation_runners[i], validation_keys[v:])) if validated else "")
         rows.append([g + 1, sigma, time.time() - t0] + columns)
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(rows[-1])
-        # The drift file first: a run killed between the two writes redoes this generation and rewrites both.
-        save_drift(os.path.join(run_dir, "drift.msgpack"), es.get_mean(es_state), args.ppo_init)  # the learned drift
+        # The drift files first (the mean; the best validated mean): a run killed before the checkpoint redoes this
+        # generation and rewrites them all.
+        gains = [np.mean(np.array(r[-len(envs) :], dtype=float) - validation_ppo) for r in rows if r[-1] != ""]
+        for file in ("drift.msgpack", "best_drift.msgpack")[: 1 + bool(validated and gains[-1] == max(gains))]:
+            save_drift(os.path.join(run_dir, file), mean, args.ppo_init, dataclasses.asdict(env_args[0]))
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
-        progress = "".join(f"  {e} {columns[3 * i]:.1f} ({columns[3 * i + 1]:.1f})" for i, (e, *_) in enumerate(envs))
+        progress = "".join(
+            f"  {e} {c[0]:.1f} ({c[1]:.1f}) signal {c[3]:+.2f}"
+            for e, c in zip(env_ids, np.reshape(columns[: 4 * len(envs)], (-1, 4)))
+        )
+        checked = f"  ES mean − PPO on validation seeds {gains[-1]:+.1f}" if validated else ""
         print(
             f"generation {g + 1}/{args.num_generations}  σ {sigma:.4f}  {rows[-1][2]:.0f}s  members' return (PPO's):"
-            f"{progress}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
+            f"{progress}{checked}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
             flush=True,
         )
-    table = dict(zip(fields, np.array(rows, dtype=float).T))
-    gen = table["generation"]
-    zero = 0 * gen
-    for e in env_ids:
-        members = (gen, table[f"{e}_mean_return"], zero)
-        ppo = (gen, table[f"{e}_ppo_return"], zero)
-        curves = {"members' mean": members, "PPO, same runs": ppo}
+    table = {k: np.array([float(r[j] or "nan") for r in rows]) for j, k in enumerate(fields)}
+    for i, e in enumerate(env_ids):
+        gen, checked = table["generation"], np.isfinite(table[f"{e}_validation_return"])
+        curves = {
+            "members' mean": (gen, table[f"{e}_mean_return"], 0 * gen),
+            "PPO, same runs": (gen, table[f"{e}_ppo_return"], 0 * gen),
+        }
+        if args.validate_every:
+            curves["ES mean, validation seeds"] = (
+                gen[checked],
+                table[f"{e}_validation_return"][checked],
+                0 * gen[checked],
+            )
+            curves["PPO, validation seeds"] = (gen[checked], validation_ppo[i] + 0 * gen[checked], 0 * gen[checked])
         plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), curves, e, "generation", "final return")
     plot_drift_file(run_dir, env_args[0])
     return run_dir
@@ -1511,10 +1573,13 @@ def main(args: Args) -> str:
         elif meta:  # each env's defaults are filled in per env
             run_dir = run_meta_training(args)
         else:
-            args = resolve_args(args)
             if args.eval_drift:  # the transfer test: the learned drift and --compare's others on the same seeds
-                load_drift(args.eval_drift)  # refuse a bad file before any training
-                args = dataclasses.replace(args, drift_file=os.path.abspath(args.eval_drift), eval_drift=None)
+                settings = load_drift(args.eval_drift)[2]  # refuses a bad file before any training
+                recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given win
+                args = dataclasses.replace(
+                    args, **recorded, drift_file=os.path.abspath(args.eval_drift), eval_drift=None
+                )
+            args = resolve_args(args)
             if args.eval_only:
                 run_dir = run_eval_only(args)
             else:
