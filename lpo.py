@@ -1575,6 +1575,7 @@ def main(args: Args) -> str:
         else:
             if args.eval_drift:  # the transfer test: the learned drift and --compare's others on the same seeds
                 settings = load_drift(args.eval_drift)[2]  # refuses a bad file before any training
+                settings = settings if args.env_id in (Args().env_id, settings.get("env_id")) else {}  # another env
                 recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given win
                 args = dataclasses.replace(
                     args, **recorded, drift_file=os.path.abspath(args.eval_drift), eval_drift=None

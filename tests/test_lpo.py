@@ -2,6 +2,7 @@
 direction and schedules, meta-training with an exact resume, the transfer command on the shipped drift, bad input."""
 
 import csv
+import dataclasses
 import functools
 import inspect
 import json
@@ -81,7 +82,8 @@ def test_zero_weights_with_ppo_init_are_ppo_with_eps_0_2():
 def test_an_lpo_zero_drift_file_keeps_its_architecture(tmp_path, hidden):
     net = lpo.init_drift_params(jax.random.PRNGKey(3), False, hidden)
     lpo.save_drift(str(tmp_path / "drift.msgpack"), net, False)
-    loaded, ppo_init = lpo.load_drift(str(tmp_path / "drift.msgpack"))
+    loaded, ppo_init, settings = lpo.load_drift(str(tmp_path / "drift.msgpack"))
+    assert settings == {}  # none recorded
     shapes = list(zip((8,) + hidden, hidden + (1,)))
     assert not ppo_init and [w.shape for w in loaded] == [w.shape for w in net] == shapes
     np.testing.assert_array_equal(
@@ -167,22 +169,70 @@ TINY = [
 ]
 
 
+@pytest.mark.parametrize("hidden", [None, ()], ids=["authors-network", "linear-sign-split"])
+def test_at_the_zero_start_only_the_linear_drift_gives_antithetic_pairs_two_drifts_and_an_es_gradient(hidden):
+    initial = lpo.init_drift_params(jax.random.PRNGKey(0), True, hidden)
+    args = lpo.Args(sigma=(0.1, 1.0, 0.1))
+    es = lpo.make_es(args, initial)
+    state = es.init(jax.random.PRNGKey(0), initial, es.default_params)
+    population, _ = es.ask(jax.random.PRNGKey(1), state, es.default_params)
+    drifts = jax.vmap(lambda net: lpo.lpo_drift(net, jnp.log(R_GRID), A_GRID))(population)  # [pop, r, A]
+    half = args.pop_size // 2
+    # The fitness a drift earns: any functional of it, here its mean over the grid weighted towards small ratios.
+    fitness = jnp.mean(drifts * (3.0 - R_GRID), axis=(1, 2))
+    flat = jax.vmap(lambda net: jax.flatten_util.ravel_pytree(net)[0])(population)
+    gradient = jnp.sum((fitness[:half] - fitness[half:])[:, None] * (flat[:half] - flat[half:]), axis=0)
+    if hidden is None:  # tanh and no biases: f̃(-W) = f̃(W), twins are one drift and the estimate is exactly zero
+        np.testing.assert_array_equal(np.asarray(drifts[:half]), np.asarray(drifts[half:]))
+        assert float(jnp.abs(gradient).max()) == 0.0
+    else:  # linear in the weights: twins are opposite corrections of PPO's drift
+        assert float(jnp.abs(drifts[:half] - drifts[half:]).max(axis=(1, 2)).min()) > 1e-3  # every pair differs
+        assert float(jnp.linalg.norm(gradient)) > 1e-4
+
+
+def test_es_signal_is_one_when_pair_differences_replicate_and_near_zero_for_noise():
+    rng = np.random.default_rng(0)
+    effect = rng.normal(size=(200, 1))  # each pair's true difference, the same on every run
+    replicated = np.concatenate([effect, -effect]) + 0.1 * rng.normal(size=(400, 4))
+    noise = rng.normal(size=(400, 4))
+    assert lpo.es_signal(replicated) > 0.95 and abs(lpo.es_signal(noise)) < 0.2
+    assert np.isnan(lpo.es_signal(noise[:, :1]))  # one run: no two halves
+
+
+def test_eval_drift_runs_at_the_settings_the_drift_file_records(tmp_path):
+    net = lpo.init_drift_params(jax.random.PRNGKey(0), True, ())
+    recorded = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", total_timesteps=1024, num_envs=2, update_epochs=3))
+    lpo.save_drift(str(tmp_path / "drift.msgpack"), net, True, dataclasses.asdict(recorded))
+    flags = ["--eval-drift", str(tmp_path / "drift.msgpack"), "--compare", "lpo", "--num-eval-envs", "2"]
+    base = lpo.main(tyro.cli(lpo.Args, args=flags + ["--update-epochs", "2", "--run-dir", str(tmp_path / "eval")]))
+    ran = lpo.load_args(os.path.join(base, "lpo"))
+    assert (ran.env_id, ran.total_timesteps, ran.num_envs) == ("CartPole-v1", 1024, 2)  # from the file
+    assert ran.update_epochs == 2 and ran.num_eval_envs == 2  # given on the command line: they win
+    other = flags + ["--env-id", "Acrobot-v1", "--total-timesteps", "512", "--run-dir", str(tmp_path / "other")]
+    ran = lpo.load_args(os.path.join(lpo.main(tyro.cli(lpo.Args, args=other)), "lpo"))
+    assert (ran.num_envs, ran.update_epochs) == (4, 4)  # another env: its family's defaults, not the file's
+
+
 def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    lpo.main(tyro.cli(lpo.Args, args=TINY + ["--num-generations", "3", "--run-dir", full]))
+    tiny = TINY + ["--num-rollouts", "2", "--validate-every", "2", "--num-validation-seeds", "2", "--drift-hidden"]
+    lpo.main(tyro.cli(lpo.Args, args=tiny + ["--num-generations", "3", "--run-dir", full]))
     for name in (
         "args.json",
         "generations.csv",
         "es_checkpoint.msgpack",
         "drift.msgpack",
+        "best_drift.msgpack",
         "fitness_CartPole-v1.png",
         "drift.png",
     ):
         assert os.path.getsize(os.path.join(full, name)) > 0, name
-    net, ppo_init = lpo.load_drift(full)
-    assert ppo_init and float(sum(jnp.abs(w).sum() for w in net)) > 0  # the ES mean moved away from PPO
+    net, ppo_init, settings = lpo.load_drift(full)
+    assert ppo_init and net[0].shape == (16, 1) and float(jnp.abs(net[0]).sum()) > 0  # the mean left PPO
+    assert settings["env_ids"] == ("CartPole-v1",) and settings["total_timesteps"] == 2048
+    assert settings["num_envs"] == 4 and settings["learning_rate"] == 2.5e-4  # given, and the family default
 
-    lpo.main(tyro.cli(lpo.Args, args=TINY + ["--num-generations", "2", "--run-dir", part]))  # interrupted after 2
+    lpo.main(tyro.cli(lpo.Args, args=tiny + ["--num-generations", "2", "--run-dir", part]))  # interrupted after 2
     with open(os.path.join(part, "args.json")) as f:
         saved = json.load(f)
     with open(os.path.join(part, "args.json"), "w") as f:
@@ -194,6 +244,8 @@ def test_meta_training_writes_its_run_dir_and_resume_reproduces_it(tmp_path):
             return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
     assert rows(part) == rows(full) and len(rows(full)) == 3
+    assert [r["CartPole-v1_validation_return"] != "" for r in rows(full)] == [False, True, False]
+    assert all("CartPole-v1_signal" in r for r in rows(full))  # es_signal itself: test_es_signal_...
     with open(os.path.join(full, "drift.msgpack"), "rb") as a, open(os.path.join(part, "drift.msgpack"), "rb") as b:
         assert a.read() == b.read()
 
@@ -214,7 +266,7 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
     with open(tmp_path / "dpo" / "summary.json") as f:
         assert json.load(f)["final_returns"] == summary["drifts"]["ppo"]["final_returns"]
     # The shipped drift is not PPO's (on this short run ratios stay near 1, where the two can coincide).
-    net, ppo_init = lpo.load_drift(SHIPPED)
+    net, ppo_init, _ = lpo.load_drift(SHIPPED)
     r, a = jnp.meshgrid(jnp.linspace(0.5, 1.5, 101), jnp.linspace(-2.0, 2.0, 81), indexing="ij")
     assert ppo_init and float(jnp.abs(lpo.lpo_drift(net, jnp.log(r), a) - lpo.ppo_drift(jnp.log(r), a)).max()) > 1e-2
 
