@@ -4,7 +4,7 @@
 # Pendulum-v1 also reruns PPO through lpo.py, to check it equals runs/compare's bit for bit. Rerun to resume.
 set -u
 cd "$(dirname "$0")/.."
-DRIFT=${1:-drifts/lpo_classic.msgpack}
+DRIFT=${1:-drifts/lpo_classic_v1.msgpack}
 ev() {  # ev NAME FLAGS...
   local name=$1; shift
   python lpo.py --eval-drift "$DRIFT" --num-seeds 10 --seed 1 --run-dir "runs/transfer/$name" "$@"

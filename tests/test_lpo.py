@@ -262,7 +262,8 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
         summary = json.load(f)
     assert set(summary["drifts"]) == {"lpo", "ppo"} and len(summary["drifts"]["lpo"]["final_returns"]) == 2
     assert os.path.getsize(os.path.join(base, "learning_curves.png")) > 0
-    dpo.main(tyro.cli(dpo.Args, args=flags + ["--drift", "ppo", "--run-dir", str(tmp_path / "dpo")]))
+    recorded = ["--update-epochs", "10", "--learning-rate", "5e-4", "--anneal-lr", "False"]  # what the file records
+    dpo.main(tyro.cli(dpo.Args, args=flags + recorded + ["--drift", "ppo", "--run-dir", str(tmp_path / "dpo")]))
     with open(tmp_path / "dpo" / "summary.json") as f:
         assert json.load(f)["final_returns"] == summary["drifts"]["ppo"]["final_returns"]
     # The shipped drift is not PPO's (on this short run ratios stay near 1, where the two can coincide).
