@@ -1401,9 +1401,11 @@ def es_signal(per_run: np.ndarray) -> float:
     the first and on the second half of the inner runs (independent seeds). About 0: the ES walks at random; 1: every
     difference replicates. per_run [pop_size, R], member i's twin at i + pop_size/2 (evosax). NaN for R < 2."""
     half = per_run.shape[1] // 2
+    if half == 0:
+        return float("nan")
     differences = per_run[: len(per_run) // 2] - per_run[len(per_run) // 2 :]
     first, second = differences[:, :half].mean(1), differences[:, half : 2 * half].mean(1)
-    return float(np.corrcoef(first, second)[0, 1]) if half and min(first.std(), second.std()) > 0 else float("nan")
+    return float(np.corrcoef(first, second)[0, 1]) if min(first.std(), second.std()) > 0 else float("nan")
 
 
 VALIDATION_STREAM = 2**31 - 1  # fold_in index of the validation seeds' key; generations use 0 .. num_generations - 1

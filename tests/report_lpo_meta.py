@@ -40,6 +40,8 @@ class Report:
     """agent seed of the test (the ES drew its runs from --seed of the run, the validation from a stream of it)"""
     num_random: int = 3
     """random drifts of the learned drift's norm (the null)"""
+    transfer: bool = False
+    """instead: the table of tests/run_lpo_linear_transfer.sh's runs under <run>/transfer and <run>/transfer_random_*"""
 
 
 def evaluate(report: Report, drift_file: str, compare: tuple[str, ...], name: str) -> dict:
@@ -57,7 +59,33 @@ def cell(x: np.ndarray) -> str:
     return f"{stats['r_mean']:.1f} ± {stats['r_std']:.1f} | {stats['r_iqm']:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def final_returns(path: str) -> np.ndarray:
+    with open(os.path.join(path, "summary.json")) as f:
+        return np.array(json.load(f)["final_returns"])
+
+
+def transfer_table(report: Report):
+    """Per held-out env: the learned drift, DPO, PPO and the null's pooled agents, with Welch's p of the learned drift
+    against PPO and against the null (the pre-registered criterion in docs/lpo.md)."""
+    print("| env | learned | DPO | PPO | null (random drifts, pooled) | Welch p learned vs PPO | vs null |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for env in sorted(os.listdir(os.path.join(report.run, "transfer"))):
+        runs = {d: final_returns(os.path.join(report.run, "transfer", env, d)) for d in ("lpo", "dpo", "ppo")}
+        null = np.concatenate(
+            [
+                final_returns(os.path.join(report.run, f"transfer_random_{i}", env, "lpo"))
+                for i in range(report.num_random)
+            ]
+        )
+        p_ppo = scipy.stats.ttest_ind(runs["lpo"], runs["ppo"], equal_var=False).pvalue
+        p_null = scipy.stats.ttest_ind(runs["lpo"], null, equal_var=False).pvalue
+        cells = " | ".join(cell(x).replace(" | ", " (IQM ") + ")" for x in (*runs.values(), null))
+        print(f"| {env} | {cells} | {p_ppo:.2g} | {p_null:.2g} |")
+
+
 def main(report: Report):
+    if report.transfer:
+        return transfer_table(report)
     best = os.path.join(report.run, "best_drift.msgpack")
     net, ppo_init, settings = lpo.load_drift(best)
     results = evaluate(report, best, ("lpo", "dpo", "ppo"), "learned")
