@@ -1458,6 +1458,10 @@ def run_meta_training(args: Args) -> str:
         raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
     if args.drift_hidden is not None and min(args.drift_hidden, default=1) <= 0:
         raise ArgsError(f"--drift-hidden {args.drift_hidden} needs positive layer sizes (none: the linear drift)")
+    if args.validate_every and args.num_validation_seeds < 2:
+        raise ArgsError(
+            f"--num-validation-seeds {args.num_validation_seeds} must be at least 2 (or --validate-every 0)"
+        )
     env_ids = args.env_ids or (args.env_id,)
     name = f"{'+'.join(env_ids)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)

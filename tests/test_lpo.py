@@ -282,6 +282,7 @@ def test_plot_drift_draws_the_shipped_drift(tmp_path):
     [
         (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
         (["--drift-hidden", "-4", "--env-ids", "CartPole-v1"], "positive layer sizes"),
+        (["--num-validation-seeds", "0", "--env-ids", "CartPole-v1"], "at least 2"),
         (["--env-id", "Pong-v5"], "CartPole-v1"),
         (["--fitness-shaping", "rank"], "centered_rank"),
         (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
