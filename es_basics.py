@@ -26,15 +26,19 @@ Example:
 
 import csv
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 import types
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,8 +98,20 @@ class Args:
     """seed: generation g draws everything from fold_in(PRNGKey(seed), g); a policy's initial weights too"""
     run_dir: str | None = None
     """where to write results (default: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time})"""
+    resume: str | None = None
+    """continue the run in this run directory from its checkpoint (its args.json; --num-generations may extend it)"""
+
+    # ---- several processes (JAX's multi-controller runtime, docs/distributed.md) ----
+    coordinator_address: str | None = None
+    """host:port where process 0 serves the coordinator; give every process the same command"""
+    num_processes: int = 1
+    """processes in the run, with --coordinator-address"""
+    process_id: int = 0
+    """this process's index in [0, --num-processes), with --coordinator-address"""
     distributed: bool = False
-    """call jax.distributed.initialize() first, so that the devices of several hosts share the population"""
+    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    init_timeout: int = 60
+    """seconds the processes wait for each other at start-up before giving up with an error"""
 
     # ---- problem ----
     problem: ProblemName = "sphere"
@@ -318,7 +334,7 @@ def resolve_args(args: Args) -> Args:
 # descriptors [pop, 2], args) -> (state, stop), stop an int32 index of STOP_REASONS (0: go on). Member i's noise
 # comes from fold_in(key, i) alone, so any device can rebuild any member: shared seeds (Salimans et al. Alg. 2).
 STOP_REASONS = ("", "tolfun", "tolx", "condition", "sigma-underflow")
-GO_ON = jnp.int32(0)
+GO_ON = np.int32(0)
 
 
 def all_noise(key: jax.Array, pop_size: int, num_dims: int) -> jax.Array:
@@ -1128,37 +1144,137 @@ def make_generations(args: Args, problem: Problem) -> Callable:
 
 
 def run_generations(
-    args: Args, problem: Problem, on_chunk: Callable | None = None, chunk: int | None = None
+    args: Args,
+    problem: Problem,
+    on_chunk: Callable | None = None,
+    chunk: int | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
 ) -> tuple[LoopState, GenerationOutput]:
     """Run resolved args for --num-generations, `chunk` per compiled call (default: 100 on test functions, 1 on
-    policies) between progress reports, ending early after the
-    generation whose update returned a stop code. Returns the final loop state and every generation's output
-    (numpy, stacked over the generations run); on_chunk(first_generation, outputs) after each call."""
+    policies) between progress reports, ending early after the generation whose update returned a stop code.
+    Returns the final loop state and every generation's output (numpy, stacked over the generations run);
+    on_chunk(first_generation, outputs, restored) after each call (restored: outputs read from the checkpoint).
+
+    With a checkpoint path, the loop state and the outputs so far are saved there (atomically) every 2% of the
+    run; with resume, a run that finds the file continues from it: generation g's key depends on (seed, g) alone and the
+    chunks end where an uninterrupted run's do, so the numbers are an uninterrupted run's. The restored outputs
+    are reported first, as one chunk."""
     generations = make_generations(args, problem)
     loop = init_loop_state(args, problem)
-    generations_done = 0
     outputs = []
-    while generations_done < args.num_generations:
-        count = min(chunk or (100 if args.problem in TEST_FUNCTIONS else 1), args.num_generations - generations_done)
+    if resume and os.path.exists(checkpoint):
+        loop, restored = load_checkpoint(checkpoint, loop)
+        outputs.append(restored)
+        if on_chunk is not None:
+            on_chunk(0, restored, True)
+    generations_done = sum(len(out.stop) for out in outputs)
+    stopped = bool(outputs) and bool(outputs[-1].stop[-1])
+    every = max(1, args.num_generations // 50)
+    while generations_done < args.num_generations and not stopped:
+        count = min(
+            chunk or (100 if args.problem in TEST_FUNCTIONS else 1),
+            every - generations_done % every,
+            args.num_generations - generations_done,
+        )
         loop, out = generations(loop, generation_keys(args.seed, generations_done, count))
         out = jax.tree.map(np.asarray, out)
-        stopped = np.flatnonzero(out.stop)
-        if stopped.size:  # keep the generations up to and including the one that stopped
-            kept = int(stopped[0]) + 1
-            out = jax.tree.map(lambda a, kept=kept: a[:kept], out)
+        stops = np.flatnonzero(out.stop)
+        stopped = bool(stops.size)
+        if stopped:  # keep the generations up to and including the one that stopped
+            out = jax.tree.map(lambda a, kept=int(stops[0]) + 1: a[:kept], out)
         outputs.append(out)
-        if on_chunk is not None:
-            on_chunk(generations_done, out)
         generations_done += len(out.stop)
-        if stopped.size:
-            break
+        if checkpoint is not None and (generations_done % every == 0 or stopped):
+            outputs = [jax.tree.map(lambda *a: np.concatenate(a), *outputs)]
+            state = dict(loop=flax.serialization.to_state_dict(loop), outputs=outputs[0]._asdict())
+            atomic_write(checkpoint, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+        if on_chunk is not None:
+            on_chunk(generations_done - len(out.stop), out, False)
     return loop, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
 
 
+def load_checkpoint(path: str, template: LoopState) -> tuple[LoopState, GenerationOutput]:
+    """(loop state, outputs so far) of run_generations' checkpoint, restored into the template's structure.
+    Raises ArgsError if the file is damaged or belongs to other settings."""
+    try:
+        with open(path, "rb") as f:
+            state = flax.serialization.msgpack_restore(f.read())
+        loop = flax.serialization.from_state_dict(template, state["loop"])
+        if jax.tree.map(np.shape, loop) != jax.tree.map(np.shape, template):
+            raise ValueError("shapes differ")
+        outputs = GenerationOutput(**state["outputs"])
+    except Exception as e:  # msgpack, key and shape errors all mean the same thing to the user
+        raise ArgsError(f"checkpoint {path} is damaged or from other settings ({type(e).__name__})") from None
+    return loop, outputs
+
+
 # ---- Running, saving, plotting. ----
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
+    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
+    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
+    alone prints and writes files). One process needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
+    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
+    (they would take different branches and wait for each other for ever). Launches that still fail inside the
+    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
+    """
+    if args.coordinator_address is None and not args.distributed:
+        if (args.num_processes, args.process_id) != (1, 0):
+            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
+        return
+    if args.coordinator_address is not None:
+        if not 0 <= args.process_id < args.num_processes:
+            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
+        host, _, port = args.coordinator_address.rpartition(":")
+        if not port.isdigit():
+            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
+        deadline = time.time() + args.init_timeout
+        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise ArgsError(
+                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
+                        "(is process 0 running, with the same --coordinator-address?)"
+                    ) from None
+                time.sleep(0.2)
+        if args.process_id == 0:
+            try:
+                socket.create_server((host, int(port))).close()
+            except OSError as e:
+                raise ArgsError(
+                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({e.strerror}): give "
+                    "an address of this machine and a free port"
+                ) from None
+        jax.distributed.initialize(
+            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
+        )
+    else:
+        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+    from jax.experimental import multihost_utils
+
+    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
+    if jax.process_index():
+        sys.stdout = open(os.devnull, "w")
+    differ = np.flatnonzero((digests != digests[0]).any(1))
+    if differ.size:
+        raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
+    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
+        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
+
+
 def atomic_write(path: str, data: bytes):
     """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
-    power cut leaves half a file."""
+    power cut leaves half a file. Does nothing on processes other than 0."""
+    if jax.process_index():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -1190,7 +1306,10 @@ def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
 
 
 def save_figure(path: str, draw: Callable, ncols: int = 1):
-    """Call draw(*axes) on a new figure of ncols panels (matplotlib's Agg backend: no display) and save it as PNG."""
+    """Call draw(*axes) on a new figure of ncols panels (matplotlib's Agg backend: no display) and save it as PNG.
+    Process 0 only."""
+    if jax.process_index():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1219,11 +1338,10 @@ def draw_fitness_curves(ax, table: dict, problem: str):
 
 
 def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
-    """One ES run (resolved args) into run_dir: args.json, generations.csv, fitness_curve.png, params.npz and
-    summary.json (also returned)."""
+    """One ES run (resolved args) into run_dir: args.json, generations.csv, fitness_curve.png, params.npz,
+    checkpoint.msgpack (continued with --resume) and summary.json (also returned)."""
     from tqdm import tqdm
 
-    os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     problem = make_problem(args)
     print(
@@ -1233,26 +1351,30 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
 
-    def on_chunk(first, out):
+    ran = []  # the generations this process ran, not restored from the checkpoint
+
+    def on_chunk(first, out, restored):
+        ran.append(0 if restored else len(out.stop))
         table = columns(out, first, args.pop_size)
-        with open(csv_path, "a" if first else "w", newline="") as f:
-            csv.writer(f).writerows(([list(table)] if first == 0 else []) + list(zip(*table.values())))
+        write_csv(csv_path, ([list(table)] if first == 0 else []) + list(zip(*table.values())), "a" if first else "w")
         bar.update(len(out.stop))
         bar.set_postfix({k.split("_")[0]: f"{v[-1]:.4g}" for k, v in table.items() if k.endswith("fitness")})
 
-    loop, out = run_generations(args, problem, on_chunk)
+    checkpoint = os.path.join(run_dir, "checkpoint.msgpack")
+    loop, out = run_generations(args, problem, on_chunk, checkpoint=checkpoint, resume=bool(args.resume))
     bar.close()
     seconds, table = time.time() - start, columns(out, 0, args.pop_size)
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
     save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: draw_fitness_curves(ax, table, args.problem))
+    params = io.BytesIO()
     np.savez(
-        os.path.join(run_dir, "params.tmp.npz"),
+        params,
         center=np.asarray(loop.es.mean),
         **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()},
     )
-    os.replace(os.path.join(run_dir, "params.tmp.npz"), os.path.join(run_dir, "params.npz"))
+    atomic_write(os.path.join(run_dir, "params.npz"), params.getvalue())
     reached = np.flatnonzero(table["center_fitness"] >= (np.inf if args.target is None else args.target))
     summary = dict(
         algo=args.algo,
@@ -1272,7 +1394,7 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         evaluations_to_target=(int(reached[0]) + 1) * args.pop_size if reached.size else None,
         final_archive_cells=int(out.archive_cells[-1]) if args.algo == "map-elites" else None,
         wall_seconds=seconds,
-        generations_per_second=len(out.stop) / seconds,
+        generations_per_second=sum(ran) / seconds,
         num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
     )
@@ -1300,9 +1422,11 @@ def es_from_scratch(score: Callable, x0: jax.Array, args: Args, budget: int) -> 
     return np.maximum.accumulate(trials[:budget])
 
 
-def write_csv(path: str, rows: list):
-    """rows: a header, then the data rows."""
-    with open(path, "w", newline="") as f:
+def write_csv(path: str, rows: list, mode: str = "w"):
+    """rows (a header, then the data rows) into a new file, or with mode "a" after its rows. Process 0 only."""
+    if jax.process_index():
+        return
+    with open(path, mode, newline="") as f:
         csv.writer(f).writerows(rows)
 
 
@@ -1311,7 +1435,13 @@ def run_ite(args: Args, run_dir: str) -> dict:
     --pop-size), then on each of the 14 damages ITE, the elites in order of prediction, and CMA-ES from scratch try
     to reach ARM_TARGET in at most --ite-max-trials trials. Writes generations.csv (the map), ite_damages.csv,
     ite.png; returns the summary (performances as fractions of the undamaged best)."""
-    loop, out = run_generations(dataclasses.replace(args, algo="map-elites", problem="arm"), arm_problem(), chunk=100)
+    loop, out = run_generations(
+        dataclasses.replace(args, algo="map-elites", problem="arm"),
+        arm_problem(),
+        chunk=100,
+        checkpoint=os.path.join(run_dir, "checkpoint.msgpack"),
+        resume=bool(args.resume),
+    )
     table = columns(out, 0, args.pop_size)
     write_csv(os.path.join(run_dir, "generations.csv"), [list(table)] + list(zip(*table.values())))
     filled, postures, target = jnp.isfinite(loop.es.fitness), loop.es.solutions, jnp.array(ARM_TARGET)
@@ -1426,8 +1556,20 @@ def run_poet(args: Args, run_dir: str) -> dict:
     states = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, theta0, args))
     envs, slot_env = np.zeros((cap, 2), np.float32), np.array([0] + [-1] * (cap - 1))  # slot -> environment id
     created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0, evaluations_to_solve=None)]
-    rejected, history, evaluations, transfers, start = [], [], 0, 0, time.time()
-    for it in range(1, args.num_generations + 1):
+    rejected, history, evaluations, transfers, done = [], [], 0, 0, 0
+    checkpoint, every = os.path.join(run_dir, "checkpoint.msgpack"), max(1, args.num_generations // 50)
+    if args.resume and os.path.exists(checkpoint):  # everything the iterations change, saved after iteration `done`
+        try:
+            with open(checkpoint, "rb") as f:
+                saved = flax.serialization.msgpack_restore(f.read())
+            states = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(states, saved["states"]))
+            envs, slot_env = np.array(saved["envs"]), np.array(saved["slot_env"])
+            rng.set_state(saved["rng"])
+            created, rejected, history, evaluations, transfers, done = json.loads(saved["host"])
+        except Exception as e:  # msgpack, key and JSON errors all mean the same thing to the user
+            raise ArgsError(f"checkpoint {checkpoint} is damaged or not POET's ({type(e).__name__})") from None
+    start = time.time()
+    for it in range(done + 1, args.num_generations + 1):
         active = slot_env >= 0
         key_step, key_transfer = jax.random.split(jax.random.fold_in(key, it))  # a longer run repeats a shorter one
         states, scores = step_all(states, jnp.asarray(envs), key_step)
@@ -1437,7 +1579,7 @@ def run_poet(args: Args, run_dir: str) -> dict:
             e["best_score"] = max(e["best_score"], float(scores[slot]))
             if e["evaluations_to_solve"] is None and scores[slot] >= 1.0:  # POET's whole budget spent so far
                 e["evaluations_to_solve"] = evaluations
-            history.append((it, slot_env[slot], *envs[slot].tolist(), float(scores[slot])))
+            history.append((it, int(slot_env[slot]), *envs[slot].tolist(), float(scores[slot])))
         eligible = np.flatnonzero(active & (scores >= 1.0))
         if it % args.poet_mutate_every == 0 and eligible.size:  # MUTATE_ENVS
             parents = rng.choice(eligible, args.poet_children)
@@ -1475,11 +1617,21 @@ def run_poet(args: Args, run_dir: str) -> dict:
             )
             transfers += int(replaced.sum())
             evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
+        if it % every == 0:
+            saved = dict(
+                states=flax.serialization.to_state_dict(jax.tree.map(np.asarray, states)),
+                envs=envs,
+                slot_env=slot_env,
+                rng=rng.get_state(legacy=False),
+                host=json.dumps([created, rejected, history, evaluations, transfers, it]),
+            )
+            atomic_write(checkpoint, flax.serialization.msgpack_serialize(saved))
         if it % 100 == 0 or it == args.num_generations:
+            rate = (it - done) / (time.time() - start)
             print(
                 f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
                 f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
-                f"{transfers} transfers, {time.time() - start:.0f} s",
+                f"{transfers} transfers, {rate:.2f} iterations/s, ETA {(args.num_generations - it) / rate:.0f} s",
                 flush=True,
             )
     solved = [e for e in created if e["best_score"] >= 1.0]
@@ -1556,25 +1708,47 @@ def run_poet(args: Args, run_dir: str) -> dict:
     )
 
 
-def main(args: Args) -> str:
-    """Run one method; returns the run directory. Bad arguments: one line on stderr, exit code 2."""
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
+
+
+def resumed_args(args: Args) -> Args:
+    """The --resume run directory's saved arguments, with this command's launch flags and --num-generations if given.
+    Raises ArgsError when the directory has no readable args.json."""
     try:
-        if args.distributed:
-            jax.distributed.initialize()  # several hosts: jax.devices() then lists every host's devices
-        args = resolve_args(args)
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
+    fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
+    saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    return dataclasses.replace(
+        saved,
+        **{k: getattr(args, k) for k in LAUNCH_FIELDS},
+        resume=args.resume,
+        run_dir=args.resume,
+        num_generations=args.num_generations or saved.num_generations,
+    )
+
+
+def main(args: Args) -> str:
+    """Run one method (or continue one with --resume); returns the run directory. Bad arguments: one line on
+    stderr, exit code 2."""
+    try:
+        start_processes(args)
+        args = resolve_args(resumed_args(args) if args.resume else args)
+        problem = dict(ite="arm", poet="track").get(args.algo, args.problem)
+        run_dir = args.run_dir or os.path.join(
+            "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+        if args.algo in OWN_DEFAULTS:
+            write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+            summary = (run_ite if args.algo == "ite" else run_poet)(args, run_dir)
+            write_json(os.path.join(run_dir, "summary.json"), summary)
+        else:
+            run(args, run_dir)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    problem = dict(ite="arm", poet="track").get(args.algo, args.problem)
-    run_dir = args.run_dir or os.path.join(
-        "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
-    if args.algo in OWN_DEFAULTS:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-        write_json(os.path.join(run_dir, "summary.json"), (run_ite if args.algo == "ite" else run_poet)(args, run_dir))
-    else:
-        run(args, run_dir)
     print(f"run directory: {run_dir}")
     return run_dir
 

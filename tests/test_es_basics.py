@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import processes  # noqa: E402
+
 import es_basics as eb  # noqa: E402
 
 
@@ -227,38 +231,63 @@ def test_openai_es_solves_cartpole_and_gathers_statistics_from_a_fraction_of_the
 
 
 DEVICES = """
-import json, sys
-sys.path.insert(0, {tests!r})
-import jax, numpy as np
-from test_es_basics import run
-results = {{}}
-for flags in [dict(algo="openai-es", problem="CartPole-v1", pop_size=8, obs_stats_fraction=0.5),
-              dict(algo="cma-es", problem="sphere", pop_size=8),
-              dict(algo="map-elites", problem="CartPole-v1", pop_size=8)]:
-    args, problem, loop, out = run(num_generations=3, **flags)
-    numbers = np.concatenate([out.fitness.ravel(), out.center_fitness, np.asarray(loop.es.mean),
-                              np.asarray(loop.obs_stats.total)])
-    results[args.algo] = numbers.tolist()
-print(json.dumps([jax.device_count(), results]))
+import json, os, re, sys
+sys.path.insert(0, {root!r})
+import jax, tyro
+import es_basics as eb
+launch = tyro.cli(eb.Args)  # --run-dir and, for several processes, the launch flags
+eb.start_processes(launch)
+for flags in [dict(algo="openai-es", problem="CartPole-v1", obs_stats_fraction=0.5),
+              dict(algo="cma-es", problem="sphere"),
+              dict(algo="map-elites", problem="CartPole-v1")]:
+    args = eb.resolve_args(eb.Args(**flags, pop_size=8, num_generations=3))
+    eb.run(args, os.path.join(launch.run_dir, args.algo), quiet=True)
+# the compiled generation's collectives (openai-es on sphere, no observation statistics)
+args = eb.resolve_args(eb.Args(algo="openai-es", problem="sphere", pop_size=8))
+problem = eb.make_problem(args)
+hlo = eb.make_generations(args, problem).lower(eb.init_loop_state(args, problem), eb.generation_keys(1, 0, 1))
+ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "send", "recv")
+found = [re.search(r"= (\\S+) ([a-z-]+)\\(", line) for line in hlo.compile().as_text().splitlines()]
+collectives = [" ".join(m.groups()) for m in found if m and m.group(2) in ops]
+print(json.dumps([jax.device_count(), jax.process_count(), collectives]))
 """
+ALGOS = ("openai-es", "cma-es", "map-elites")
 
 
-def test_two_forced_host_devices_reproduce_one_device_exactly():
-    results = []
-    for count in (1, 2):
+def test_two_processes_and_two_devices_reproduce_one_device_bit_for_bit(tmp_path):
+    """The same three runs (openai-es with observation statistics, cma-es, map-elites) on 1 device, 2 forced host
+    devices and 2 processes of 1 device: the same generations.csv, params.npz and summary.json (timings aside). The
+    compiled generation exchanges the fitness vector f32[pop] and nothing else."""
+    driver = [sys.executable, "-c", DEVICES.format(root=ROOT)]
+    reports = {}
+    for name, count in (("one", 1), ("two_devices", 2)):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
         proc = subprocess.run(
-            [sys.executable, "-c", DEVICES.format(tests=os.path.join(ROOT, "tests"))],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
+            driver + ["--run-dir", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert results[0][0] == 1 and results[1][0] == 2
-    for algo, numbers in results[0][1].items():
-        np.testing.assert_array_equal(results[1][1][algo], numbers, err_msg=algo)
+        reports[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = processes.launch(driver + ["--run-dir", str(tmp_path / "two_processes")], 2, timeout=300)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    reports["two_processes"] = json.loads(results[0][1].strip().splitlines()[-1])
+    assert all(line.startswith("[Gloo]") for line in results[1][1].splitlines())  # process 1: only the runtime
+    assert [reports[k][:2] for k in reports] == [[1, 1], [2, 1], [2, 2]]
+    assert reports["one"][2] == [] and reports["two_devices"][2] == reports["two_processes"][2] == [
+        "f32[8]{0} all-gather"
+    ]
+    assert not os.path.exists(tmp_path / "two_processes" / "cma-es" / "summary.json.tmp")
+    timings = ("wall_seconds", "generations_per_second", "num_devices")
+    for algo in ALGOS:
+        files = {k: tmp_path / k / algo for k in reports}
+        for name in ("generations.csv", "params.npz"):
+            contents = {k: (folder / name).read_bytes() for k, folder in files.items()}
+            assert contents["two_devices"] == contents["one"] == contents["two_processes"], (algo, name)
+        summaries = [
+            {k: v for k, v in json.loads((f / "summary.json").read_text()).items() if k not in timings}
+            for f in files.values()
+        ]
+        assert summaries[0] == summaries[1] == summaries[2], algo
 
 
 def test_cma_es_run_stops_cleanly_and_writes_every_output(tmp_path, capsys):
@@ -485,3 +514,38 @@ def test_centered_ranks_share_ties_and_give_no_step_without_spread():
 
     fitness = jnp.array([1.0, jnp.nan, 1.0, -jnp.inf, 4.0, jnp.inf])
     np.testing.assert_array_equal(np.asarray(epg.centered_ranks(fitness)), np.asarray(eb.centered_ranks(fitness)))
+
+
+KILLED = [
+    (["--algo", "cma-es", "--problem", "CartPole-v1", "--num-generations", "100"], ["generations.csv", "params.npz"]),
+    (
+        ["--algo", "map-elites", "--problem", "CartPole-v1", "--num-generations", "100"],
+        ["generations.csv", "params.npz"],
+    ),
+    (
+        ["--algo", "poet", "--num-generations", "100", "--poet-mutate-every", "3", "--poet-transfer-every", "4"],
+        ["poet_history.csv", "poet_envs.csv"],
+    ),
+]
+
+
+@pytest.mark.parametrize("flags, files", KILLED, ids=["cma-es", "map-elites", "poet"])
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, flags, files):
+    command = [sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--pop-size", "8", "--hidden", "8"]
+    killed = subprocess.Popen(command + ["--run-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, cwd=ROOT)
+    checkpoint = tmp_path / "killed" / "checkpoint.msgpack"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.kill()  # SIGKILL at the first checkpoint (2% of the run)
+    killed.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "summary.json").exists()
+    for extra in (["--run-dir", str(tmp_path / "full")], ["--resume", str(tmp_path / "killed")]):
+        proc = subprocess.run(command + extra, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in files:
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    timings = ("wall_seconds", "generations_per_second")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("killed", "full")]
+    kept = [{k: v for k, v in s.items() if k not in timings} for s in summaries]
+    assert kept[0] == kept[1]
