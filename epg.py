@@ -17,10 +17,13 @@ Example (more in docs/epg.md: --test on held-out goals, the design checks, --res
 import csv
 import dataclasses
 import functools
+import hashlib
+import io
 import itertools
 import json
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -81,6 +84,17 @@ class Args:
     """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
     resume: str | None = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
+    # several processes (JAX's multi-controller runtime, docs/distributed.md)
+    coordinator_address: str | None = None
+    """host:port where process 0 serves the coordinator; give every process the same command"""
+    num_processes: int = 1
+    """processes in the run, with --coordinator-address"""
+    process_id: int = 0
+    """this process's index in [0, --num-processes), with --coordinator-address"""
+    distributed: bool = False
+    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    init_timeout: int = 60
+    """seconds the processes wait for each other at start-up before giving up with an error"""
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
@@ -807,14 +821,20 @@ def generation_key(args: Args, generation: int) -> jax.Array:
 
 
 def shard_leading(fn: Callable, n: int, mapped: tuple[bool, ...]) -> Callable:
-    """fn with axis 0 (of size n) of the arguments flagged in `mapped`, and of every output, split over the
-    largest number of JAX devices that divides n (shard_map); the other arguments are copied to every device."""
+    """fn with axis 0 (of size n) of the arguments flagged in `mapped` split over the largest number of JAX devices
+    that divides n (shard_map), the other arguments copied to every device; every output is all-gathered along
+    axis 0, so that each device holds all of it: the one exchange. Over several processes the split takes every
+    device or none (each process then computes all n, the same numbers)."""
     k = math.gcd(n, jax.device_count())
-    if k == 1:
+    if k == 1 or (k < jax.device_count() and jax.process_count() > 1):
         return fn
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:k]), ("d",))
     specs = tuple(jax.sharding.PartitionSpec("d") if m else jax.sharding.PartitionSpec() for m in mapped)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec("d"), check_vma=False)
+
+    def gathered(*args):
+        return jax.tree.map(lambda y: jax.lax.all_gather(y, "d", tiled=True), fn(*args))
+
+    return jax.shard_map(gathered, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec(), check_vma=False)
 
 
 def make_es_optimizer(args: Args) -> optax.GradientTransformation:
@@ -823,23 +843,35 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.adam(schedule, b1=0.0)
 
 
-def make_population(args: Args, env, n: int) -> Callable:
-    """returns(members [n, dim], tasks [num_tasks, ...], keys [num_tasks, 2], settings) -> final returns [n,
-    num_tasks]: every member (a flattened loss) on every task, the same tasks and lifetime seeds for all; the member
-    axis sharded over the JAX devices. Not jitted (make_generation and tests/preflight_epg.py jit it)."""
+def make_members(args: Args, env) -> Callable:
+    """returns(members [m, dim], tasks [num_tasks, ...], keys [num_tasks, 2], settings) -> final returns [m,
+    num_tasks]: every member (a flattened loss) on every task, the same tasks and lifetime seeds for all. Not jitted."""
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
-    return shard_leading(
-        jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None)), n, (True, False, False, False)
-    )
+    return jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None))
+
+
+def make_population(args: Args, env, n: int) -> Callable:
+    """make_members for n members, the member axis sharded over the JAX devices and the returns gathered. Not
+    jitted (tests/preflight_epg.py jits it)."""
+    return shard_leading(make_members(args, env), n, (True, False, False, False))
 
 
 def make_generation(args: Args, env) -> Callable:
     """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
     Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks tasks
     and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
-    mean final return over them. The member axis is sharded over the JAX devices; only returns come back."""
-    population = make_population(args, env, args.pop_size)
+    mean final return over them.
+
+    Over D devices (shard_map on a 1-D mesh, every device or, over several processes, none) each device holds θ
+    and the Adam state, draws every member's noise from the generation key (shared seeds, Salimans et al. Alg. 2),
+    runs its own pop/D members, all-gathers the returns f32[pop, num_tasks], which is all it exchanges, and applies
+    the identical update."""
+    members = make_members(args, env)
     optimizer = make_es_optimizer(args)
+    num_devices = math.gcd(args.pop_size, jax.device_count())
+    if num_devices < jax.device_count() and jax.process_count() > 1:
+        num_devices = 1
+    per_device = args.pop_size // num_devices
 
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
@@ -847,14 +879,22 @@ def make_generation(args: Args, env) -> Callable:
         tasks = sample_tasks(
             env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms, args.goal_split
         )
-        returns = population(
-            theta + args.sigma * eps, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
+        first = jax.lax.axis_index("d") * per_device if num_devices > 1 else 0
+        mine = jax.lax.dynamic_slice_in_dim(eps, first, per_device)  # this device's members
+        returns = members(
+            theta + args.sigma * mine, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
         )
+        if num_devices > 1:
+            returns = jax.lax.all_gather(returns, "d", tiled=True)
         fitness = returns.mean(axis=1)
         updates, opt_state = optimizer.update(-es_gradient(theta, eps, fitness, args.weight_decay), opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
-    return jax.jit(generation)
+    if num_devices == 1:
+        return jax.jit(generation)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("d",))
+    replicated = jax.sharding.PartitionSpec()
+    return jax.jit(jax.shard_map(generation, mesh=mesh, in_specs=replicated, out_specs=replicated, check_vma=False))
 
 
 def make_runner(args: Args, env, n: int) -> Callable:
@@ -871,10 +911,72 @@ def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     return tasks, jax.random.split(key_lives, n)
 
 
-# ---- Files: atomic writes, checkpoints, loss files, plots.
+# ---- Processes and files: start-up, atomic writes, checkpoints, loss files, plots.
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
+    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
+    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
+    alone prints and writes files). One process needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
+    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
+    (they would take different branches and wait for each other for ever). Launches that still fail inside the
+    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
+    """
+    if args.coordinator_address is None and not args.distributed:
+        if (args.num_processes, args.process_id) != (1, 0):
+            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
+        return
+    if args.coordinator_address is not None:
+        if not 0 <= args.process_id < args.num_processes:
+            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
+        host, _, port = args.coordinator_address.rpartition(":")
+        if not port.isdigit():
+            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
+        deadline = time.time() + args.init_timeout
+        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise ArgsError(
+                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
+                        "(is process 0 running, with the same --coordinator-address?)"
+                    ) from None
+                time.sleep(0.2)
+        if args.process_id == 0:
+            try:
+                socket.create_server((host, int(port))).close()
+            except OSError as e:
+                raise ArgsError(
+                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({e.strerror}): give "
+                    "an address of this machine and a free port"
+                ) from None
+        jax.distributed.initialize(
+            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
+        )
+    else:
+        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+    from jax.experimental import multihost_utils
+
+    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
+    if jax.process_index():
+        sys.stdout = open(os.devnull, "w")
+    differ = np.flatnonzero((digests != digests[0]).any(1))
+    if differ.size:
+        raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
+    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
+        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
+
+
 def atomic_write(path: str, data: bytes):
     """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
-    power cut leaves half a file."""
+    power cut leaves half a file. Does nothing on processes other than 0."""
+    if jax.process_index():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -967,7 +1069,10 @@ def load_loss(path: str, args: Args) -> tuple[jax.Array, Args]:
 
 
 def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
-    """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded."""
+    """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded.
+    Process 0 only."""
+    if jax.process_index():
+        return
     from matplotlib.figure import Figure
 
     ax = Figure(figsize=(6.5, 4), layout="tight").add_subplot(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -983,7 +1088,8 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 
 # ---- Meta-training, test, main.
 def resumed_args(args: Args) -> Args:
-    """The saved arguments of the --resume run directory, --num-generations extended if given."""
+    """The saved arguments of the --resume run directory, with this command's launch flags and --num-generations
+    if given."""
     fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
 
     def parse(data: bytes) -> Args:
@@ -991,7 +1097,11 @@ def resumed_args(args: Args) -> Args:
 
     saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
-    return resolve_args(dataclasses.replace(saved, resume=args.resume, num_generations=extend))
+    launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
+    return resolve_args(dataclasses.replace(saved, **launch, resume=args.resume, num_generations=extend))
+
+
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
 
 
 def run_meta_training(args: Args) -> str:
@@ -1221,8 +1331,9 @@ def run_test(args: Args) -> str:
             tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()},
         ),
     )
-    with open(os.path.join(run_dir, "test_curves.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
+    table = io.StringIO()
+    csv.writer(table).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
+    atomic_write(os.path.join(run_dir, "test_curves.csv"), table.getvalue().encode())
     save_plot(
         os.path.join(run_dir, "test_curves.png"),
         series,
@@ -1236,6 +1347,7 @@ def run_test(args: Args) -> str:
 def main(args: Args) -> str:
     """Meta-train (default), --resume, or --test; returns the run directory."""
     try:
+        start_processes(args)
         args = resolve_args(args) if args.resume is None else resumed_args(args)
         run_dir = run_test(args) if args.test else run_meta_training(args)
     except ArgsError as e:

@@ -3,6 +3,7 @@
 `timeout -s KILL`, so that a hang fails the test instead of stalling the suite."""
 
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -37,3 +38,12 @@ def launch(argv: list[str], num_processes: int, timeout: int, env: dict | None =
             out.close()
             err.close()
     return results
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "send", "recv")
+
+
+def collectives(compiled_hlo: str) -> list[str]:
+    """The cross-device operations of a compiled program's HLO text, as 'shape op' (e.g. 'f32[8]{0} all-gather')."""
+    found = [re.search(r"= (\S+) ([a-z-]+)\(", line) for line in compiled_hlo.splitlines()]
+    return [" ".join(m.groups()) for m in found if m and m.group(2) in COLLECTIVES]

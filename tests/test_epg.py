@@ -4,6 +4,7 @@ devices, --test.
 Every run of this module uses the settings of FLAGS (goal-point, lifetimes of 2,048 steps), so the lifetimes,
 the generation and the evaluation are compiled once for the whole module (see `compile_once`)."""
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -19,6 +20,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import processes  # noqa: E402
+
 import epg  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 4, 2  # goal-point
@@ -478,3 +482,41 @@ def test_inner_optimizers_adam_ignores_the_loss_scale_and_sgd_follows_it():
         else:
             np.testing.assert_allclose(np.asarray(steps[1]), 1000 * np.asarray(steps[0]), rtol=1e-5)
             np.testing.assert_allclose(np.asarray(steps[1]), -lr, rtol=1e-6)
+
+
+TWO_PROCESSES = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax, tyro
+from jax.flatten_util import ravel_pytree
+import epg, processes
+args = tyro.cli(epg.Args)
+epg.start_processes(args)
+args = epg.resolve_args(args)
+epg.run_meta_training(args)
+env = epg.make_env(args)
+theta = ravel_pytree(epg.loss_template(args, env))[0]
+opt_state = epg.make_es_optimizer(args).init(theta)
+generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0)
+print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives(generation.compile().as_text())]))
+"""
+
+
+def test_two_processes_give_the_single_process_es_means_bit_for_bit(tmp_path):
+    """The meta-training of FLAGS as 2 processes of 1 device: the ES means (loss.msgpack, best_loss.msgpack) equal
+    the single process's bit for bit, the logged fitnesses to float32 rounding (a device's batch of lifetimes sets
+    the order of XLA's sums); the compiled generation exchanges the returns f32[pop, num_tasks] and nothing else."""
+    driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        launched = pool.submit(processes.launch, driver + FLAGS + ["--run-dir", str(tmp_path / "two")], 2, 600)
+        epg.main(epg_args(FLAGS + ["--run-dir", str(tmp_path / "one")]))
+        results = launched.result()
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
+    assert not (tmp_path / "two" / "summary.json.tmp").exists()
+    for name in ("loss.msgpack", "best_loss.msgpack"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    for a, b in zip(read_rows(tmp_path / "one"), read_rows(tmp_path / "two"), strict=True):
+        for k in ("best_fitness", "mean_fitness", "eval_fitness"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6)

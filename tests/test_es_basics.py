@@ -231,10 +231,10 @@ def test_openai_es_solves_cartpole_and_gathers_statistics_from_a_fraction_of_the
 
 
 DEVICES = """
-import json, os, re, sys
-sys.path.insert(0, {root!r})
+import json, os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
 import jax, tyro
-import es_basics as eb
+import es_basics as eb, processes
 launch = tyro.cli(eb.Args)  # --run-dir and, for several processes, the launch flags
 eb.start_processes(launch)
 for flags in [dict(algo="openai-es", problem="CartPole-v1", obs_stats_fraction=0.5),
@@ -246,9 +246,7 @@ for flags in [dict(algo="openai-es", problem="CartPole-v1", obs_stats_fraction=0
 args = eb.resolve_args(eb.Args(algo="openai-es", problem="sphere", pop_size=8))
 problem = eb.make_problem(args)
 hlo = eb.make_generations(args, problem).lower(eb.init_loop_state(args, problem), eb.generation_keys(1, 0, 1))
-ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "send", "recv")
-found = [re.search(r"= (\\S+) ([a-z-]+)\\(", line) for line in hlo.compile().as_text().splitlines()]
-collectives = [" ".join(m.groups()) for m in found if m and m.group(2) in ops]
+collectives = processes.collectives(hlo.compile().as_text())
 print(json.dumps([jax.device_count(), jax.process_count(), collectives]))
 """
 ALGOS = ("openai-es", "cma-es", "map-elites")
@@ -258,7 +256,7 @@ def test_two_processes_and_two_devices_reproduce_one_device_bit_for_bit(tmp_path
     """The same three runs (openai-es with observation statistics, cma-es, map-elites) on 1 device, 2 forced host
     devices and 2 processes of 1 device: the same generations.csv, params.npz and summary.json (timings aside). The
     compiled generation exchanges the fitness vector f32[pop] and nothing else."""
-    driver = [sys.executable, "-c", DEVICES.format(root=ROOT)]
+    driver = [sys.executable, "-c", DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
     reports = {}
     for name, count in (("one", 1), ("two_devices", 2)):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
