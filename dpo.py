@@ -991,7 +991,9 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 def atomic_write(path: str, data: bytes):
     """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
-    power cut leaves half a file."""
+    power cut leaves half a file. Does nothing on processes other than 0 (lpo.py's multi-process meta-training)."""
+    if jax.process_index():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -1049,7 +1051,8 @@ def plot_curves(
         ax.fill_between(x, y - band, y + band, alpha=0.25)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    fig.savefig(path)
+    if jax.process_index() == 0:
+        fig.savefig(path)
 
 
 def plot_drifts(path: str, drifts: dict[str, Drift]):
@@ -1072,7 +1075,8 @@ def plot_drifts(path: str, drifts: dict[str, Drift]):
         )
         ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
         fig.colorbar(image, ax=ax)
-    fig.savefig(path)
+    if jax.process_index() == 0:
+        fig.savefig(path)
 
 
 def run_eval_only(args: Args) -> str:

@@ -20,9 +20,12 @@ Example:
 import csv
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 import typing
@@ -199,6 +202,17 @@ class Args:
     PPO's on the same fixed seeds, which no generation draws; the best mean so far is best_drift.msgpack (0: never)"""
     num_validation_seeds: int = 16
     """seeds of the ES mean's validation, the same at every validation and paired with PPO's"""
+    # several processes for the meta-training (JAX's multi-controller runtime, docs/distributed.md)
+    coordinator_address: str | None = None
+    """host:port where process 0 serves the coordinator; give every process the same command"""
+    num_processes: int = 1
+    """processes in the run, with --coordinator-address"""
+    process_id: int = 0
+    """this process's index in [0, --num-processes), with --coordinator-address"""
+    distributed: bool = False
+    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    init_timeout: int = 60
+    """seconds the processes wait for each other at start-up before giving up with an error"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
@@ -1087,7 +1101,9 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 def atomic_write(path: str, data: bytes):
     """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
-    power cut leaves half a file."""
+    power cut leaves half a file. Does nothing on processes other than 0 (lpo.py's multi-process meta-training)."""
+    if jax.process_index():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -1145,7 +1161,8 @@ def plot_curves(
         ax.fill_between(x, y - band, y + band, alpha=0.25)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    fig.savefig(path)
+    if jax.process_index() == 0:
+        fig.savefig(path)
 
 
 def plot_drifts(path: str, drifts: dict[str, Drift]):
@@ -1168,7 +1185,8 @@ def plot_drifts(path: str, drifts: dict[str, Drift]):
         )
         ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
         fig.colorbar(image, ax=ax)
-    fig.savefig(path)
+    if jax.process_index() == 0:
+        fig.savefig(path)
 
 
 def run_eval_only(args: Args) -> str:
@@ -1408,7 +1426,89 @@ def es_signal(per_run: np.ndarray) -> float:
     return float(np.corrcoef(first, second)[0, 1]) if min(first.std(), second.std()) > 0 else float("nan")
 
 
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
+    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
+    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
+    alone prints and writes files). One process needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
+    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
+    (they would take different branches and wait for each other for ever). Launches that still fail inside the
+    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
+    """
+    if args.coordinator_address is None and not args.distributed:
+        if (args.num_processes, args.process_id) != (1, 0):
+            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
+        return
+    if args.coordinator_address is not None:
+        if not 0 <= args.process_id < args.num_processes:
+            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
+        host, _, port = args.coordinator_address.rpartition(":")
+        if not port.isdigit():
+            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
+        deadline = time.time() + args.init_timeout
+        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise ArgsError(
+                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
+                        "(is process 0 running, with the same --coordinator-address?)"
+                    ) from None
+                time.sleep(0.2)
+        if args.process_id == 0:
+            try:
+                socket.create_server((host, int(port))).close()
+            except OSError as e:
+                raise ArgsError(
+                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({e.strerror}): give "
+                    "an address of this machine and a free port"
+                ) from None
+        jax.distributed.initialize(
+            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
+        )
+    else:
+        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+    from jax.experimental import multihost_utils
+
+    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
+    if jax.process_index():
+        sys.stdout = open(os.devnull, "w")
+    differ = np.flatnonzero((digests != digests[0]).any(1))
+    if differ.size:
+        raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
+    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
+        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
+
+
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
 VALIDATION_STREAM = 2**31 - 1  # fold_in index of the validation seeds' key; generations use 0 .. num_generations - 1
+
+
+def over_population(member: Callable, pop_size: int) -> Callable:
+    """jit of fitness(nets [pop_size, ...], runners, keys) -> [pop_size, R], member(net, runners, keys) -> [R] for
+    each net. Over D JAX devices (every device or, over several processes, none) each device takes its pop/D members
+    of the whole population, runs them and all-gathers the returns f32[pop_size, R], which is all it exchanges; the
+    ES update then runs alike on every process (Salimans et al.'s shared seeds: ask draws the same population)."""
+    mapped = jax.vmap(member, in_axes=(0, None, None))
+    n = math.gcd(pop_size, jax.device_count())
+    if n == 1 or (n < jax.device_count() and jax.process_count() > 1):
+        return jax.jit(mapped)
+    per_device = pop_size // n
+
+    def mine(nets, runners, keys):
+        first = jax.lax.axis_index("pop") * per_device
+        nets = jax.tree.map(lambda w: jax.lax.dynamic_slice_in_dim(w, first, per_device), nets)
+        return jax.lax.all_gather(mapped(nets, runners, keys), "pop", tiled=True)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("pop",))
+    replicated = jax.sharding.PartitionSpec()
+    return jax.jit(jax.shard_map(mine, mesh=mesh, in_specs=replicated, out_specs=replicated, check_vma=False))
 
 
 def make_env_fitness(args: Args):
@@ -1442,7 +1542,7 @@ def make_env_fitness(args: Args):
         untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k, args.mode_fitness))
         return jax.vmap(lambda r, k: final_return(ppo, r, k))(runners, keys), untrained(runners, keys)
 
-    fitness = over_seeds(member, args.pop_size, (0, None, None))
+    fitness = over_population(member, args.pop_size)
     return make_train(args, ppo_drift)[0], fitness, jax.jit(member), jax.jit(baselines)
 
 
@@ -1456,6 +1556,8 @@ def run_meta_training(args: Args) -> str:
     """
     if args.pop_size < 2 or args.pop_size % 2:
         raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
+    if jax.process_count() > 1 and args.pop_size % jax.device_count():
+        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
     if args.drift_hidden is not None and min(args.drift_hidden, default=1) <= 0:
         raise ArgsError(f"--drift-hidden {args.drift_hidden} needs positive layer sizes (none: the linear drift)")
     if args.validate_every and args.num_validation_seeds < 2:
@@ -1484,8 +1586,6 @@ def run_meta_training(args: Args) -> str:
         with open(log_path) as f:
             rows = [[r[k] for k in fields] for r in csv.DictReader(f)][: int(es_state.generation_counter)]
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerows([fields] + rows)
     steps = ", ".join(f"{num_updates(a) * batch_size(a):,}" for a in env_args)
     print(
         f"meta-training the {'LPO' if args.ppo_init else 'LPO-Zero'} drift on {', '.join(env_ids)}: population "
@@ -1516,8 +1616,9 @@ def run_meta_training(args: Args) -> str:
         for i, (_, _, _, validate, _) in enumerate(envs):
             columns.append(np.mean(validate(mean, validation_runners[i], validation_keys[v:])) if validated else "")
         rows.append([g + 1, sigma, time.time() - t0] + columns)
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow(rows[-1])
+        table = io.StringIO()
+        csv.writer(table).writerows([fields] + rows)
+        atomic_write(log_path, table.getvalue().encode())
         # The drift files first (the mean; the best validated mean): a run killed before the checkpoint redoes this
         # generation and rewrites them all.
         gains = [np.mean(np.array(r[-len(envs) :], dtype=float) - validation_ppo) for r in rows if r[-1] != ""]
@@ -1571,9 +1672,11 @@ def main(args: Args) -> str:
     """
     try:
         meta = not (args.eval_drift or args.eval_only or args.plot_drift)
+        start_processes(args)
         if args.resume:
             meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
-            args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
+            launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
+            args = dataclasses.replace(load_args(args.resume), **launch, resume=args.resume, run_dir=args.resume)
         if args.plot_drift:
             run_dir = plot_drift_file(args.plot_drift, args, args.run_dir)
         elif meta:  # each env's defaults are filled in per env

@@ -1,6 +1,8 @@
 """Tests of lpo.py: the drift network's validity and PPO initialisation, dpo.py's loop shared verbatim, the ES's
-direction and schedules, meta-training with an exact resume, the transfer command on the shipped drift, bad input."""
+direction and schedules, meta-training with an exact resume and as 2 processes, the transfer command on the shipped
+drift, bad input."""
 
+import concurrent.futures
 import csv
 import dataclasses
 import functools
@@ -18,6 +20,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import processes  # noqa: E402
+
 import dpo  # noqa: E402
 import lpo  # noqa: E402
 
@@ -317,3 +322,44 @@ def test_extreme_log_ratios_give_finite_losses_and_gradients():
         assert np.isfinite(float(loss)) and bool(jnp.all(jnp.isfinite(grad))), name
         bounded = jnp.clip(log_ratio, -lpo.LOG_RATIO_BOUND, lpo.LOG_RATIO_BOUND)  # what actor_loss passes on
         assert bool(jnp.all(jnp.isfinite(drift(bounded, advantage)))), name
+
+
+TWO_PROCESSES = """
+import dataclasses, json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax, jax.numpy as jnp, tyro
+import lpo, processes
+args = tyro.cli(lpo.Args)
+lpo.start_processes(args)
+lpo.run_meta_training(args)
+env_args = lpo.resolve_args(dataclasses.replace(args, env_id=args.env_ids[0]))
+init, fitness, _, _ = lpo.make_env_fitness(env_args)
+keys = jax.random.split(jax.random.PRNGKey(0), 2 * args.num_rollouts)
+drift = lpo.init_drift_params(keys[0], args.ppo_init, args.drift_hidden)
+nets = jax.tree.map(lambda w: jnp.zeros((args.pop_size, *w.shape)), drift)
+lowered = fitness.lower(nets, lpo.init_seeds(init, keys[: args.num_rollouts]), keys[args.num_rollouts :])
+print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives(lowered.compile().as_text())]))
+"""
+
+
+def test_two_processes_meta_train_the_single_process_drift_bit_for_bit(tmp_path):
+    """The tiny meta-training as 2 processes of 1 device and as 1 process: the same drift, ES checkpoint and
+    generations.csv (timings aside); the compiled fitness exchanges the returns f32[pop, R] and nothing else."""
+    tiny = TINY + ["--num-rollouts", "2", "--validate-every", "2", "--num-validation-seeds", "2", "--drift-hidden"]
+    tiny += ["--num-generations", "2"]
+    driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        launched = pool.submit(processes.launch, driver + tiny + ["--run-dir", str(tmp_path / "two")], 2, 600)
+        lpo.main(tyro.cli(lpo.Args, args=tiny + ["--run-dir", str(tmp_path / "one")]))
+        results = launched.result()
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
+    for name in ("drift.msgpack", "best_drift.msgpack", "es_checkpoint.msgpack"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+    def rows(run_dir):
+        with open(run_dir / "generations.csv") as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+    assert rows(tmp_path / "one") == rows(tmp_path / "two") and len(rows(tmp_path / "two")) == 2
