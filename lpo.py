@@ -1464,8 +1464,8 @@ def start_processes(args: Args):
                 socket.create_server((host, int(port))).close()
             except OSError as e:
                 raise ArgsError(
-                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({e.strerror}): give "
-                    "an address of this machine and a free port"
+                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({os.strerror(e.errno)}): "
+                    "give an address of this machine and a free port"
                 ) from None
         jax.distributed.initialize(
             args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout

@@ -547,3 +547,36 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, flags, files)
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("killed", "full")]
     kept = [{k: v for k, v in s.items() if k not in timings} for s in summaries]
     assert kept[0] == kept[1]
+
+
+def test_bad_launches_end_in_one_line_and_exit_code_2_without_hanging():
+    script = [sys.executable, os.path.join(ROOT, "es_basics.py"), "--algo", "cma-es", "--init-timeout", "2"]
+    address = f"127.0.0.1:{processes.free_port()}"
+
+    def started(num_processes, process_id):
+        flags = [
+            "--coordinator-address",
+            address,
+            "--num-processes",
+            str(num_processes),
+            "--process-id",
+            str(process_id),
+        ]
+        command = ["timeout", "-s", "KILL", "60", *script, *flags]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def ended(procs):
+        return [(proc.wait(), proc.stderr.read()) for proc in procs]
+
+    cases = [
+        (f"error: no coordinator at {address} after 2 s", ended([started(2, 1)])),  # process 0 never starts
+        ("error: process 1 was launched with other flags than process 0", ended([started(2, 0), started(3, 1)])),
+        (
+            "error: --pop-size 5 does not divide over the 2 JAX devices",
+            [(code, err) for code, _, err in processes.launch(script + ["--pop-size", "5"], 2, timeout=60)],
+        ),
+    ]
+    for expected, outcomes in cases:
+        for code, err in outcomes:
+            lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), (expected, code, err[-2000:])
