@@ -1170,7 +1170,7 @@ def run_generations(
             on_chunk(0, restored, True)
     generations_done = sum(len(out.stop) for out in outputs)
     stopped = bool(outputs) and bool(outputs[-1].stop[-1])
-    every = max(1, args.num_generations // 50)
+    every = max(1, args.num_generations // 50) if checkpoint else args.num_generations
     while generations_done < args.num_generations and not stopped:
         count = min(
             chunk or (100 if args.problem in TEST_FUNCTIONS else 1),

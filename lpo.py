@@ -1677,6 +1677,8 @@ def main(args: Args) -> str:
             meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
             launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
             args = dataclasses.replace(load_args(args.resume), **launch, resume=args.resume, run_dir=args.resume)
+        if jax.process_count() > 1 and not meta:
+            raise ArgsError("several processes run the meta-training only; run the other commands as one process")
         if args.plot_drift:
             run_dir = plot_drift_file(args.plot_drift, args, args.run_dir)
         elif meta:  # each env's defaults are filled in per env
