@@ -1351,10 +1351,11 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
 
-    ran = []  # the generations this process ran, not restored from the checkpoint
+    ran = []  # (time, generations) of each chunk this process ran, not restored from the checkpoint
 
     def on_chunk(first, out, restored):
-        ran.append(0 if restored else len(out.stop))
+        if not restored:
+            ran.append((time.time(), len(out.stop)))
         table = columns(out, first, args.pop_size)
         write_csv(csv_path, ([list(table)] if first == 0 else []) + list(zip(*table.values())), "a" if first else "w")
         bar.update(len(out.stop))
@@ -1394,7 +1395,8 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         evaluations_to_target=(int(reached[0]) + 1) * args.pop_size if reached.size else None,
         final_archive_cells=int(out.archive_cells[-1]) if args.algo == "map-elites" else None,
         wall_seconds=seconds,
-        generations_per_second=sum(ran) / seconds,
+        first_call_seconds=ran[0][0] - start if ran else 0.0,
+        generations_per_second=sum(n for _, n in ran[1:]) / (ran[-1][0] - ran[0][0]) if len(ran) > 1 else None,
         num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
     )

@@ -1,8 +1,8 @@
 """Generations per second of each ES script at one small setting on this machine, run as 1 process with 1 device,
 1 process with 2 forced host devices, and 2 processes with 1 device each (JAX's multi-controller runtime, gloo
-collectives on 127.0.0.1): docs/distributed.md's table. The rate leaves start-up and compilation out: es_basics.py
-runs twice, for SHORT and SHORT + 100 generations, and the rate is 100 over the difference of their wall_seconds;
-epg.py and lpo.py log each generation's seconds, and the rate is one over their median after the first generation.
+collectives on 127.0.0.1): docs/distributed.md's table. The rate leaves start-up and compilation out: es_basics.py's
+summary.json's generations_per_second (the rate after its first compiled call); epg.py and lpo.py log each
+generation's seconds, and the rate is one over their median after the first generation.
 Ratios are against the 1-process, 1-device run of the same script, measured in this same invocation.
 
     python tests/benchmark_processes.py            # about 10 minutes on 2 cores
@@ -24,7 +24,14 @@ import processes  # noqa: E402
 
 ROOT = processes.ROOT
 SETTINGS = {
-    "es_basics.py": ["--algo", "openai-es", "--problem", "CartPole-v1", "--pop-size", "64"],
+    "es_basics.py": [
+        "--algo",
+        "openai-es",
+        "--pop-size",
+        "64",
+        "--num-generations",
+        "100",
+    ],  # and --problem from --es-basics-problem
     "epg.py": ["--task-family", "goal-point", "--lifetime", "4096", "--pop-size", "8", "--num-generations", "5"]
     + ["--eval-every", "100", "--num-select-tasks", "2"],
     "lpo.py": ["--env-ids", "CartPole-v1", "--pop-size", "8", "--total-timesteps", "16384", "--num-generations", "5"]
@@ -36,29 +43,24 @@ SETTINGS = {
 class BenchArgs:
     scripts: tuple[str, ...] = tuple(SETTINGS)
     """which scripts to measure, at the settings of SETTINGS"""
-
-
-SHORT = 10  # es_basics.py: generations of the short run
+    es_basics_problem: str = "CartPole-v1"
+    """es_basics.py's --problem (Pendulum-v1: every episode 200 steps, a heavier generation)"""
 
 
 def measure(script: str, layout: str, folder: str) -> float:
     """Generations per second of script at its setting in this layout, compilation left out."""
+    run_dir = run(script, layout, os.path.join(folder, f"{script}_{layout}"))
     if script == "es_basics.py":
-        seconds = []
-        for n in (SHORT, SHORT + 100):
-            run_dir = run(script, layout, os.path.join(folder, f"{script}_{layout}_{n}"), ["--num-generations", str(n)])
-            with open(os.path.join(run_dir, "summary.json")) as f:
-                seconds.append(json.load(f)["wall_seconds"])
-        return 100 / (seconds[1] - seconds[0])
-    run_dir = run(script, layout, os.path.join(folder, f"{script}_{layout}"), [])
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)["generations_per_second"]
     with open(os.path.join(run_dir, "generations.csv")) as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
     return 1.0 / statistics.median(seconds[1:])
 
 
-def run(script: str, layout: str, run_dir: str, extra: list[str]) -> str:
-    """Run script at its setting (+ extra flags) into run_dir in this layout; returns run_dir."""
-    command = [sys.executable, os.path.join(ROOT, script), *SETTINGS[script], *extra, "--run-dir", run_dir]
+def run(script: str, layout: str, run_dir: str) -> str:
+    """Run script at its setting into run_dir in this layout; returns run_dir."""
+    command = [sys.executable, os.path.join(ROOT, script), *SETTINGS[script], "--run-dir", run_dir]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if layout == "2 processes x 1 device":
         for code, _, err in processes.launch(command, 2, timeout=1200, env=env):
@@ -72,6 +74,7 @@ def run(script: str, layout: str, run_dir: str, extra: list[str]) -> str:
 
 
 def main(bench: BenchArgs):
+    SETTINGS["es_basics.py"] += ["--problem", bench.es_basics_problem]
     layouts = ("1 process x 1 device", "1 process x 2 devices", "2 processes x 1 device")
     print("| script | setting | " + " | ".join(layouts) + " |")
     print("|---|---|" + "---|" * len(layouts))
