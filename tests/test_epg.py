@@ -305,9 +305,33 @@ def read_rows(run_dir):
         return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monkeypatch):
-    """Two generations: the run directory; Ctrl-C then --resume reproduces them; 2 forced host devices agree."""
+TWO_PROCESSES = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax, tyro
+from jax.flatten_util import ravel_pytree
+import epg, processes
+args = tyro.cli(epg.Args)
+epg.start_processes(args)
+args = epg.resolve_args(args)
+epg.run_meta_training(args)
+env = epg.make_env(args)
+theta = ravel_pytree(epg.loss_template(args, env))[0]
+opt_state = epg.make_es_optimizer(args).init(theta)
+generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0)
+print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives(generation.compile().as_text())]))
+"""
+
+
+def test_meta_training_run_dir_interrupted_resume_two_devices_and_two_processes(tmp_path, monkeypatch):
+    """Two generations: the run directory; Ctrl-C then --resume reproduces them; 2 forced host devices and 2
+    processes of 1 device give the same ES means (loss.msgpack, best_loss.msgpack) bit for bit and the logged
+    fitnesses to float32 rounding (a device's batch of lifetimes sets the order of XLA's sums); the compiled
+    generation exchanges the returns f32[pop, num_tasks] and nothing else."""
     full, interrupted, sharded = str(tmp_path / "full"), str(tmp_path / "interrupted"), str(tmp_path / "sharded")
+    driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    launched = pool.submit(processes.launch, driver + FLAGS + ["--run-dir", str(tmp_path / "two")], 2, 600)
     # the two-device run in a subprocess, while this process runs the single-device ones
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     two_devices = subprocess.Popen(
@@ -354,9 +378,19 @@ def test_meta_training_run_dir_interrupted_resume_and_two_devices(tmp_path, monk
     stdout, stderr = two_devices.communicate(timeout=600)
     assert two_devices.returncode == 0 and "Traceback" not in stderr, stderr
     assert "on 2 cpu device(s)" in stdout
-    for a, b in zip(rows, read_rows(sharded)):
-        for k in ("best_fitness", "mean_fitness", "eval_fitness"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
+    results = launched.result()
+    pool.shutdown()
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
+    assert not (tmp_path / "two" / "summary.json.tmp").exists()
+    for run_dir in (sharded, tmp_path / "two"):
+        for name in ("loss.msgpack", "best_loss.msgpack"):
+            with open(os.path.join(full, name), "rb") as a, open(os.path.join(run_dir, name), "rb") as b:
+                assert a.read() == b.read(), (run_dir, name)
+        for a, b in zip(rows, read_rows(run_dir), strict=True):
+            for k in ("best_fitness", "mean_fitness", "eval_fitness"):
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
 
 
 def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
@@ -482,41 +516,3 @@ def test_inner_optimizers_adam_ignores_the_loss_scale_and_sgd_follows_it():
         else:
             np.testing.assert_allclose(np.asarray(steps[1]), 1000 * np.asarray(steps[0]), rtol=1e-5)
             np.testing.assert_allclose(np.asarray(steps[1]), -lr, rtol=1e-6)
-
-
-TWO_PROCESSES = """
-import json, sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import jax, tyro
-from jax.flatten_util import ravel_pytree
-import epg, processes
-args = tyro.cli(epg.Args)
-epg.start_processes(args)
-args = epg.resolve_args(args)
-epg.run_meta_training(args)
-env = epg.make_env(args)
-theta = ravel_pytree(epg.loss_template(args, env))[0]
-opt_state = epg.make_es_optimizer(args).init(theta)
-generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0)
-print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives(generation.compile().as_text())]))
-"""
-
-
-def test_two_processes_give_the_single_process_es_means_bit_for_bit(tmp_path):
-    """The meta-training of FLAGS as 2 processes of 1 device: the ES means (loss.msgpack, best_loss.msgpack) equal
-    the single process's bit for bit, the logged fitnesses to float32 rounding (a device's batch of lifetimes sets
-    the order of XLA's sums); the compiled generation exchanges the returns f32[pop, num_tasks] and nothing else."""
-    driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        launched = pool.submit(processes.launch, driver + FLAGS + ["--run-dir", str(tmp_path / "two")], 2, 600)
-        epg.main(epg_args(FLAGS + ["--run-dir", str(tmp_path / "one")]))
-        results = launched.result()
-    for code, _, err in results:
-        assert code == 0, err[-3000:]
-    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
-    assert not (tmp_path / "two" / "summary.json.tmp").exists()
-    for name in ("loss.msgpack", "best_loss.msgpack"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    for a, b in zip(read_rows(tmp_path / "one"), read_rows(tmp_path / "two"), strict=True):
-        for k in ("best_fitness", "mean_fitness", "eval_fitness"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-6)

@@ -9,7 +9,6 @@ import functools
 import inspect
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -344,30 +343,24 @@ print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives
 
 
 def test_two_processes_meta_train_the_single_process_drift_bit_for_bit(tmp_path):
-    """The tiny meta-training as 2 processes of 1 device, as 1 process with 2 forced host devices and as 1 process:
-    the same drift, ES checkpoint and generations.csv (timings aside); the compiled fitness exchanges the returns
-    f32[pop, R] and nothing else."""
+    """The tiny meta-training as 2 processes of 1 device and as 1 process: the same drift, ES checkpoint and
+    generations.csv (timings aside); the compiled fitness exchanges the returns f32[pop, R] and nothing else. (A
+    third run on 2 forced host devices gave the same bytes too, commit 40eab99; left out to keep the suite short.)"""
     tiny = TINY + ["--num-rollouts", "2", "--validate-every", "2", "--num-validation-seeds", "2", "--drift-hidden"]
     tiny += ["--num-generations", "2"]
     driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    command = [sys.executable, os.path.join(ROOT, "lpo.py"), *tiny, "--run-dir", str(tmp_path / "devices")]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         launched = pool.submit(processes.launch, driver + tiny + ["--run-dir", str(tmp_path / "two")], 2, 600)
-        devices = pool.submit(subprocess.run, command, capture_output=True, text=True, env=env, timeout=600)
         lpo.main(tyro.cli(lpo.Args, args=tiny + ["--run-dir", str(tmp_path / "one")]))
         results = launched.result()
-        assert devices.result().returncode == 0, devices.result().stderr[-3000:]
     for code, _, err in results:
         assert code == 0, err[-3000:]
     assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
     for name in ("drift.msgpack", "best_drift.msgpack", "es_checkpoint.msgpack"):
-        contents = [(tmp_path / run / name).read_bytes() for run in ("one", "two", "devices")]
-        assert contents[0] == contents[1] == contents[2], name
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
     def rows(run_dir):
         with open(run_dir / "generations.csv") as f:
             return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
-    assert rows(tmp_path / "one") == rows(tmp_path / "two") == rows(tmp_path / "devices")
-    assert len(rows(tmp_path / "one")) == 2
+    assert rows(tmp_path / "one") == rows(tmp_path / "two") and len(rows(tmp_path / "one")) == 2
