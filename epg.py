@@ -862,15 +862,13 @@ def make_generation(args: Args, env) -> Callable:
     and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
     mean final return over them.
 
-    Over D devices (shard_map on a 1-D mesh, every device or, over several processes, none) each device holds θ
+    Over D devices (shard_map on a 1-D mesh; resolve_args makes --pop-size divide over them all) each device holds θ
     and the Adam state, draws every member's noise from the generation key (shared seeds, Salimans et al. Alg. 2),
     runs its own pop/D members, all-gathers the returns f32[pop, num_tasks], which is all it exchanges, and applies
     the identical update."""
     members = make_members(args, env)
     optimizer = make_es_optimizer(args)
     num_devices = math.gcd(args.pop_size, jax.device_count())
-    if num_devices < jax.device_count() and jax.process_count() > 1:
-        num_devices = 1
     per_device = args.pop_size // num_devices
 
     def generation(theta, opt_state, key, alpha):
@@ -1087,6 +1085,9 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
 
 
 # ---- Meta-training, test, main.
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
+
+
 def resumed_args(args: Args) -> Args:
     """The saved arguments of the --resume run directory, with this command's launch flags and --num-generations
     if given."""
@@ -1099,9 +1100,6 @@ def resumed_args(args: Args) -> Args:
     extend = args.num_generations if args.num_generations is not None else saved.num_generations
     launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
     return resolve_args(dataclasses.replace(saved, **launch, resume=args.resume, num_generations=extend))
-
-
-LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
 
 
 def run_meta_training(args: Args) -> str:

@@ -1492,12 +1492,13 @@ VALIDATION_STREAM = 2**31 - 1  # fold_in index of the validation seeds' key; gen
 
 def over_population(member: Callable, pop_size: int) -> Callable:
     """jit of fitness(nets [pop_size, ...], runners, keys) -> [pop_size, R], member(net, runners, keys) -> [R] for
-    each net. Over D JAX devices (every device or, over several processes, none) each device takes its pop/D members
-    of the whole population, runs them and all-gathers the returns f32[pop_size, R], which is all it exchanges; the
-    ES update then runs alike on every process (Salimans et al.'s shared seeds: ask draws the same population)."""
+    each net. Over D JAX devices (the largest number dividing pop_size; all of them over several processes, where
+    run_meta_training refuses a population that does not divide) each device takes its pop/D members of the whole
+    population, runs them and all-gathers the returns f32[pop_size, R], which is all it exchanges; the ES update then
+    runs alike on every process (Salimans et al.'s shared seeds: ask draws the same population)."""
     mapped = jax.vmap(member, in_axes=(0, None, None))
     n = math.gcd(pop_size, jax.device_count())
-    if n == 1 or (n < jax.device_count() and jax.process_count() > 1):
+    if n == 1:
         return jax.jit(mapped)
     per_device = pop_size // n
 
