@@ -550,7 +550,8 @@ class Categorical(NamedTuple):
         log_p = jax.nn.log_softmax(self.logits)
         return jnp.take_along_axis(log_p, action[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
-    def entropy(self, key):
+    def entropy(self, noise):
+        """Exact entropy, logits' shape without the last axis; noise is unused (TanhGaussian's estimate needs it)."""
         log_p = jax.nn.log_softmax(self.logits)
         return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
@@ -584,10 +585,11 @@ class TanhGaussian(NamedTuple):
         normal = -0.5 * ((u - self.loc) / self.scale) ** 2 - jnp.log(self.scale) - 0.5 * jnp.log(2 * jnp.pi)
         return jnp.sum(normal - self.log_det_jacobian(u), axis=-1)
 
-    def entropy(self, key):
-        """Gaussian entropy plus the log Jacobian at one sample: Brax's one-sample estimate of tanh(u)'s entropy."""
+    def entropy(self, noise):
+        """Gaussian entropy plus the log Jacobian at one sample u = loc + scale·noise (noise standard normal, loc's
+        shape): Brax's one-sample estimate of tanh(u)'s entropy, loc's shape without the last axis."""
         normal = 0.5 + 0.5 * jnp.log(2 * jnp.pi) + jnp.log(self.scale)
-        return jnp.sum(normal + self.log_det_jacobian(self.sample(key)), axis=-1)
+        return jnp.sum(normal + self.log_det_jacobian(self.loc + self.scale * noise), axis=-1)
 
     def env_action(self, u, low, high):
         return low + (jnp.tanh(u) + 1.0) * (0.5 * (high - low))
@@ -607,10 +609,14 @@ class MLP(nn.Module):
     def __call__(self, x):
         act = {"tanh": nn.tanh, "relu": nn.relu, "swish": nn.swish}[self.activation]
         init = nn.initializers.lecun_uniform() if self.brax_init else nn.initializers.orthogonal(np.sqrt(2))
+        # Rows flattened to a matrix: on a [T, B, in] input, XLA on CPU computes each kernel's gradient through a
+        # transposed copy of the backpropagated error, and those products ran 1.5-1.8 times longer.
+        leading = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         for width in self.hidden:
             x = act(nn.Dense(width, kernel_init=init)(x))
         out_init = nn.initializers.lecun_uniform() if self.brax_init else nn.initializers.orthogonal(self.out_scale)
-        return nn.Dense(self.out_dim, kernel_init=out_init)(x)
+        return nn.Dense(self.out_dim, kernel_init=out_init)(x).reshape(leading + (self.out_dim,))
 
 
 def make_networks(args: Args, env):
@@ -758,19 +764,20 @@ def make_train(args: Args, drift: Drift):
         runner, traj = jax.lax.scan(env_step, runner, jax.random.split(key, args.num_steps))
         return runner, traj._replace(obs=jnp.concatenate([traj.obs, runner.obs[None]]))
 
-    def objective(pi, action, behaviour_log_prob, advantages, value_loss, key):
+    def objective(pi, action, behaviour_log_prob, advantages, value_loss, noise):
         """The drift's policy loss (actor_loss on per-minibatch normalised advantages) + vf_coef·value loss -
-        ent_coef·entropy. Returns (total, (policy loss, value loss, entropy, approx-KL, clip fraction)), scalars."""
+        ent_coef·entropy (noise: the entropy estimate's standard normals, action's shape). Returns (total,
+        (policy loss, value loss, entropy, approx-KL, clip fraction)), scalars."""
         log_ratio = pi.log_prob(action) - behaviour_log_prob
         ratio = jnp.exp(log_ratio)
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = actor_loss(log_ratio, advantages, drift)
-        entropy = jnp.mean(pi.entropy(key))
+        entropy = jnp.mean(pi.entropy(noise))
         total = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
         approx_kl = jnp.mean(ratio - 1.0 - log_ratio)  # KL(π_old‖π) estimate
         return total, (policy_loss, value_loss, entropy, approx_kl, jnp.mean(jnp.abs(ratio - 1.0) > args.clip_coef))
 
-    def unroll_loss(params, minibatch: Transition, obs_stats, key):
+    def unroll_loss(params, minibatch: Transition, obs_stats, noise):
         """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
         values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
         obs = normalize(minibatch.obs, obs_stats, obs_norm)
@@ -781,9 +788,9 @@ def make_train(args: Args, drift: Drift):
         )
         value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
         pi = policy(actor, params, obs[:-1], env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, key)
+        return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, noise)
 
-    def sample_loss(params, minibatch: Sample, obs_stats, key):
+    def sample_loss(params, minibatch: Sample, obs_stats, noise):
         """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
         and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
         179-186). Returns objective's."""
@@ -792,7 +799,7 @@ def make_train(args: Args, drift: Drift):
         clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
         errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
         pi = policy(actor, params, obs, env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, 0.5 * jnp.mean(errors), key)
+        return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, 0.5 * jnp.mean(errors), noise)
 
     loss_fn = unroll_loss if brax_loop else sample_loss
 
@@ -812,17 +819,18 @@ def make_train(args: Args, drift: Drift):
         x = x.reshape(x.shape[:shuffle_axis] + (args.num_minibatches, -1) + x.shape[shuffle_axis + 1 :])
         return jnp.moveaxis(x, shuffle_axis, 0)
 
-    def update_minibatch(carry, minibatch):
+    def update_minibatch(carry, minibatch_and_noise):
         """One Adam step on one minibatch (a scan body over the epoch's minibatches).
 
-        carry = (train_state, obs_stats, key); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]) in
-        the brax loop, Sample fields [B, ...] in the purejaxrl loop. Returns the new carry and loss_fn's scalars.
+        carry = (train_state, obs_stats); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]) in the
+        brax loop, Sample fields [B, ...] in the purejaxrl loop; noise: standard normals of the minibatch's action
+        shape, for the entropy estimate. Returns the new carry and loss_fn's scalars.
         """
-        train_state, obs_stats, key = carry
-        key, key_entropy = jax.random.split(key)
-        grads, aux = jax.grad(loss_fn, has_aux=True)(train_state.params, minibatch, obs_stats, key_entropy)
+        minibatch, noise = minibatch_and_noise
+        train_state, obs_stats = carry
+        grads, aux = jax.grad(loss_fn, has_aux=True)(train_state.params, minibatch, obs_stats, noise)
         grads = jax.tree.map(jnp.nan_to_num, grads)  # as the authors' update_model
-        return (train_state.apply_gradients(grads=grads), obs_stats, key), aux
+        return (train_state.apply_gradients(grads=grads), obs_stats), aux
 
     def update_epoch(carry, key):
         """One epoch: the batch's unrolls (brax) or samples (purejaxrl) shuffled into num_minibatches minibatches,
@@ -836,7 +844,10 @@ def make_train(args: Args, drift: Drift):
         key_perm, key_mb = jax.random.split(key)
         permutation = jax.random.permutation(key_perm, n_unrolls if brax_loop else batch_size(args))
         minibatches = jax.tree.map(functools.partial(minibatches_of, permutation=permutation), batch)
-        (train_state, _, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats, key_mb), minibatches)
+        # The epoch's entropy noise in one draw: on CPU, jax lowers each random draw to a loop of 5 rounds, which
+        # added about 140 thunks (65 of them copies) to every minibatch step. Unused, so compiled away, if discrete.
+        noise = jax.random.normal(key_mb, minibatches.action.shape)
+        (train_state, _), aux = jax.lax.scan(update_minibatch, (train_state, obs_stats), (minibatches, noise))
         return (train_state, obs_stats, batch), aux
 
     def update(runner: Runner) -> tuple[Runner, dict]:

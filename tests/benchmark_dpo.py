@@ -8,10 +8,12 @@ Prints, from one process, so every number is a ratio against a reference measure
     minibatch-shaped inputs, which bound from above the training / ceiling ratio that any PPO could reach here;
   any env: N seeds vmapped in one call against N one-seed calls;
   with --purejaxrl PATH (a PureJaxRL checkout's purejaxrl/ folder) on a Brax env: the command users run
-    (dpo.py's run_training, as `python dpo.py` runs it, its summary's sps) and its compiled training, each against
-    PureJaxRL's dpo_continuous_action.py at the same shape and backend, timed in the same process (with
-    --num-seeds N against N sequential PureJaxRL runs, i.e. its one-run rate).
-Every function is compiled first and then timed; each timing is the fastest of --repeats runs.
+    (dpo.py's run_training, as `python dpo.py` runs it, its summary's sps) against PureJaxRL's
+    dpo_continuous_action.py at the same shape and backend, in --repeats alternating rounds in this process, each
+    side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N sequential
+    PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed: on a
+    2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
+Every other function is compiled first and then timed; each of those timings is the fastest of --repeats runs.
 
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh --total-timesteps 256000
@@ -31,6 +33,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +44,7 @@ import dpo  # noqa: E402
 @dataclasses.dataclass
 class Bench(dpo.Args):
     repeats: int = 3
-    """timed runs of each function; the fastest counts"""
+    """timed runs of each function, the fastest counting; with --purejaxrl, also the alternating rounds"""
     purejaxrl: str | None = None
     """a PureJaxRL checkout's purejaxrl/ folder: compare with its dpo_continuous_action.py (Brax envs)"""
 
@@ -111,9 +114,9 @@ def mlp_steps_time(args: dpo.Args, repeats: int) -> float:
     return fastest(run, params, key, repeats=repeats)
 
 
-def purejaxrl_sps(args: dpo.Args, folder: str, repeats: int) -> float:
-    """Env-steps/s of PureJaxRL's dpo_continuous_action.py train() (compiled first, one seed) at args' shape:
-    num_envs, num_steps, minibatches, epochs, learning rate, γ, the total steps and the Brax backend."""
+def make_purejaxrl_train(args: dpo.Args, folder: str):
+    """PureJaxRL's dpo_continuous_action.py train(key) for one seed at args' shape (num_envs, num_steps,
+    minibatches, epochs, learning rate, γ, λ, the total steps and the Brax backend), not yet compiled."""
     from report_purejaxrl_comparison import import_purejaxrl
 
     module = import_purejaxrl(folder, "dpo_continuous_action")
@@ -140,9 +143,17 @@ def purejaxrl_sps(args: dpo.Args, folder: str, repeats: int) -> float:
         NORMALIZE_ENV=True,
         DEBUG=False,
     )
+    return module.make_train(config)
+
+
+def purejaxrl_first_run_sps(args: dpo.Args, folder: str) -> float:
+    """Env-steps/s of one PureJaxRL run: train() compiled afresh (not timed), then its first call timed, as
+    run_training compiles its chunk function and then times each call."""
     key = jax.random.PRNGKey(0)
-    train = jax.jit(module.make_train(config)).lower(key).compile()
-    return steps / fastest(train, key, repeats=repeats)
+    train = jax.jit(make_purejaxrl_train(args, folder)).lower(key).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(train(key))
+    return dpo.num_updates(args) * args.num_envs * args.num_steps / (time.perf_counter() - start)
 
 
 def cli_sps(args: dpo.Args) -> float:
@@ -183,12 +194,25 @@ def main(bench: Bench):
             f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}"
         )
     if bench.purejaxrl and args.env_id in dpo.BRAX_ENVS:
-        reference = purejaxrl_sps(args, bench.purejaxrl, bench.repeats)
-        print(f"PureJaxRL dpo_continuous_action.py:  {reference:12,.0f} env-steps/s (one seed)")
-        print(f"dpo.py compiled training / PureJaxRL:{train_sps / reference:12.3f}")
-        command = cli_sps(args)
-        print(f"python dpo.py (summary sps):         {command:12,.0f} env-steps/s over {args.num_seeds} seed(s)")
-        print(f"python dpo.py / PureJaxRL:           {command / reference:12.3f}")
+        references, commands = [], []
+        for i in range(bench.repeats):  # alternating, so that a drift of the machine's rate hits both alike
+            references.append(purejaxrl_first_run_sps(args, bench.purejaxrl))
+            commands.append(cli_sps(args))
+            print(
+                f"round {i + 1}: PureJaxRL {references[-1]:,.0f}, python dpo.py {commands[-1]:,.0f} env-steps/s,"
+                f" ratio {commands[-1] / references[-1]:.3f}",
+                flush=True,
+            )
+        ratios = np.array(commands) / np.array(references)
+        print(f"PureJaxRL dpo_continuous_action.py:  {np.median(references):12,.0f} env-steps/s (one seed, median)")
+        print(
+            f"python dpo.py (summary sps):         {np.median(commands):12,.0f} env-steps/s over"
+            f" {args.num_seeds} seed(s), median"
+        )
+        print(
+            f"python dpo.py / PureJaxRL:           {np.median(ratios):12.3f} (median of {bench.repeats} rounds;"
+            f" range {ratios.min():.3f}-{ratios.max():.3f})"
+        )
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
         sequential = args.num_seeds * training_time(one, bench.repeats)

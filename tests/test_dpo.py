@@ -201,7 +201,7 @@ def test_squashed_gaussian_log_prob_is_a_change_of_variables():
     )
     np.testing.assert_allclose(np.asarray(pi.env_action(x, -2.0, 2.0)), 2.0 * np.tanh(np.asarray(x)), rtol=1e-6)
     # The entropy is Brax's one-sample estimate: its mean over samples is the entropy of tanh(u).
-    estimates = jax.vmap(pi.entropy)(jax.random.split(jax.random.PRNGKey(0), 20000))
+    estimates = jax.vmap(pi.entropy)(jax.random.normal(jax.random.PRNGKey(0), (20000, 2)))
     samples = jax.vmap(pi.sample)(jax.random.split(jax.random.PRNGKey(1), 20000))
     monte_carlo = -float(jnp.mean(jax.vmap(pi.log_prob)(samples)))
     assert float(estimates.mean()) == pytest.approx(monte_carlo, abs=0.05)
