@@ -9,7 +9,7 @@ Prints, from one process, so every number is a ratio against a reference measure
   any env: N seeds vmapped in one call against N one-seed calls;
   with --purejaxrl PATH (a PureJaxRL checkout's purejaxrl/ folder) on a Brax env: the command users run
     (dpo.py's run_training, as `python dpo.py` runs it, its summary's sps) against PureJaxRL's
-    dpo_continuous_action.py at the same shape and backend, in --repeats alternating rounds in this process, each
+    dpo_continuous_action.py at the same shape and backend, in --repeats interleaved rounds in this process, each
     side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N sequential
     PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed: on a
     2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
@@ -44,7 +44,7 @@ import dpo  # noqa: E402
 @dataclasses.dataclass
 class Bench(dpo.Args):
     repeats: int = 3
-    """timed runs of each function, the fastest counting; with --purejaxrl, also the alternating rounds"""
+    """timed runs of each function, the fastest counting; with --purejaxrl, also the interleaved rounds"""
     purejaxrl: str | None = None
     """a PureJaxRL checkout's purejaxrl/ folder: compare with its dpo_continuous_action.py (Brax envs)"""
 
@@ -121,12 +121,11 @@ def make_purejaxrl_train(args: dpo.Args, folder: str):
 
     module = import_purejaxrl(folder, "dpo_continuous_action")
     module.BraxGymnaxWrapper = functools.partial(module.BraxGymnaxWrapper, backend=args.backend)
-    steps = dpo.num_updates(args) * args.num_envs * args.num_steps
     config = dict(
         LR=args.learning_rate,
         NUM_ENVS=args.num_envs,
         NUM_STEPS=args.num_steps,
-        TOTAL_TIMESTEPS=steps,
+        TOTAL_TIMESTEPS=purejaxrl_steps(args),
         UPDATE_EPOCHS=args.update_epochs,
         NUM_MINIBATCHES=args.num_minibatches,
         GAMMA=args.gamma,
@@ -146,6 +145,11 @@ def make_purejaxrl_train(args: dpo.Args, folder: str):
     return module.make_train(config)
 
 
+def purejaxrl_steps(args: dpo.Args) -> int:
+    """Env steps of one PureJaxRL run at args' shape: dpo.py's number of updates of num_envs × num_steps."""
+    return dpo.num_updates(args) * args.num_envs * args.num_steps
+
+
 def purejaxrl_first_run_sps(args: dpo.Args, folder: str) -> float:
     """Env-steps/s of one PureJaxRL run: train() compiled afresh (not timed), then its first call timed, as
     run_training compiles its chunk function and then times each call."""
@@ -153,7 +157,7 @@ def purejaxrl_first_run_sps(args: dpo.Args, folder: str) -> float:
     train = jax.jit(make_purejaxrl_train(args, folder)).lower(key).compile()
     start = time.perf_counter()
     jax.block_until_ready(train(key))
-    return dpo.num_updates(args) * args.num_envs * args.num_steps / (time.perf_counter() - start)
+    return purejaxrl_steps(args) / (time.perf_counter() - start)
 
 
 def cli_sps(args: dpo.Args) -> float:
@@ -195,7 +199,7 @@ def main(bench: Bench):
         )
     if bench.purejaxrl and args.env_id in dpo.BRAX_ENVS:
         references, commands = [], []
-        for i in range(bench.repeats):  # alternating, so that a drift of the machine's rate hits both alike
+        for i in range(bench.repeats):  # interleaved, so that a drift of the machine's rate hits both alike
             references.append(purejaxrl_first_run_sps(args, bench.purejaxrl))
             commands.append(cli_sps(args))
             print(
