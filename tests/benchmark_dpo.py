@@ -8,11 +8,12 @@ Prints, from one process, so every number is a ratio against a reference measure
     minibatch-shaped inputs, which bound from above the training / ceiling ratio that any PPO could reach here;
   any env: N seeds vmapped in one call against N one-seed calls;
   with --purejaxrl PATH (a PureJaxRL checkout's purejaxrl/ folder) on a Brax env: the command users run
-    (dpo.py's run_training, as `python dpo.py` runs it, its summary's sps) against PureJaxRL's
-    dpo_continuous_action.py at the same shape and backend, in --repeats interleaved rounds in this process, each
-    side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N sequential
-    PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed: on a
-    2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
+    (dpo.main in a child process, as `python dpo.py` runs it, its CPU devices included; its summary's sps) against
+    PureJaxRL's dpo_continuous_action.py at the same shape and backend in this process, in --repeats interleaved
+    rounds, each side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N
+    sequential PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed:
+    on a 2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
+    --purejaxrl-only skips the other timings.
 Every other function is compiled first and then timed; each of those timings is the fastest of --repeats runs.
 
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
@@ -20,13 +21,14 @@ Every other function is compiled first and then timed; each of those timings is 
     python tests/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh \
-        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl
+        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only
 """
 
 import dataclasses
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo  # noqa: E402
 
@@ -47,6 +50,8 @@ class Bench(dpo.Args):
     """timed runs of each function, the fastest counting; with --purejaxrl, also the interleaved rounds"""
     purejaxrl: str | None = None
     """a PureJaxRL checkout's purejaxrl/ folder: compare with its dpo_continuous_action.py (Brax envs)"""
+    purejaxrl_only: bool = False
+    """with --purejaxrl: only the rounds against PureJaxRL (the other timings take --repeats runs each)"""
 
 
 def fastest(fn, *args, repeats: int) -> float:
@@ -162,69 +167,89 @@ def purejaxrl_first_run_sps(args: dpo.Args, folder: str) -> float:
 
 def cli_sps(args: dpo.Args) -> float:
     """The `sps` that `python dpo.py` with these args writes to summary.json (training over all seeds, compilation
-    excluded), from a run in a temporary directory."""
+    excluded), from a run in a temporary directory. It runs in a fresh process through dpo.main, as the command
+    does, so that it splits the CPU into devices as the command does (use_cpu_cores) while this process keeps
+    JAX's one CPU device for PureJaxRL."""
     with tempfile.TemporaryDirectory() as folder:
-        run_dir = dpo.run_training(dataclasses.replace(args, run_dir=os.path.join(folder, "run"), num_eval_envs=8))
-        with open(os.path.join(run_dir, "summary.json")) as f:
+        dpo.write_json(os.path.join(folder, "args.json"), dataclasses.asdict(args))
+        run = (
+            f"import dataclasses, sys; sys.path.insert(0, {ROOT!r}); import dpo;"
+            f" dpo.main(dataclasses.replace(dpo.load_args({folder!r}), run_dir={folder!r} + '/run', num_eval_envs=8))"
+        )
+        subprocess.run([sys.executable, "-c", run], check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(folder, "run", "summary.json")) as f:
             return json.load(f)["sps"]
 
 
-def main(bench: Bench):
-    args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
-    args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args) * args.action_repeat)
+def compiled_rates(args: dpo.Args, repeats: int):
+    """Print dpo.py's compiled training rate; on Brax envs the ceiling, the rollouts alone and the MLPs' floor; with
+    several seeds, the vmapped seeds against as many one-seed runs. Each timing: the fastest of `repeats`."""
     steps = dpo.num_updates(args) * dpo.batch_size(args) * args.num_seeds  # agent steps over all seeds
-    print(
-        f"{args.env_id}: {dpo.num_updates(args)} updates of {dpo.batch_size(args):,} steps, {args.num_seeds} seed(s),"
-        f" {jax.device_count()} {jax.default_backend()} device(s), fastest of {bench.repeats}"
-    )
-    train_sps = steps / training_time(args, bench.repeats)
+    train_sps = steps / training_time(args, repeats)
     print(f"dpo.py training:                     {train_sps:12,.0f} env-steps/s")
     if args.env_id in dpo.BRAX_ENVS:
         run = brax_ceiling(args, steps // args.num_envs)
         key = jax.random.PRNGKey(0)
         run(key).block_until_ready()
-        ceiling_sps = steps / fastest(run, key, repeats=bench.repeats)
+        ceiling_sps = steps / fastest(run, key, repeats=repeats)
         print(f"Brax wrappers, random actions alone: {ceiling_sps:12,.0f} env-steps/s")
         print(f"training / ceiling:                  {train_sps / ceiling_sps:12.3f}")
-        rollout_sps = steps / training_time(dataclasses.replace(args, update_epochs=0), bench.repeats)
+        rollout_sps = steps / training_time(dataclasses.replace(args, update_epochs=0), repeats)
         print(
             f"dpo.py rollouts alone (0 epochs):    {rollout_sps:12,.0f} env-steps/s, "
             f"{rollout_sps / ceiling_sps:.3f} of the ceiling; the epochs take "
             f"{1 - train_sps / rollout_sps:.0%} of training"
         )
-        floor = mlp_steps_time(args, bench.repeats)
+        floor = mlp_steps_time(args, repeats)
         print(
             f"the MLPs' SGD steps alone:           {floor:12.2f} s (any PPO's epochs take at least this); "
             f"training / ceiling at most {(steps / ceiling_sps) / (steps / ceiling_sps + floor):.3f}"
         )
-    if bench.purejaxrl and args.env_id in dpo.BRAX_ENVS:
-        references, commands = [], []
-        for i in range(bench.repeats):  # interleaved, so that a drift of the machine's rate hits both alike
-            references.append(purejaxrl_first_run_sps(args, bench.purejaxrl))
-            commands.append(cli_sps(args))
-            print(
-                f"round {i + 1}: PureJaxRL {references[-1]:,.0f}, python dpo.py {commands[-1]:,.0f} env-steps/s,"
-                f" ratio {commands[-1] / references[-1]:.3f}",
-                flush=True,
-            )
-        ratios = np.array(commands) / np.array(references)
-        print(f"PureJaxRL dpo_continuous_action.py:  {np.median(references):12,.0f} env-steps/s (one seed, median)")
-        print(
-            f"python dpo.py (summary sps):         {np.median(commands):12,.0f} env-steps/s over"
-            f" {args.num_seeds} seed(s), median"
-        )
-        print(
-            f"python dpo.py / PureJaxRL:           {np.median(ratios):12.3f} (median of {bench.repeats} rounds;"
-            f" range {ratios.min():.3f}-{ratios.max():.3f})"
-        )
     if args.num_seeds > 1:
         one = dataclasses.replace(args, num_seeds=1)
-        sequential = args.num_seeds * training_time(one, bench.repeats)
+        sequential = args.num_seeds * training_time(one, repeats)
         vmapped = steps / train_sps
         print(
             f"{args.num_seeds} seeds vmapped: {vmapped:.2f}s; {args.num_seeds} one-seed runs: {sequential:.2f}s;"
             f" ratio {vmapped / sequential:.3f}"
         )
+
+
+def purejaxrl_rounds(args: dpo.Args, folder: str, rounds: int):
+    """Print `rounds` interleaved rounds of PureJaxRL's one-seed rate and the command's rate over all seeds, both
+    medians and the median of the rounds' ratios."""
+    references, commands = [], []
+    for i in range(rounds):  # interleaved, so that a drift of the machine's rate hits both alike
+        references.append(purejaxrl_first_run_sps(args, folder))
+        commands.append(cli_sps(args))
+        print(
+            f"round {i + 1}: PureJaxRL {references[-1]:,.0f}, python dpo.py {commands[-1]:,.0f} env-steps/s,"
+            f" ratio {commands[-1] / references[-1]:.3f}",
+            flush=True,
+        )
+    ratios = np.array(commands) / np.array(references)
+    print(f"PureJaxRL dpo_continuous_action.py:  {np.median(references):12,.0f} env-steps/s (one seed, median)")
+    print(
+        f"python dpo.py (summary sps):         {np.median(commands):12,.0f} env-steps/s over"
+        f" {args.num_seeds} seed(s), median"
+    )
+    print(
+        f"python dpo.py / PureJaxRL:           {np.median(ratios):12.3f} (median of {rounds} rounds;"
+        f" range {ratios.min():.3f}-{ratios.max():.3f})"
+    )
+
+
+def main(bench: Bench):
+    args = dpo.resolve_args(dpo.Args(**{f.name: getattr(bench, f.name) for f in dataclasses.fields(dpo.Args)}))
+    args = dataclasses.replace(args, total_timesteps=dpo.num_updates(args) * dpo.batch_size(args) * args.action_repeat)
+    print(
+        f"{args.env_id}: {dpo.num_updates(args)} updates of {dpo.batch_size(args):,} steps, {args.num_seeds} seed(s),"
+        f" {jax.device_count()} {jax.default_backend()} device(s), fastest of {bench.repeats}"
+    )
+    if not (bench.purejaxrl and bench.purejaxrl_only):
+        compiled_rates(args, bench.repeats)
+    if bench.purejaxrl and args.env_id in dpo.BRAX_ENVS:
+        purejaxrl_rounds(args, bench.purejaxrl, bench.repeats)
 
 
 if __name__ == "__main__":

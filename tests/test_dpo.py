@@ -6,7 +6,8 @@ numerical change of variables, Brax's optimiser without clipping, reacher's upda
 PPO and DPO learn CartPole-v1 and Pendulum-v1 (squashed policy); chunks of updates compose exactly; a seed
 reproduces its numbers. CLI tests: run directories for a Brax, a MinAtar and a continuous gymnax env, whose
 `--load --eval-only` reproduces both evaluations; a run killed with SIGKILL and resumed ends with the numbers
-of an uninterrupted run; two devices give one device's numbers; bad input gives one line and a non-zero exit.
+of an uninterrupted run; two devices give one device's numbers, and the CLI splits a multi-core CPU into one
+device per seed; bad input gives one line and a non-zero exit.
 """
 
 import csv
@@ -329,6 +330,11 @@ def read_summary(run_dir):
         return json.load(f)
 
 
+def read_args(run_dir):
+    with open(os.path.join(run_dir, "args.json")) as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize(
     "env_flags",
     [
@@ -359,6 +365,9 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     summary = read_summary(run_dir)
     assert summary["env_id"] == env_flags[1] and len(summary["final_returns"]) == 2
+    # 2 seeds on a CPU with at least 2 cores: one device per seed (use_cpu_cores), recorded for --resume
+    devices = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    assert summary["device"] == f"{devices} x cpu" and read_args(run_dir)["num_cpu_devices"] == devices
     assert all(math.isfinite(summary[k]) for k in ("final_return_mean", "final_return_iqm", "final_mode_return_mean"))
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -446,6 +455,7 @@ BAD_INPUTS = {
     "too few steps": (["--env-id", "CartPole-v1", "--total-timesteps", "100"], "less than one update"),
     "missing run": (["--load", "/nonexistent/run", "--eval-only"], "missing or damaged"),
     "missing checkpoint": (["--resume", "/nonexistent/run"], "missing or damaged"),
+    "negative CPU devices": (["--env-id", "CartPole-v1", "--num-cpu-devices", "-1"], "is negative"),
 }
 
 
