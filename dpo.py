@@ -943,8 +943,8 @@ def use_cpu_cores(args: Args) -> Args:
     own core: 4 ant seeds on 2 cores train 1.45 times faster (docs/dpo.md, "The command against PureJaxRL"). The
     float rounding of a seed's run differs between device counts, which is why args.json records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
-    with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are (summary.json's
-    device says which ran).
+    with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
+    args name the count that runs.
 
     Raises: ArgsError if --num-cpu-devices is negative.
     """
@@ -957,7 +957,7 @@ def use_cpu_cores(args: Args) -> Args:
             jax.config.update("jax_num_cpu_devices", n)
         except RuntimeError:  # JAX has already started in this process
             pass
-    return dataclasses.replace(args, num_cpu_devices=n)
+    return dataclasses.replace(args, num_cpu_devices=len(jax.devices("cpu")))  # the count that runs
 
 
 def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
