@@ -940,7 +940,7 @@ def use_cpu_cores(args: Args) -> Args:
 
     JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a PPO
     minibatch are too small for that to pay. With one device per core, over_seeds runs each device's seeds on its
-    own core: 4 ant seeds on 2 cores train 1.45 times faster (docs/dpo.md, "The command against PureJaxRL"). The
+    own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command against PureJaxRL"). The
     float rounding of a seed's run differs between device counts, which is why args.json records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
     with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
