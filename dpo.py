@@ -957,7 +957,8 @@ def use_cpu_cores(args: Args) -> Args:
             jax.config.update("jax_num_cpu_devices", n)
         except RuntimeError:  # JAX has already started in this process
             pass
-    return dataclasses.replace(args, num_cpu_devices=len(jax.devices("cpu")))  # the count that runs
+    cpu = jax.default_backend() == "cpu"  # jax.devices("cpu") fails where JAX_PLATFORMS names accelerators only
+    return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else n)  # the count that runs
 
 
 def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):

@@ -461,8 +461,8 @@ BAD_INPUTS = {
 
 def test_cpu_devices_recorded_are_those_that_run_once_jax_has_started():
     jax.devices()  # JAX has started in this process: its CPU devices can no longer change
-    args = dpo.use_cpu_cores(dpo.Args(num_seeds=4, num_cpu_devices=len(jax.devices("cpu")) + 1))
-    assert args.num_cpu_devices == len(jax.devices("cpu"))
+    args = dpo.use_cpu_cores(dpo.Args(num_seeds=4, num_cpu_devices=jax.device_count() + 1))
+    assert args.num_cpu_devices == jax.device_count()
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
