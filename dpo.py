@@ -78,8 +78,9 @@ class Args:
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
     num_cpu_devices: int | None = None
-    """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
-    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). No effect on accelerators"""
+    """CPU: JAX devices to split the host's cores into, each training its share of the seeds, or for one seed on a
+    Brax env, stepping its share of the envs (default: the largest divisor of --num-seeds up to the number of cores,
+    or if that is 1 on a Brax env, of --num-envs; 1: JAX's own single CPU device). No effect on accelerators"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
@@ -697,8 +698,12 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift: Drift):
+def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = None):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
+
+    With env_mesh (see env_mesh), the seed's envs are split over that mesh's devices: each device steps its share
+    on its own core, the rollout is then gathered, and every device runs the same SGD on the whole batch. The random
+    numbers are those of one device, so only float rounding differs.
 
     Returns:
         init(rng) -> Runner: parameters, optimiser, environments. Call it per seed outside any vmap: jaxlib
@@ -717,6 +722,14 @@ def make_train(args: Args, drift: Drift):
     shuffle_axis = 1 if brax_loop else 0  # Brax shuffles whole unrolls [T, U·E]; PureJaxRL samples [T·U·E]
     tx = make_optimizer(args)
 
+    def on_env_mesh(tree, *axes):
+        """tree laid out over env_mesh's devices: axes ("env",) splits each leaf's leading env axis between them, no
+        axes puts the whole tree on every one; the identity without a mesh."""
+        if env_mesh is None:
+            return tree
+        sharding = jax.sharding.NamedSharding(env_mesh, jax.sharding.PartitionSpec(*axes))
+        return jax.lax.with_sharding_constraint(tree, sharding)
+
     def init(rng) -> Runner:
         """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
         rng, key_init, key_reset = jax.random.split(rng, 3)
@@ -725,8 +738,8 @@ def make_train(args: Args, drift: Drift):
             "actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
+        obs, env_state = on_env_mesh(jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs)), "env")
+        zeros = on_env_mesh(jnp.zeros(args.num_envs), "env")
         stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
@@ -759,6 +772,7 @@ def make_train(args: Args, drift: Drift):
             runner.episodes.finished + done,
         )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
+        env_state, obs, episodes, transition = on_env_mesh((env_state, obs, episodes, transition), "env")
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
@@ -862,6 +876,7 @@ def make_train(args: Args, drift: Drift):
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
+        batch = on_env_mesh(batch)  # with env_mesh: one all-gather, then the same SGD on every device
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
         if not brax_loop:
@@ -941,7 +956,11 @@ def use_cpu_cores(args: Args) -> Args:
     JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a PPO
     minibatch are too small for that to pay. With one device per core, over_seeds runs each device's seeds on its
     own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command against PureJaxRL"). The
-    float rounding of a seed's run differs between device counts, which is why args.json records the count.
+    default is the largest divisor of --num-seeds up to the number of cores; where that is 1 (one seed, say) on a
+    Brax env, the largest divisor of --num-envs instead, and env_mesh splits each seed's envs over the devices
+    (one ant seed: 1.4 times faster). gymnax envs keep one device then: their steps are too cheap for the split to
+    pay for the SGD that it leaves on one core (Breakout-MinAtar, one seed: 0.55 times as fast). The float
+    rounding of a seed's run differs between device counts, which is why args.json records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
     with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
     args name the count that runs.
@@ -951,7 +970,10 @@ def use_cpu_cores(args: Args) -> Args:
     if (args.num_cpu_devices or 0) < 0:
         raise ArgsError(f"--num-cpu-devices {args.num_cpu_devices} is negative")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = args.num_cpu_devices or max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
+    n = max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
+    if n == 1 and args.env_id in BRAX_ENVS:
+        n = max(d for d in range(1, cores + 1) if args.num_envs % d == 0)
+    n = args.num_cpu_devices or n
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
             jax.config.update("jax_num_cpu_devices", n)
@@ -982,6 +1004,23 @@ def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     spec = jax.sharding.PartitionSpec
     in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
     return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
+
+
+def env_mesh(args: Args) -> jax.sharding.Mesh | None:
+    """The devices over which make_train splits each seed's envs, or None.
+
+    over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
+    the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
+    use_cpu_cores sets the device count). Only the rollout is split: the SGD on the gathered batch runs whole on
+    each device, because splitting it would add an all-reduce of the gradients to every minibatch step, which on
+    CPU costs more than the step (docs/dpo.md). None otherwise: on one device, for gymnax envs, and on accelerators
+    (not measured there).
+    """
+    n = jax.device_count()
+    brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"
+    if not brax_on_cpu or n == 1 or math.gcd(args.num_seeds, n) > 1 or args.num_envs % n:
+        return None
+    return jax.sharding.Mesh(np.array(jax.devices()), ("env",))
 
 
 def init_seeds(init, keys) -> Runner:
@@ -1185,7 +1224,7 @@ def run_training(args: Args) -> str:
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     drift = make_drift(args)
-    init, train_chunk = make_train(args, drift)
+    init, train_chunk = make_train(args, drift, env_mesh(args))
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")

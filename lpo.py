@@ -804,8 +804,12 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift: Drift):
+def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = None):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
+
+    With env_mesh (see env_mesh), the seed's envs are split over that mesh's devices: each device steps its share
+    on its own core, the rollout is then gathered, and every device runs the same SGD on the whole batch. The random
+    numbers are those of one device, so only float rounding differs.
 
     Returns:
         init(rng) -> Runner: parameters, optimiser, environments. Call it per seed outside any vmap: jaxlib
@@ -824,6 +828,14 @@ def make_train(args: Args, drift: Drift):
     shuffle_axis = 1 if brax_loop else 0  # Brax shuffles whole unrolls [T, U·E]; PureJaxRL samples [T·U·E]
     tx = make_optimizer(args)
 
+    def on_env_mesh(tree, *axes):
+        """tree laid out over env_mesh's devices: axes ("env",) splits each leaf's leading env axis between them, no
+        axes puts the whole tree on every one; the identity without a mesh."""
+        if env_mesh is None:
+            return tree
+        sharding = jax.sharding.NamedSharding(env_mesh, jax.sharding.PartitionSpec(*axes))
+        return jax.lax.with_sharding_constraint(tree, sharding)
+
     def init(rng) -> Runner:
         """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
         rng, key_init, key_reset = jax.random.split(rng, 3)
@@ -832,8 +844,8 @@ def make_train(args: Args, drift: Drift):
             "actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
+        obs, env_state = on_env_mesh(jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs)), "env")
+        zeros = on_env_mesh(jnp.zeros(args.num_envs), "env")
         stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
@@ -866,6 +878,7 @@ def make_train(args: Args, drift: Drift):
             runner.episodes.finished + done,
         )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
+        env_state, obs, episodes, transition = on_env_mesh((env_state, obs, episodes, transition), "env")
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
@@ -969,6 +982,7 @@ def make_train(args: Args, drift: Drift):
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
+        batch = on_env_mesh(batch)  # with env_mesh: one all-gather, then the same SGD on every device
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
         if not brax_loop:
@@ -1063,6 +1077,23 @@ def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     spec = jax.sharding.PartitionSpec
     in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
     return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
+
+
+def env_mesh(args: Args) -> jax.sharding.Mesh | None:
+    """The devices over which make_train splits each seed's envs, or None.
+
+    over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
+    the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
+    use_cpu_cores sets the device count). Only the rollout is split: the SGD on the gathered batch runs whole on
+    each device, because splitting it would add an all-reduce of the gradients to every minibatch step, which on
+    CPU costs more than the step (docs/dpo.md). None otherwise: on one device, for gymnax envs, and on accelerators
+    (not measured there).
+    """
+    n = jax.device_count()
+    brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"
+    if not brax_on_cpu or n == 1 or math.gcd(args.num_seeds, n) > 1 or args.num_envs % n:
+        return None
+    return jax.sharding.Mesh(np.array(jax.devices()), ("env",))
 
 
 def init_seeds(init, keys) -> Runner:
@@ -1266,7 +1297,7 @@ def run_training(args: Args) -> str:
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     drift = make_drift(args)
-    init, train_chunk = make_train(args, drift)
+    init, train_chunk = make_train(args, drift, env_mesh(args))
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")

@@ -351,21 +351,25 @@ def read_args(run_dir):
             "480",
             "--episode-length",
             "50",
+            "--num-seeds",
+            "1",
         ),
         ("--env-id", "Breakout-MinAtar", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", "512"),
         ("--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "1024"),
     ],
-    ids=["brax-ant", "minatar-breakout", "pendulum"],
+    ids=["brax-ant-one-seed", "minatar-breakout", "pendulum"],
 )
 def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags):
     run_dir = str(tmp_path / "run")
-    proc = run_cli(*env_flags, "--num-seeds", "2", "--num-eval-envs", "4", "--run-dir", run_dir)
+    proc = run_cli("--num-seeds", "2", *env_flags, "--num-eval-envs", "4", "--run-dir", run_dir)
     assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
     for name in RUN_FILES:
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     summary = read_summary(run_dir)
-    assert summary["env_id"] == env_flags[1] and len(summary["final_returns"]) == 2
-    # 2 seeds on a CPU with at least 2 cores: one device per seed (use_cpu_cores), recorded for --resume
+    seeds = 1 if env_flags[1] == "ant" else 2
+    assert summary["env_id"] == env_flags[1] and len(summary["final_returns"]) == seeds
+    # on a CPU with at least 2 cores, 2 devices (use_cpu_cores), recorded for --resume: one per seed for 2 seeds,
+    # for ant's one seed one per half of its 16 envs (env_mesh)
     devices = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
     assert summary["device"] == f"{devices} x cpu" and read_args(run_dir)["num_cpu_devices"] == devices
     assert all(math.isfinite(summary[k]) for k in ("final_return_mean", "final_return_iqm", "final_mode_return_mean"))
@@ -426,6 +430,39 @@ runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
 _, metrics = dpo.over_seeds(train_chunk, 2, (0, None))(runners, 8)
 print(json.dumps(np.asarray(metrics["policy_loss"]).tolist()))
 """
+
+
+ENV_SPLIT_RUN = """
+import dataclasses, json, sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np, dpo
+assert jax.device_count() == 2, jax.devices()
+args = dpo.resolve_args(dpo.Args({args}))
+for other in (dict(num_seeds=2), dict(env_id="CartPole-v1"), dict(num_envs=5)):  # seeds split, gymnax, odd envs
+    assert dpo.env_mesh(dataclasses.replace(args, **other)) is None, other
+init, train_chunk = dpo.make_train(args, dpo.make_drift(args), dpo.env_mesh(args))
+runners, metrics = dpo.over_seeds(train_chunk, 1, (0, None))(dpo.init_seeds(init, dpo.seed_keys(args)[0]), 3)
+assert [s.data.shape[1] for s in runners.obs.addressable_shards] == [8, 8]  # each device steps 8 of the 16 envs
+print(json.dumps(np.asarray(metrics["policy_loss"]).tolist()))
+"""
+ENV_SPLIT_ARGS = dict(env_id="inverted_pendulum", num_envs=16, num_minibatches=4, episode_length=50)
+
+
+def test_one_seeds_brax_envs_split_over_two_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    script = ENV_SPLIT_RUN.format(root=ROOT, args=", ".join(f"{k}={v!r}" for k, v in ENV_SPLIT_ARGS.items()))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    args = dpo.resolve_args(dpo.Args(**ENV_SPLIT_ARGS))
+    assert dpo.env_mesh(args) is None  # this process has one device
+    init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
+    whole = np.asarray(
+        dpo.over_seeds(train_chunk, 1, (0, None))(dpo.init_seeds(init, dpo.seed_keys(args)[0]), 3)[1]["policy_loss"]
+    )
+    # the same random numbers on every env: only float rounding could differ (none did here on 2026-12-05)
+    np.testing.assert_allclose(split, whole, rtol=1e-5)
+    assert np.all(np.isfinite(whole[:, :3])) and np.all(np.isnan(whole[:, 3:]))
 
 
 def test_seeds_sharded_over_two_devices_match_one_device():

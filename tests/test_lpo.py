@@ -121,6 +121,7 @@ SHARED = (
     "make_evaluate",
     "seed_keys",
     "over_seeds",
+    "env_mesh",
     "init_seeds",
     "seed_statistics",
     "evaluate_seeds",
