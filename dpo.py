@@ -78,9 +78,10 @@ class Args:
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
     num_cpu_devices: int | None = None
-    """CPU: JAX devices to split the host's cores into, each training its share of the seeds, or for one seed on a
-    Brax env, stepping its share of the envs (default: the largest divisor of --num-seeds up to the number of cores,
-    or if that is 1 on a Brax env, of --num-envs; 1: JAX's own single CPU device). No effect on accelerators"""
+    """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
+    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). Where the seeds cannot be
+    split (one seed) on a Brax env, each device steps its share of the envs instead: 2 makes one ant seed 1.5x
+    faster at small minibatches and 0.77x as fast at the paper's shape (docs/dpo.md). No effect on accelerators"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
@@ -956,11 +957,11 @@ def use_cpu_cores(args: Args) -> Args:
     JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a PPO
     minibatch are too small for that to pay. With one device per core, over_seeds runs each device's seeds on its
     own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command against PureJaxRL"). The
-    default is the largest divisor of --num-seeds up to the number of cores; where that is 1 (one seed, say) on a
-    Brax env, the largest divisor of --num-envs instead, and env_mesh splits each seed's envs over the devices
-    (one ant seed: 1.4 times faster). gymnax envs keep one device then: their steps are too cheap for the split to
-    pay for the SGD that it leaves on one core (Breakout-MinAtar, one seed: 0.55 times as fast). The float
-    rounding of a seed's run differs between device counts, which is why args.json records the count.
+    default is the largest divisor of --num-seeds up to the number of cores, so one seed keeps one device. Asked for
+    more (--num-cpu-devices 2 with one seed on a Brax env), env_mesh splits each seed's envs over them: 1.5 times
+    faster at the benchmark's shape, 0.77 times as fast at the paper's ant shape, whose SGD is too large to run on
+    one core per device (docs/dpo.md, "The command against PureJaxRL"). The float rounding of a seed's run differs
+    between device counts, which is why args.json records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
     with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
     args name the count that runs.
@@ -970,10 +971,7 @@ def use_cpu_cores(args: Args) -> Args:
     if (args.num_cpu_devices or 0) < 0:
         raise ArgsError(f"--num-cpu-devices {args.num_cpu_devices} is negative")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
-    if n == 1 and args.env_id in BRAX_ENVS:
-        n = max(d for d in range(1, cores + 1) if args.num_envs % d == 0)
-    n = args.num_cpu_devices or n
+    n = args.num_cpu_devices or max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
             jax.config.update("jax_num_cpu_devices", n)
@@ -1011,10 +1009,11 @@ def env_mesh(args: Args) -> jax.sharding.Mesh | None:
 
     over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
     the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
-    use_cpu_cores sets the device count). Only the rollout is split: the SGD on the gathered batch runs whole on
-    each device, because splitting it would add an all-reduce of the gradients to every minibatch step, which on
-    CPU costs more than the step (docs/dpo.md). None otherwise: on one device, for gymnax envs, and on accelerators
-    (not measured there).
+    use_cpu_cores gives one seed one device unless --num-cpu-devices asks for more). Only the rollout is split: the
+    SGD on the gathered batch runs whole on each device, because splitting it would add an all-reduce of the
+    gradients to every minibatch step, which on CPU costs more than a small minibatch's step (docs/dpo.md). None
+    otherwise: on one device, for gymnax envs (too cheap to step for the split to pay), and on accelerators (not
+    measured there).
     """
     n = jax.device_count()
     brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"

@@ -1084,10 +1084,11 @@ def env_mesh(args: Args) -> jax.sharding.Mesh | None:
 
     over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
     the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
-    use_cpu_cores sets the device count). Only the rollout is split: the SGD on the gathered batch runs whole on
-    each device, because splitting it would add an all-reduce of the gradients to every minibatch step, which on
-    CPU costs more than the step (docs/dpo.md). None otherwise: on one device, for gymnax envs, and on accelerators
-    (not measured there).
+    use_cpu_cores gives one seed one device unless --num-cpu-devices asks for more). Only the rollout is split: the
+    SGD on the gathered batch runs whole on each device, because splitting it would add an all-reduce of the
+    gradients to every minibatch step, which on CPU costs more than a small minibatch's step (docs/dpo.md). None
+    otherwise: on one device, for gymnax envs (too cheap to step for the split to pay), and on accelerators (not
+    measured there).
     """
     n = jax.device_count()
     brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"

@@ -353,6 +353,8 @@ def read_args(run_dir):
             "50",
             "--num-seeds",
             "1",
+            "--num-cpu-devices",
+            "2",
         ),
         ("--env-id", "Breakout-MinAtar", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", "512"),
         ("--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "1024"),
@@ -368,9 +370,9 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
     summary = read_summary(run_dir)
     seeds = 1 if env_flags[1] == "ant" else 2
     assert summary["env_id"] == env_flags[1] and len(summary["final_returns"]) == seeds
-    # on a CPU with at least 2 cores, 2 devices (use_cpu_cores), recorded for --resume: one per seed for 2 seeds,
-    # for ant's one seed one per half of its 16 envs (env_mesh)
-    devices = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    # 2 seeds on a CPU with at least 2 cores: one device per seed (use_cpu_cores); ant's one seed asks for 2 devices,
+    # each stepping half of its 16 envs (env_mesh); the count is recorded for --resume
+    devices = 2 if len(os.sched_getaffinity(0)) >= 2 or seeds == 1 else 1
     assert summary["device"] == f"{devices} x cpu" and read_args(run_dir)["num_cpu_devices"] == devices
     assert all(math.isfinite(summary[k]) for k in ("final_return_mean", "final_return_iqm", "final_mode_return_mean"))
     with open(os.path.join(run_dir, "metrics.csv")) as f:
