@@ -81,7 +81,8 @@ class Args:
     """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
     divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). Where the seeds cannot be
     split (one seed) on a Brax env, each device steps its share of the envs instead: 2 makes one ant seed 1.5x
-    faster at small minibatches and 0.77x as fast at the paper's shape (docs/dpo.md). No effect on accelerators"""
+    faster at the benchmark's shape (256 envs, 2x256 networks) and 0.76x as fast at the paper's (docs/dpo.md, item
+    14). No effect on accelerators"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
@@ -954,14 +955,14 @@ def seed_keys(args: Args):
 def use_cpu_cores(args: Args) -> Args:
     """args with --num-cpu-devices filled in, after splitting the host CPU into that many JAX devices.
 
-    JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a PPO
-    minibatch are too small for that to pay. With one device per core, over_seeds runs each device's seeds on its
-    own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command against PureJaxRL"). The
-    default is the largest divisor of --num-seeds up to the number of cores, so one seed keeps one device. Asked for
-    more (--num-cpu-devices 2 with one seed on a Brax env), env_mesh splits each seed's envs over them: 1.5 times
-    faster at the benchmark's shape, 0.77 times as fast at the paper's ant shape, whose SGD is too large to run on
-    one core per device (docs/dpo.md, "The command against PureJaxRL"). The float rounding of a seed's run differs
-    between device counts, which is why args.json records the count.
+    JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a small
+    PPO minibatch (the benchmark's 80 rows) are too small for that to pay. With one device per core, over_seeds runs
+    each device's seeds on its own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command
+    against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores, so one seed
+    keeps one device. Asked for more (--num-cpu-devices 2 with one seed on a Brax env), env_mesh splits each seed's
+    envs over them: 1.5 times faster at the benchmark's shape, 0.76 times as fast at the paper's ant shape, whose
+    SGD is too large to run on one core per device (docs/dpo.md, "The command against PureJaxRL"). The float
+    rounding of a seed's run differs between device counts, which is why args.json records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
     with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
     args name the count that runs.
