@@ -13,7 +13,8 @@ Prints, from one process, so every number is a ratio against a reference measure
     rounds, each side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N
     sequential PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed:
     on a 2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
-    --purejaxrl-only skips the other timings.
+    --purejaxrl-only skips the other timings; --num-cpu-devices reaches the command (2 with one Brax seed splits its
+    envs over two CPU devices, dpo.py's env_mesh).
 Every other function is compiled first and then timed; each of those timings is the fastest of --repeats runs.
 
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
@@ -21,7 +22,7 @@ Every other function is compiled first and then timed; each of those timings is 
     python tests/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
     python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh \
-        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only
+        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only   # add --num-cpu-devices 2
 """
 
 import dataclasses
