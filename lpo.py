@@ -1298,7 +1298,8 @@ def run_training(args: Args) -> str:
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     drift = make_drift(args)
-    init, train_chunk = make_train(args, drift, env_mesh(args))
+    mesh = env_mesh(args)
+    init, train_chunk = make_train(args, drift, mesh)
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
@@ -1327,7 +1328,8 @@ def run_training(args: Args) -> str:
         writer = SummaryWriter(run_dir)
     print(
         f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
-        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s): {n_updates} updates"
+        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
+        f"{', each seed with its envs split over them' if mesh else ''}: {n_updates} updates"
         f" of {steps_per_update:,} steps per seed",
         flush=True,
     )

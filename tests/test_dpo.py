@@ -373,6 +373,7 @@ def test_cli_writes_run_dir_and_reload_reproduces_evaluation(tmp_path, env_flags
     # 2 seeds on a CPU with at least 2 cores: one device per seed (use_cpu_cores); ant's one seed asks for 2 devices,
     # each stepping half of its 16 envs (env_mesh); the count is recorded for --resume
     devices = 2 if len(os.sched_getaffinity(0)) >= 2 or seeds == 1 else 1
+    assert ("each seed with its envs split over them" in proc.stdout) == (seeds == 1)
     assert summary["device"] == f"{devices} x cpu" and read_args(run_dir)["num_cpu_devices"] == devices
     assert all(math.isfinite(summary[k]) for k in ("final_return_mean", "final_return_iqm", "final_mode_return_mean"))
     with open(os.path.join(run_dir, "metrics.csv")) as f:
