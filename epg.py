@@ -852,7 +852,7 @@ def make_members(args: Args, env) -> Callable:
 
 def make_population(args: Args, env, n: int) -> Callable:
     """make_members for n members, the member axis sharded over the JAX devices and the returns gathered. Not
-    jitted (tests/preflight_epg.py jits it)."""
+    jitted (experiments/preflight_epg.py jits it)."""
     return shard_leading(make_members(args, env), n, (True, False, False, False))
 
 

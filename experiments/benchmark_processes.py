@@ -5,7 +5,7 @@ summary.json's generations_per_second (the rate after its first compiled call); 
 generation's seconds, and the rate is one over their median after the first generation.
 Ratios are against the 1-process, 1-device run of the same script, measured in this same invocation.
 
-    python tests/benchmark_processes.py            # about 10 minutes on 2 cores
+    python experiments/benchmark_processes.py            # about 10 minutes on 2 cores
 """
 
 import csv
@@ -19,7 +19,7 @@ import tempfile
 
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import processes  # noqa: E402
 
 ROOT = processes.ROOT

@@ -4,7 +4,7 @@ Compiles one generation (population × tasks lifetimes, then the ES update) for 
 times it after compilation (best of --repeats), and prints lifetimes per minute and the speed-up over a
 generation of 2 lifetimes in the same process (the vmapped batch against the smallest one).
 
-    python tests/benchmark_epg.py --task-family goal-point --lifetime 2048
+    python experiments/benchmark_epg.py --task-family goal-point --lifetime 2048
 """
 
 import dataclasses

@@ -7,7 +7,7 @@ random directions with the learned drift's norm. Prints the table (mean ± sampl
 interval, the paired t-test against PPO on the shared seeds, Welch's p against the null's pooled agents) and the
 command of every row; writes the figure of final returns per seed and the ES mean's validation curve.
 
-    python tests/report_lpo_meta.py --run runs/lpo_linear --out docs/lpo/linear
+    python experiments/report_lpo_meta.py --run runs/lpo_linear --out docs/lpo/linear
 """
 
 import dataclasses
@@ -41,7 +41,8 @@ class Report:
     num_random: int = 3
     """random drifts of the learned drift's norm (the null)"""
     transfer: bool = False
-    """instead: the table of tests/run_lpo_linear_transfer.sh's runs under <run>/transfer and <run>/transfer_random_*"""
+    """instead: the table of experiments/run_lpo_linear_transfer.sh's runs under <run>/transfer and
+    <run>/transfer_random_*"""
 
 
 def evaluate(report: Report, drift_file: str, compare: tuple[str, ...], name: str) -> dict:

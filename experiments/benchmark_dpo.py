@@ -17,10 +17,10 @@ Prints, from one process, so every number is a ratio against a reference measure
     envs over two CPU devices, dpo.py's env_mesh).
 Every other function is compiled first and then timed; each of those timings is the fastest of --repeats runs.
 
-    python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
+    python experiments/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh --total-timesteps 256000
-    python tests/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
-    python tests/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
+    python experiments/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
+    python experiments/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh \
         --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only   # add --num-cpu-devices 2
 """
@@ -41,7 +41,6 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo  # noqa: E402
 
 

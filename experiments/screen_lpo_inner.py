@@ -9,7 +9,7 @@ LPO's start), DPO, and PPO at ε 0.1 and 0.3, at lpo.py's meta-training budget, 
 - the effect sizes d = |mean difference| / pooled std of DPO vs PPO and of PPO ε 0.1 vs 0.3 (criterion: d ≥ 0.5).
 Seeds are common to all four runs of a setting. On 2 CPU cores the default screen takes about 25 minutes.
 
-    python tests/screen_lpo_inner.py --out runs/lpo_inner_screen.json
+    python experiments/screen_lpo_inner.py --out runs/lpo_inner_screen.json
 """
 
 import dataclasses

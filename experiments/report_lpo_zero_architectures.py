@@ -1,12 +1,12 @@
 """Table and figure of the LPO-Zero architecture test (not collected by pytest).
 
-Reads the run directories of tests/run_lpo_zero_architectures.sh: runs/lpo_zero_{256,256_256}_seed{1,2}/
+Reads the run directories of experiments/run_lpo_zero_architectures.sh: runs/lpo_zero_{256,256_256}_seed{1,2}/
 (meta-training) and the same names with _eval (10 fresh agents per drift, beside PPO). Prints the markdown table
 of final sampled-action returns (mean ± std, interquartile mean) per meta-training and pooled per architecture,
 with Welch's t-test p between the architectures, and draws each meta-training's population-mean return per
 generation.
 
-    python tests/report_lpo_zero_architectures.py
+    python experiments/report_lpo_zero_architectures.py
 """
 
 import csv

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The LPO transfer test of docs/lpo.md: the learned drift on held-out envs, 10 seeds, the flags and seeds of
-# dpo.py's PPO-vs-DPO table (tests/run_dpo_comparison.sh), whose runs/compare/ directories give the PPO and DPO rows.
+# dpo.py's PPO-vs-DPO table (experiments/run_dpo_comparison.sh), whose runs/compare/ directories give the PPO and DPO rows.
 # Pendulum-v1 also reruns PPO through lpo.py, to check it equals runs/compare's bit for bit. Rerun to resume.
 set -u
 cd "$(dirname "$0")/.."

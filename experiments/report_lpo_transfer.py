@@ -1,11 +1,11 @@
 """Table and figure of the LPO transfer test from lpo.py --eval-drift directories (not collected by pytest).
 
-Reads runs/transfer/{env}/{lpo,dpo,ppo}/ (tests/run_lpo_transfer.sh) and, for drifts missing there, the dpo.py
+Reads runs/transfer/{env}/{lpo,dpo,ppo}/ (experiments/run_lpo_transfer.sh) and, for drifts missing there, the dpo.py
 runs runs/compare/{env}__{dpo,ppo}/ made with the same flags and seeds. Prints the markdown table of final
 sampled-action returns (mean ± std, interquartile mean, Welch's t-test p of LPO against PPO and against DPO) and
 writes the learning curves (mean ± standard error over seeds) to docs/lpo_transfer.png.
 
-    python tests/report_lpo_transfer.py
+    python experiments/report_lpo_transfer.py
 """
 
 import dataclasses

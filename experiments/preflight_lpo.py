@@ -10,7 +10,7 @@ PPO's seed-to-seed spread, and where PPO and the members' mean sit below the env
 
 Everything after this script's own flags goes to lpo.py's arguments, so the gate measures the run's own setting:
 
-    python tests/preflight_lpo.py --env-id CartPole-v1 --total-timesteps 65536 --update-epochs 10 \\
+    python experiments/preflight_lpo.py --env-id CartPole-v1 --total-timesteps 65536 --update-epochs 10 \\
         --learning-rate 5e-4 --anneal-lr False --drift-hidden --sigma 0.1 0.999 0.01
 """
 

@@ -9,7 +9,7 @@ For each --goal-split and for its training and held-out goals (--num-goals each)
 A split where the goal-agnostic ceiling sits at the zero loss's level and PPO clearly above it is one where a loss
 can only score by learning from the reward.
 
-    python tests/screen_epg_family.py
+    python experiments/screen_epg_family.py
 """
 
 import dataclasses

@@ -11,9 +11,9 @@ and population (each the fastest of --repeats alternating runs, one subprocess e
 forced host devices, and the bytes a generation exchanges between devices against broadcasting parameters.
 
 Examples:
-    python tests/benchmark_es_basics.py --mode compare --problem rosenbrock --num-dims 10 --pop-size 10 --sigma-init 1 \
-        --methods cma-es evosax:CMA_ES snes evosax:SNES openai-es --num-seeds 5 --num-generations 20000
-    python tests/benchmark_es_basics.py --mode throughput --problem CartPole-v1 --pop-size 64 --num-generations 50
+    python experiments/benchmark_es_basics.py --mode compare --problem rosenbrock --num-dims 10 --pop-size 10 \
+        --sigma-init 1 --methods cma-es evosax:CMA_ES snes evosax:SNES openai-es --num-seeds 5 --num-generations 20000
+    python experiments/benchmark_es_basics.py --mode throughput --problem CartPole-v1 --pop-size 64 --num-generations 50
 """
 
 import csv

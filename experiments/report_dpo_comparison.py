@@ -5,7 +5,7 @@ of final sampled-action returns (mean ± sample std, the interquartile mean with
 Welch's t-test p-value) and
 writes the learning curves (mean ± standard error over seeds) to docs/dpo_comparison.png.
 
-    python tests/report_dpo_comparison.py --runs runs/compare --out docs/dpo_comparison.png
+    python experiments/report_dpo_comparison.py --runs runs/compare --out docs/dpo_comparison.png
 """
 
 import csv

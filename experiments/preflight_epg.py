@@ -12,7 +12,7 @@ on each set) says what reading the reward alone contributes.
 
 Everything after this script's own flags goes to epg.py's arguments, so the gate measures the run's own setting:
 
-    python tests/preflight_epg.py --reward-blind-control --lifetime 2048 --update-every 256 --update-epochs 4 \
+    python experiments/preflight_epg.py --reward-blind-control --lifetime 2048 --update-every 256 --update-epochs 4 \
         --inner-learning-rate 3e-3 --buffer-size 512
 """
 

@@ -1,7 +1,7 @@
 """dpo.py's gymnax PPO (and DPO) against PureJaxRL's purejaxrl/ppo.py, at ppo.py's own configuration, same jax.
 
     git clone https://github.com/luchris429/purejaxrl /tmp/purejaxrl
-    python tests/report_purejaxrl_comparison.py --purejaxrl /tmp/purejaxrl/purejaxrl --num-seeds 8
+    python experiments/report_purejaxrl_comparison.py --purejaxrl /tmp/purejaxrl/purejaxrl --num-seeds 8
 
 Both are scored the same way: at each update's last step, the return of each env's last finished training episode
 (PureJaxRL's LogWrapper `returned_episode_returns`, dpo.py's `episodic_return`), averaged over the envs; a seed's
