@@ -7,13 +7,13 @@
 # build pinned here, and JAX would then fall back to the CPU without a word. So this script keeps the machine's JAX
 # and installs only the missing packages, from wheels downloaded beforehand, without their dependencies:
 #
-#   bash experiments/gpu.sh wheels     # on a machine with PyPI: downloads them into .whl/ (about 20 MB)
+#   bash experiments/gpu.sh wheels     # on a machine with PyPI: downloads them into .whl/ (about 35 MB)
 #   bash experiments/gpu.sh            # on the GPU machine, from the repository root, with .whl/ beside it
 #
 # Each step is resumable: a run directory under $RUNS that already holds a checkpoint is continued with --resume,
 # so a second call after a time-out goes on where the first stopped. Settings (environment variables):
 #   RUNS (default ${OUT:-runs}/gpu)  ANT_SEEDS (3)  ANT_TIMESTEPS (the paper's 30M: left to dpo.py's default)
-#   PROBE_TIMESTEPS (3,200,000: about 20 updates at the paper's shape)  LIMIT (seconds per step, 150)
+#   PROBE_TIMESTEPS (3,276,800: 20 updates of 163,840 steps at the paper's shape)  LIMIT (seconds per step, 150)
 #   LPO_POP (4 members; the paper's population is 32)  TRY_ON_CPU (1: skip the GPU check, for a try at tiny budgets)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,13 +67,13 @@ train() {  # train NAME FLAGS...: dpo.py under the time limit, resumed when its 
   local name=$1; shift
   local dir="$RUNS/$name"
   if [ -f "$dir/summary.json" ]; then :
-  elif [ -f "$dir/checkpoint.msgpack" ]; then timeout -s INT "$LIMIT" python3 dpo.py --resume "$dir"
-  else timeout -s INT "$LIMIT" python3 dpo.py "$@" --run-dir "$dir"; fi
+  elif [ -f "$dir/checkpoint.msgpack" ]; then timeout "$LIMIT" python3 dpo.py --resume "$dir"
+  else timeout "$LIMIT" python3 dpo.py "$@" --run-dir "$dir"; fi
   report "$name"
 }
 
 echo "== probe: about 20 updates of the paper's ant setting, one seed"
-train probe --env-id ant --drift dpo --total-timesteps "${PROBE_TIMESTEPS:-3200000}"
+train probe --env-id ant --drift dpo --total-timesteps "${PROBE_TIMESTEPS:-3276800}"
 ant_budget=()
 if [ -n "${ANT_TIMESTEPS:-}" ]; then ant_budget=(--total-timesteps "$ANT_TIMESTEPS"); fi
 for drift in dpo ppo; do
@@ -83,6 +83,6 @@ done
 
 echo "== one LPO generation on ant at the paper's inner budget, ${LPO_POP:-4} members"
 start=$(date +%s)
-timeout -s INT "$LIMIT" python3 lpo.py --env-ids ant --pop-size "${LPO_POP:-4}" --num-generations 1 \
+timeout "$LIMIT" python3 lpo.py --env-ids ant --pop-size "${LPO_POP:-4}" --num-generations 1 \
   --validate-every 0 "${ant_budget[@]}" --run-dir "$RUNS/lpo_generation"
 echo "lpo generation: exit code $?, $(($(date +%s) - start)) s of wall time, compilation included"
