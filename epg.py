@@ -57,25 +57,13 @@ MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 str
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
 GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM, SELECT_STREAM = range(5)  # fold_in(PRNGKey(seed), STREAM)
 PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference's PPO loss, epg/agents.py:24-27
-INNER_FIELDS = (
-    "lifetime",
-    "buffer_size",
-    "update_every",
-    "minibatch_size",
-    "update_epochs",
-    "inner_learning_rate",
-    "inner_optimizer",
-    "memory_units",
-    "loss_size",
-    "goal_split",
-    "num_eval_episodes",
-    "episode_length",
-    "reward_blind",
-)  # in a loss file, used by --test (reward_blind last: the settings a reward-blind loss must share)
 
 
 @dataclasses.dataclass
 class Args:
+    """epg.py's command line (tyro): meta-training by default, --resume, or --test; None fields get their defaults
+    in resolve_args."""
+
     exp_name: str = "epg"
     """name of this experiment, part of the run name"""
     seed: int = 1
@@ -86,24 +74,18 @@ class Args:
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
     # several processes (JAX's multi-controller runtime, docs/distributed.md)
     coordinator_address: str | None = None
-    """host:port where process 0 serves the coordinator; give every process the same command"""
+    """host:port where process 0 serves the coordinator (give every process the same command), or auto: the
+    cluster's launcher says (SLURM, Open MPI, Cloud TPU)"""
     num_processes: int = 1
-    """processes in the run, with --coordinator-address"""
+    """processes in the run, with --coordinator-address host:port"""
     process_id: int = 0
-    """this process's index in [0, --num-processes), with --coordinator-address"""
-    distributed: bool = False
-    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    """this process's index in [0, --num-processes), with --coordinator-address host:port"""
     init_timeout: int = 60
-    """seconds the processes wait for each other at start-up before giving up with an error"""
+    """seconds to wait for every process to join"""
     task_family: TaskFamily = "goal-point"
     """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
-    episode_length: int | None = None
-    """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
-    goal_split: Literal["sides", "sector", "half"] = "sides"
-    """goal families: training goals in the ±y quadrants (sides), everywhere but the -x quadrant (sector), or the
-    +x half (half, the paper's); --test goals in the -x quadrant (sides, sector) or the -x half (half)"""
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
@@ -117,23 +99,23 @@ class Args:
     inner_learning_rate: float = 1e-3
     """learning rate of the agent's optimiser (policy, memory units, PPO value function)"""
     inner_optimizer: Literal["adam", "sgd"] = "adam"
-    """the agent's optimiser: Adam (the reference's, agents.py:208), whose step ignores the loss's scale, or plain
-    SGD, whose step follows it (a design check, docs/epg.md); --test's PPO always uses Adam"""
+    """the agent's optimiser: Adam (the reference's, agents.py:208) or SGD, whose step follows the loss's scale"""
     memory_units: int = 0
     """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none, as the
     reference's default launch, launch_local.py:84; the paper's 32)"""
     loss_size: Literal["small", "reference"] = "small"
-    """loss network: convolutions of 8 and 16 channels, context 16 (small, about 1.9k parameters on goal-point),
-    or the reference's 16, 32 and 32 (losses.py:36-93)"""
-    loss_init: Literal["zero-output", "flax"] = "zero-output"
-    """θ₀: flax's default init with the output layer's kernel at zero (zero-output: θ₀ is the zero loss, and the
-    members of an antithetic pair push the agent in opposite directions), or all of it flax's (the reference's
-    random start; at σ = 0.01 its members' returns hardly differ, docs/epg.md)"""
+    """the loss network's widths (LOSS_SIZES): small (1.9k parameters on goal-point) or the reference's (8.6k)"""
+    goal_split: Literal["sides", "sector", "half"] = "sides"
+    """goal families: training goals in the ±y quadrants (sides), everywhere but the -x quadrant (sector), or the
+    +x half (half, the paper's); --test goals in the -x quadrant (sides, sector) or the -x half (half)"""
     num_eval_episodes: int = 3
-    """a lifetime's return (the fitness) is the mean over this many fresh episodes of the final policy, run
-    after the lifetime (the reference's 3, rollout.py:66-77)"""
+    """fitness: the mean return of this many fresh episodes of the final policy after the lifetime (rollout.py:66)"""
+    episode_length: int | None = None
+    """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
+    loss_init: Literal["zero-output", "flax"] = "zero-output"
+    """θ₀: flax's init with the output layer's kernel at zero (θ₀ is the zero loss), or all flax's (the reference's)"""
     pop_size: int = 16
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
@@ -154,13 +136,11 @@ class Args:
     num_eval_tasks: int = 8
     """training-distribution tasks of that evaluation, drawn once per run (the curve of eval_fitness)"""
     num_select_tasks: int = 32
-    """at the end, every evaluated ES mean runs on this many training tasks drawn for this choice alone; the best
-    there is best_loss.msgpack (until then, the best on the evaluation tasks)"""
+    """at the end, the evaluated ES mean that scores best on this many fresh training tasks is best_loss.msgpack"""
     save_every: int = 10
     """write a checkpoint every this many generations, and at the end"""
     test: bool = False
-    """instead of meta-training: evolved loss vs its reward-ablated self vs tuned PPO vs zero (vs reward-blind)
-    loss on held-out tasks"""
+    """instead of meta-training: the --load-loss loss against tuned PPO and control losses on held-out tasks"""
     load_loss: str | None = None
     """--test: a loss .msgpack or a run directory (its best loss); the file's inner-loop settings are used"""
     load_reward_blind_loss: str | None = None
@@ -177,57 +157,9 @@ class Args:
     """--test: training-distribution tasks (one agent each) on which each PPO setting is scored"""
 
 
-class ArgsError(ValueError):
-    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill the None fields with their defaults and check what tyro cannot. Raises ArgsError naming the problem."""
-    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    if args.es_learning_rate is None and args.num_generations > 0:
-        args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
-    for name in (
-        "lifetime",
-        "buffer_size",
-        "update_every",
-        "minibatch_size",
-        "update_epochs",
-        "num_eval_episodes",
-        "pop_size",
-        "num_tasks",
-        "num_generations",
-        "eval_every",
-        "num_eval_tasks",
-        "num_select_tasks",
-        "save_every",
-        "num_seeds",
-        "episode_length",
-        "num_sweep_tasks",
-        "inner_learning_rate",
-        "sigma",
-        "es_learning_rate",
-        "ppo_rollouts",
-        "ppo_epochs",
-    ):  # the tuples: every entry
-        if not np.all(np.asarray(getattr(args, name)) > 0):
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
-    for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
-        if rollout % args.minibatch_size or args.lifetime % rollout:
-            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
-    if args.buffer_size < max(args.update_every, MIN_BUFFER):
-        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
-    if args.lifetime < args.buffer_size:
-        raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
-    if args.test and args.load_loss is None:
-        raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
-    if not args.test and args.pop_size % 2:
-        raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
-    if not args.test and args.pop_size % jax.device_count():
-        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
-    return args
+_NAMES = [f.name for f in dataclasses.fields(Args)]
+LOSS_FILE_FIELDS = tuple(_NAMES[_NAMES.index("lifetime") : _NAMES.index("reward_blind") + 1])
+"""the settings a loss file records, which --test uses (reward_blind last: a reward-blind loss shares the rest)"""
 
 
 # ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
@@ -269,8 +201,19 @@ def loss_network(args: Args) -> EPGLoss:
     return EPGLoss(*LOSS_SIZES[args.loss_size])
 
 
+def loss_template(args: Args, env) -> dict:
+    """EPGLoss parameters for the environment's sizes: the generation-0 loss θ₀, flax's default init from --seed,
+    with the output layer's kernel at zero for --loss-init zero-output."""
+    dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
+    inputs = jnp.zeros((args.buffer_size, dim))
+    params = loss_network(args).init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
+    if args.loss_init == "zero-output":
+        params["params"]["output"]["kernel"] = jnp.zeros_like(params["params"]["output"]["kernel"])
+    return params
+
+
 def loss_inputs(
-    agent: dict, buffer: Buffer, obs_stats: "RunningStats", action_stats: "RunningStats", reward_blind=False
+    agent: dict, buffer: Buffer, obs_stats: "Normalizer", action_stats: "Normalizer", reward_blind=False
 ) -> jax.Array:
     """The loss's inputs [N, D]: normalised observation and action (each by its running statistics, as the
     reference's trajectory normaliser, agents.py:131-134), reward, done, policy mean and log-std, memory units
@@ -297,7 +240,7 @@ def loss_inputs(
     )
 
 
-def compute_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
+def window_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
     """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T]:
     δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the true next
     state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns (A, A + V)."""
@@ -327,6 +270,11 @@ def ppo_loss(agent: dict, obs, action, old_pi: "DiagGaussian", advantage, target
     return policy + PPO_KL * jnp.mean(old_pi.kl(pi)) + value
 
 
+def ppo_alpha(args: Args, g: int) -> float:
+    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
+    return max(0.0, 1.0 - g / (args.ppo_anneal_frac * args.num_generations)) if args.ppo_anneal_frac > 0 else 0.0
+
+
 def centered_ranks(fitness: jax.Array) -> jax.Array:
     """Centered ranks, Salimans et al.'s fitness shaping (arXiv:1703.03864, section 2.2): [n] -> [n] in [-0.5, 0.5],
     rank k (0 = lowest) -> k / (n - 1) - 0.5. Ties share the mean of their ranks, so members of equal fitness get
@@ -346,11 +294,18 @@ def mirrored_noise(key: jax.Array, pop_size: int, dim: int) -> jax.Array:
     return jnp.concatenate([eps, -eps])
 
 
-def es_gradient(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_decay: float) -> jax.Array:
+def es_ascent_direction(theta: jax.Array, eps: jax.Array, fitness: jax.Array, weight_decay: float) -> jax.Array:
     """The ES ascent direction [dim] for θ [dim], as the reference computes it (epg/evolution.py:216-217;
     Salimans et al. 2017, eq. 1 without its 1/σ): g = 1/n Σ_i rank(F_i)·ε_i - weight_decay·θ, with ε [n, dim]
-    the members' noise and F [n] their fitnesses. Without 1/σ, the decay weighs 1/σ times more."""
+    the members' noise and F [n] their fitnesses. Without 1/σ, the decay weighs 1/σ times more (es_basics.py's
+    es_gradient is the textbook estimate, with 1/σ and no decay)."""
     return centered_ranks(fitness) @ eps / eps.shape[0] - weight_decay * theta
+
+
+def make_es_optimizer(args: Args) -> optax.GradientTransformation:
+    """Adam, β1 = 0, on the negated ES direction; learning rate ÷10 at half the generations (evolution.py:122-147)."""
+    schedule = optax.piecewise_constant_schedule(args.es_learning_rate, {args.num_generations // 2: 0.1})
+    return optax.adam(schedule, b1=0.0)
 
 
 # Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the family's
@@ -427,10 +382,12 @@ class GoalPointEnv:
     DT, DAMPING = 0.1, 0.1
 
     def reset(self, key, task):
+        """(obs [4], state) of a new episode; the task does not change the start."""
         state = {"pos": jax.random.uniform(key, (2,), minval=-0.1, maxval=0.1), "vel": jnp.zeros(2), "t": jnp.int32(0)}
         return jnp.concatenate([state["pos"], state["vel"]]), state
 
     def step(self, key, state, action, task):
+        """(obs, state, reward, terminated, truncated, final_obs) of one step, as the task families' interface."""
         vel = (1.0 - self.DAMPING) * state["vel"] + self.DT * jnp.clip(action, -1.0, 1.0)
         pos = state["pos"] + self.DT * vel
         reward = (jnp.linalg.norm(task["goal"] - state["pos"]) - jnp.linalg.norm(task["goal"] - pos)) / self.DT
@@ -459,10 +416,12 @@ class PendulumTaskEnv:
         return self.params.replace(m=task["mass"], l=task["length"], g=task["gravity"])
 
     def reset(self, key, task):
+        """(obs [3], state) of a new episode of the task's pendulum."""
         obs, state = self.env.reset(key, self._params(task))
         return obs.astype(jnp.float32), state
 
     def step(self, key, state, action, task):
+        """(obs, state, reward, terminated, truncated, final_obs), float32, as the task families' interface."""
         obs, state, reward, terminated, truncated, info = self.env.step(key, state, action, self._params(task))
         f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
         final_obs = info["final_observation"]
@@ -505,6 +464,7 @@ class BraxTaskEnv:
             self.base.sys = self.sys
 
     def reset(self, key, task):
+        """(obs [obs_dim], Brax state) of a new episode of the task."""
         state = self._with_task(task, lambda: self.env.reset(key))
         if self.family == "goal-reacher":  # this project's family: the target (joints 2:) at the goal, at rest
             ps = state.pipeline_state
@@ -524,6 +484,7 @@ class BraxTaskEnv:
         return m["x_velocity"] if self.family == "random-hopper" else state.reward
 
     def step(self, key, state, action, task):
+        """(obs, state, task reward, terminated, truncated, final_obs) of one step, auto-reset on done."""
         next_state = self._with_task(task, lambda: self.env.step(state, action))
         truncated = next_state.info["truncation"]
         terminated = next_state.done * (1.0 - truncated)
@@ -531,26 +492,29 @@ class BraxTaskEnv:
         return state.obs, state, self._task_reward(next_state, task), terminated, truncated, next_state.obs
 
 
-def make_env(args: Args):
-    """The environment of args.task_family; build it once and pass it to the functions that need it."""
+def make_task_env(args: Args):
+    """The environment of --task-family, whose reset and step take a task; build it once and pass it to the
+    functions that need it."""
     if args.task_family in BRAX_BASE:
         return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
     return (PendulumTaskEnv if args.task_family == "random-pendulum" else GoalPointEnv)(args.episode_length)
 
 
 # ---- Observation normalisation and the agent: Gaussian policy, memory units, PPO's value function.
-class RunningStats(NamedTuple):
-    """Running mean and variance [obs_dim] of every observation seen (Welford/Chan)."""
+class Normalizer(NamedTuple):
+    """Running mean and variance [dim] of every observation (or action) seen, and the normalisation by them (the
+    reference's trajectory normaliser, agents.py:131-134; dpo.py's RunningStats clips otherwise)."""
 
     mean: jax.Array
     var: jax.Array
     count: jax.Array  # scalar
 
     @staticmethod
-    def init(obs_dim: int) -> "RunningStats":  # mean 0, variance 1, a negligible count
-        return RunningStats(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
+    def init(obs_dim: int) -> "Normalizer":
+        """Mean 0, variance 1, a negligible count (1e-4)."""
+        return Normalizer(jnp.zeros(obs_dim), jnp.ones(obs_dim), jnp.array(1e-4))
 
-    def update(self, batch: jax.Array) -> "RunningStats":
+    def update(self, batch: jax.Array) -> "Normalizer":
         """Merge a batch [..., obs_dim] into the statistics (Chan et al.'s parallel formula)."""
         batch = batch.reshape(-1, batch.shape[-1])
         n = batch.shape[0]
@@ -558,7 +522,7 @@ class RunningStats(NamedTuple):
         total = self.count + n
         delta = batch_mean - self.mean
         var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        return RunningStats(self.mean + delta * n / total, var, total)
+        return Normalizer(self.mean + delta * n / total, var, total)
 
     def normalize(self, obs: jax.Array) -> jax.Array:
         """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]."""
@@ -572,6 +536,7 @@ class DiagGaussian(NamedTuple):
     log_std: jax.Array
 
     def log_prob(self, action):
+        """log π(action) [...] of actions [..., action_dim], summed over action dimensions."""
         z = (action - self.mean) / jnp.exp(self.log_std)
         return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
@@ -592,7 +557,7 @@ def normc(scale: float) -> Callable:
     return init
 
 
-class MLP(nn.Module):
+class TanhMLP(nn.Module):
     """64-64 tanh MLP, normc(1) hidden layers, normc(0.01) output layer (epg/networks.py:6-33, agents.py:206)."""
 
     out_dim: int
@@ -605,29 +570,34 @@ class MLP(nn.Module):
 
 
 def init_agent(key: jax.Array, args: Args, obs_dim: int, action_dim: int) -> dict:
-    """A fresh agent (epg/agents.py:28, 39, 206-207): {"policy": MLP params, "log_std": [action_dim] zeros, "memory":
-    {"kernel": [64, memory_units], "bias": [memory_units]}, "value": MLP params (for the PPO loss only)}."""
+    """A fresh agent (epg/agents.py:28, 39, 206-207): {"policy": TanhMLP params, "log_std": [action_dim] zeros,
+    "memory": {"kernel": [64, memory_units], "bias": [memory_units]}, "value": TanhMLP params (for PPO only)}."""
     key_pi, key_mem, key_v = jax.random.split(key, 3)
     dummy = jnp.zeros((1, obs_dim))
     return {
-        "policy": MLP(action_dim).init(key_pi, dummy),
+        "policy": TanhMLP(action_dim).init(key_pi, dummy),
         "log_std": jnp.zeros(action_dim),
         "memory": {
             "kernel": normc(0.01)(key_mem, (MEMORY_INPUTS, args.memory_units)),
             "bias": jnp.zeros(args.memory_units),
         },
-        "value": MLP(1).init(key_v, dummy),
+        "value": TanhMLP(1).init(key_v, dummy),
     }
 
 
 def policy_distribution(agent: dict, obs: jax.Array) -> DiagGaussian:
     """π(·|obs) for normalised observations [..., obs_dim]."""
-    return DiagGaussian(MLP(agent["log_std"].shape[0]).apply(agent["policy"], obs), agent["log_std"])
+    return DiagGaussian(TanhMLP(agent["log_std"].shape[0]).apply(agent["policy"], obs), agent["log_std"])
 
 
 def value_fn(agent: dict, obs: jax.Array) -> jax.Array:
     """V(obs) [...] for normalised observations [..., obs_dim]."""
-    return MLP(1).apply(agent["value"], obs)[..., 0]
+    return TanhMLP(1).apply(agent["value"], obs)[..., 0]
+
+
+def inner_optimizer(args: Args, learning_rate) -> optax.GradientTransformation:
+    """The agent's optimiser of --inner-optimizer at this learning rate (a traced scalar inside the lifetime)."""
+    return optax.adam(learning_rate) if args.inner_optimizer == "adam" else optax.sgd(learning_rate)
 
 
 # ---- The inner loop: make_lifetime(args, env) returns a pure lifetime(theta, task, key, settings).
@@ -642,6 +612,7 @@ class InnerSettings(NamedTuple):
 
     @staticmethod
     def of(args: Args, alpha) -> "InnerSettings":
+        """The settings of args (--inner-learning-rate, --update-epochs, --reward-blind) at this α."""
         return InnerSettings(
             jnp.float32(alpha),
             jnp.float32(args.inner_learning_rate),
@@ -651,10 +622,12 @@ class InnerSettings(NamedTuple):
 
 
 class LifetimeState(NamedTuple):
+    """The carry of a lifetime's lax.scan: the agent, its optimiser and statistics, the buffer, the env."""
+
     agent: dict
     opt_state: optax.OptState
-    obs_stats: RunningStats
-    action_stats: RunningStats  # of the sampled actions, for the loss's inputs only
+    obs_stats: Normalizer
+    action_stats: Normalizer  # of the sampled actions, for the loss's inputs only
     buffer: Buffer
     env_state: object
     obs: jax.Array
@@ -664,6 +637,8 @@ class LifetimeState(NamedTuple):
 
 
 class LifetimeOutput(NamedTuple):
+    """What a lifetime returns (a leading axis per vmap)."""
+
     final_return: jax.Array  # scalar: mean return of --num-eval-episodes fresh episodes of the final policy (fitness)
     curve: jax.Array  # [lifetime / M]: return of the last finished episode at each policy update (NaN before)
     agent: dict  # the final agent parameters (init_agent's structure)
@@ -707,7 +682,7 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
         values, next_values = value_fn(state.agent, obs), value_fn(state.agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)  # episode ends and the window's last step
-        advantage, target = compute_gae(
+        advantage, target = window_gae(
             recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA, PPO_LAMBDA
         )
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
@@ -776,8 +751,8 @@ def make_lifetime(args: Args, env) -> Callable:
         state = LifetimeState(
             agent,
             inner_optimizer(args, settings.learning_rate).init(agent),
-            RunningStats.init(obs_dim),
-            RunningStats.init(action_dim),
+            Normalizer.init(obs_dim),
+            Normalizer.init(action_dim),
             buffer,
             env_state,
             obs,
@@ -794,30 +769,17 @@ def make_lifetime(args: Args, env) -> Callable:
     return lifetime
 
 
-def inner_optimizer(args: Args, learning_rate) -> optax.GradientTransformation:
-    """The agent's optimiser of --inner-optimizer at this learning rate (a traced scalar inside the lifetime)."""
-    return optax.adam(learning_rate) if args.inner_optimizer == "adam" else optax.sgd(learning_rate)
-
-
-def loss_template(args: Args, env) -> dict:
-    """EPGLoss parameters for the environment's sizes: the generation-0 loss θ₀, flax's default init from --seed,
-    with the output layer's kernel at zero for --loss-init zero-output."""
-    dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
-    inputs = jnp.zeros((args.buffer_size, dim))
-    params = loss_network(args).init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
-    if args.loss_init == "zero-output":
-        params["params"]["output"]["kernel"] = jnp.zeros_like(params["params"]["output"]["kernel"])
-    return params
-
-
-def ppo_alpha(args: Args, g: int) -> float:
-    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
-    return max(0.0, 1.0 - g / (args.ppo_anneal_frac * args.num_generations)) if args.ppo_anneal_frac > 0 else 0.0
-
-
+# ---- Meta-training: generations of ES over the loss, lifetimes sharded over the devices.
 def generation_key(args: Args, generation: int) -> jax.Array:
     """The key of generation g, from (--seed, g) alone: --resume redraws what an uninterrupted run would."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), GENERATION_STREAM), generation)
+
+
+def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
+    """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
+    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
+    tasks = sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms, args.goal_split)
+    return tasks, jax.random.split(key_lives, n)
 
 
 def shard_leading(fn: Callable, n: int, mapped: tuple[bool, ...]) -> Callable:
@@ -837,36 +799,25 @@ def shard_leading(fn: Callable, n: int, mapped: tuple[bool, ...]) -> Callable:
     return jax.shard_map(gathered, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec(), check_vma=False)
 
 
-def make_es_optimizer(args: Args) -> optax.GradientTransformation:
-    """Adam, β1 = 0, on the negated ES direction; learning rate ÷10 at half the generations (evolution.py:122-147)."""
-    schedule = optax.piecewise_constant_schedule(args.es_learning_rate, {args.num_generations // 2: 0.1})
-    return optax.adam(schedule, b1=0.0)
-
-
-def make_members(args: Args, env) -> Callable:
+def make_population(args: Args, env) -> Callable:
     """returns(members [m, dim], tasks [num_tasks, ...], keys [num_tasks, 2], settings) -> final returns [m,
-    num_tasks]: every member (a flattened loss) on every task, the same tasks and lifetime seeds for all. Not jitted."""
+    num_tasks]: every member (a flattened loss) on every task, the same tasks and lifetime seeds for all. Not jitted,
+    not sharded (make_generation does both)."""
     lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))  # one member on every task
     return jax.vmap(lambda *a: lifetimes(*a).final_return, (0, None, None, None))
 
 
-def make_population(args: Args, env, n: int) -> Callable:
-    """make_members for n members, the member axis sharded over the JAX devices and the returns gathered. Not
-    jitted (experiments/preflight_epg.py jits it)."""
-    return shard_leading(make_members(args, env), n, (True, False, False, False))
-
-
 def make_generation(args: Args, env) -> Callable:
-    """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]).
-    Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks tasks
-    and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is the
-    mean final return over them.
+    """generation(theta, opt_state, key, alpha) -> (theta, opt_state, fitness [pop], returns [pop, num_tasks]),
+    jitted. Members are θ + σ·ε_i (θ [dim] the flattened loss, antithetic ε). Every member meets the same --num-tasks
+    tasks and lifetime seeds (common random numbers), so ranks compare losses, not the luck of the tasks; fitness is
+    the mean final return over them.
 
     Over D devices (shard_map on a 1-D mesh; resolve_args makes --pop-size divide over them all) each device holds θ
     and the Adam state, draws every member's noise from the generation key (shared seeds, Salimans et al. Alg. 2),
     runs its own pop/D members, all-gathers the returns f32[pop, num_tasks], which is all it exchanges, and applies
     the identical update."""
-    members = make_members(args, env)
+    population = make_population(args, env)
     optimizer = make_es_optimizer(args)
     num_devices = math.gcd(args.pop_size, jax.device_count())
     per_device = args.pop_size // num_devices
@@ -879,13 +830,13 @@ def make_generation(args: Args, env) -> Callable:
         )
         first = jax.lax.axis_index("d") * per_device if num_devices > 1 else 0
         mine = jax.lax.dynamic_slice_in_dim(eps, first, per_device)  # this device's members
-        returns = members(
-            theta + args.sigma * mine, tasks, jax.random.split(key_lives, args.num_tasks), InnerSettings.of(args, alpha)
-        )
+        keys = jax.random.split(key_lives, args.num_tasks)
+        returns = population(theta + args.sigma * mine, tasks, keys, InnerSettings.of(args, alpha))
         if num_devices > 1:
             returns = jax.lax.all_gather(returns, "d", tiled=True)
         fitness = returns.mean(axis=1)
-        updates, opt_state = optimizer.update(-es_gradient(theta, eps, fitness, args.weight_decay), opt_state, theta)
+        direction = es_ascent_direction(theta, eps, fitness, args.weight_decay)
+        updates, opt_state = optimizer.update(-direction, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
     if num_devices == 1:
@@ -902,72 +853,289 @@ def make_runner(args: Args, env, n: int) -> Callable:
     return jax.jit(shard_leading(lifetimes, n, (False, True, True, False)))
 
 
-def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
-    """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
-    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    tasks = sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms, args.goal_split)
-    return tasks, jax.random.split(key_lives, n)
+def make_scorer(args: Args, env, stream: int, n: int) -> Callable:
+    """score(theta [dim]) -> float: the mean final return (NaN ignored) of loss θ at α = 0, as at test time, on n
+    training tasks and lifetime seeds drawn once from `stream` of --seed."""
+    run = make_runner(args, env, n)
+    tasks = fixed_tasks(args, env, stream, n, False) + (InnerSettings.of(args, 0.0),)
+
+    def score(theta) -> float:
+        return float(np.nanmean(run(theta, *tasks).final_return))
+
+    return score
 
 
-# ---- Processes and files: start-up, atomic writes, checkpoints, loss files, plots.
-def start_processes(args: Args):
-    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
-    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
-    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
-    alone prints and writes files). One process needs nothing and this does nothing.
+def run_meta_training(args: Args) -> str:
+    """ES over the loss (Algorithm 1, outer loop) for --num-generations, from the checkpoint with --resume. Every
+    --eval-every generations the ES mean is scored on fixed tasks (eval_fitness); at the end the shipped loss,
+    best_loss.msgpack, is the evaluated ES mean that scores best on --num-select-tasks tasks drawn for this choice
+    alone. Writes the run directory (checkpoints every --save-every generations and on Ctrl-C) and returns it."""
+    name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args = dataclasses.replace(args, run_dir=args.run_dir or os.path.join("runs", name))
+    run_dir = args.run_dir
+    env = make_task_env(args)
+    theta = ravel_pytree(loss_template(args, env))[0]
+    candidates = np.zeros((0, theta.shape[0]), np.float32)  # the ES mean at each evaluation
+    best = dict(fitness=-np.inf, theta=theta, candidates=candidates)
+    opt_state, rows = make_es_optimizer(args).init(theta), []
+    if args.resume is not None:
+        theta, opt_state, rows, best = restore_checkpoint(run_dir, theta, opt_state)
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    print(
+        f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
+        f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
+        f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
+        f"device(s), generations {len(rows)}..{args.num_generations}"
+    )
+    start = time.time()
+    generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
+    evaluate = make_scorer(args, env, EVAL_STREAM, args.num_eval_tasks)  # the curve of eval_fitness
+    print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
-    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
-    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
-    (they would take different branches and wait for each other for ever). Launches that still fail inside the
-    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
-    """
-    if args.coordinator_address is None and not args.distributed:
-        if (args.num_processes, args.process_id) != (1, 0):
-            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
-        return
-    if args.coordinator_address is not None:
-        if not 0 <= args.process_id < args.num_processes:
-            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
-        host, _, port = args.coordinator_address.rpartition(":")
-        if not port.isdigit():
-            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
-        deadline = time.time() + args.init_timeout
-        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise ArgsError(
-                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
-                        "(is process 0 running, with the same --coordinator-address?)"
-                    ) from None
-                time.sleep(0.2)
-        if args.process_id == 0:
-            try:
-                socket.create_server((host, int(port))).close()
-            except OSError as e:
-                raise ArgsError(
-                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({os.strerror(e.errno)}): "
-                    "give an address of this machine and a free port"
-                ) from None
-        jax.distributed.initialize(
-            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
+    with tqdm(
+        range(len(rows), args.num_generations),
+        initial=len(rows),
+        total=args.num_generations,
+        desc="generations",
+        file=sys.stdout,
+        mininterval=0,
+    ) as bar:
+        try:
+            for g in bar:
+                t0, alpha = time.time(), ppo_alpha(args, g)
+                new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
+                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+                seconds = time.time() - t0  # the generation alone, without the evaluation below
+                eval_fitness, new_best = float("nan"), best
+                if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
+                    eval_fitness = evaluate(new_theta)
+                    candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
+                    new_best = dict(best, candidates=candidates)
+                    if eval_fitness > best["fitness"]:
+                        new_best.update(fitness=eval_fitness, theta=new_theta)
+                row = dict(
+                    generation=g + 1,
+                    alpha=alpha,
+                    best_fitness=float(np.nanmax(fitness)),
+                    mean_fitness=float(np.nanmean(fitness)),
+                    eval_fitness=eval_fitness,
+                    seconds=seconds,
+                )
+                # commit the generation in one assignment, so an interruption sees it whole or not at all
+                theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
+                bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}")
+                if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
+                    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+        except KeyboardInterrupt:
+            save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+            print(
+                f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
+                f"--resume {run_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(130)
+    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
+    # the shipped loss: the ES mean, among those evaluated, that scores best on tasks drawn for this choice alone
+    select = make_scorer(args, env, SELECT_STREAM, args.num_select_tasks)
+    scores = [select(c) for c in best["candidates"]]
+    chosen = int(np.nanargmax(scores))
+    best = dict(best, fitness=scores[chosen], theta=jnp.asarray(best["candidates"][chosen]))
+    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+    evaluated = [r["generation"] for r in rows if np.isfinite(r["eval_fitness"])]
+    summary = dict(
+        task_family=args.task_family,
+        reward_blind=args.reward_blind,
+        num_generations=len(rows),
+        best_eval_fitness=float(np.nanmax([r["eval_fitness"] for r in rows])),
+        selected_generation=evaluated[chosen],
+        selected_fitness=scores[chosen],
+        selection_scores=dict(zip(evaluated, scores)),
+        final_mean_fitness=rows[-1]["mean_fitness"],
+        lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
+        wall_seconds=time.time() - start,
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    )
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    plot_fitness(run_dir, args, rows)  # after the results: a failing plot loses nothing
+    print(
+        f"best_loss.msgpack: the ES mean of generation {evaluated[chosen]}, {scores[chosen]:.2f} on "
+        f"{args.num_select_tasks} fresh tasks; last generation's mean fitness {summary['final_mean_fitness']:.2f}"
+    )
+    return run_dir
+
+
+# ---- The test: the evolved loss against its reward-ablated self, tuned PPO and the zero loss, on held-out tasks.
+def run_test(args: Args) -> str:
+    """The paper's test on held-out tasks (the held-out goals of --goal-split for the goal families), the same tasks
+    and seeds for every trainer: the evolved loss (α = 0), the same loss with its reward input zeroed
+    (evolved-no-reward: does it learn from the reward?), a zero loss (the initial policy), the reward-blind loss if
+    given, and tuned PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes
+    summary.json, test_curves.csv and test_curves.png; returns the run directory."""
+    theta, args = load_loss(args.load_loss, args)
+    env = make_task_env(args)
+    size = ravel_pytree(loss_template(args, env))[0].shape[0]
+    if theta.shape[0] != size:  # a damaged file, or one of an earlier epg.py whose settings had no --loss-size
+        raise ArgsError(f"{args.load_loss}: a loss of {theta.shape[0]:,} parameters, its settings give {size:,}")
+    run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
+    args = dataclasses.replace(args, run_dir=run_dir)
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
+    start = time.time()
+
+    @functools.cache
+    def runner(every: int, size: int, optimizer: str, n: int) -> Callable:  # compiled once per shape
+        cfg = dataclasses.replace(args, update_every=every, buffer_size=size, inner_optimizer=optimizer)
+        return make_runner(cfg, env, n)
+
+    def run(cfg: Args, theta, alpha: float, tasks=tasks):
+        """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
+        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer, tasks[1].shape[0])
+        return compiled(theta, *tasks, InnerSettings.of(cfg, alpha))
+
+    outputs = {
+        "evolved": run(args, theta, 0.0),
+        "evolved-no-reward": run(dataclasses.replace(args, reward_blind=True), theta, 0.0),
+        "zero": run(args, 0 * theta, 0.0),
+    }
+    if args.load_reward_blind_loss is not None:
+        blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
+        if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in LOSS_FILE_FIELDS[:-1]):
+            raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
+        outputs["reward-blind"] = run(blind, blind_theta, 0.0)
+    sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
+        ppo = dataclasses.replace(
+            args,
+            update_every=rollout,
+            update_epochs=epochs,
+            inner_learning_rate=lr,
+            buffer_size=max(args.buffer_size, rollout),
+            reward_blind=False,
+            inner_optimizer="adam",
         )
-    else:
-        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+        score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
+        sweep.append((score, ppo))
+        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
+    ppo = max(sweep, key=lambda entry: entry[0])[1]  # the first of the best
+    outputs["ppo"] = run(ppo, 0 * theta, 1.0)
+    trainers, curves = compare_trainers(outputs, args.lifetime)
+    held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
+    split = f"goals in {held_out}" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
+    summary = dict(
+        task_family=args.task_family,
+        split=f"test: {split}",
+        lifetime=args.lifetime,
+        num_seeds=args.num_seeds,
+        trainers=trainers,
+        loss_file=os.path.abspath(args.load_loss),
+        ppo_sweep=[
+            dict(
+                rollout=p.update_every, epochs=p.update_epochs, learning_rate=p.inner_learning_rate, final_return_mean=s
+            )
+            for s, p in sweep
+        ],
+        ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
+        wall_seconds=time.time() - start,
+        tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()},
+    )
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    save_curves(run_dir, args, curves, split)
+    return run_dir
+
+
+# ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
+class ArgsError(ValueError):
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
+
+
+NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_anneal_frac")  # other numbers: > 0
+
+
+def resolve_args(args: Args) -> Args:
+    """args with the None fields at their defaults (--num-generations 500, the family's --episode-length, the ES
+    learning rate σ/(2·√num_generations)), checked for what tyro cannot check. Raises ArgsError naming the problem."""
+    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.es_learning_rate is None and args.num_generations > 0:
+        args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
+    for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
+        if type(value) in (int, float, tuple) and name not in NON_NEGATIVE and not np.all(np.asarray(value) > 0):
+            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
+    for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
+        if rollout % args.minibatch_size or args.lifetime % rollout:
+            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
+    if args.buffer_size < max(args.update_every, MIN_BUFFER):
+        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
+    if args.lifetime < args.buffer_size:
+        raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
+    if args.test and args.load_loss is None:
+        raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
+    if not args.test and args.pop_size % 2:
+        raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
+    if not args.test and args.pop_size % jax.device_count():
+        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
+    return args
+
+
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
+
+
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime, docs/distributed.md): with
+    --coordinator-address host:port as process --process-id of --num-processes, or with --coordinator-address auto
+    as the cluster's launcher says (SLURM, Open MPI, Cloud TPU). Afterwards jax.devices() lists every process's
+    devices and only process 0 prints. One process (no --coordinator-address) needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds when no coordinator answers (the runtime itself would abort
+    the process without a Python error) or when the processes were launched with different flags (they would take
+    different branches and wait for each other for ever).
+    """
+    if args.coordinator_address is None:
+        return
+    auto = args.coordinator_address == "auto"
+    host, _, port = args.coordinator_address.rpartition(":")
+    deadline = time.time() + args.init_timeout
+    while not auto and args.process_id > 0:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except (OSError, ValueError):
+            if time.time() > deadline:
+                raise ArgsError(f"no coordinator at {args.coordinator_address} after {args.init_timeout} s") from None
+            time.sleep(0.2)
+    jax.distributed.initialize(
+        None if auto else args.coordinator_address,
+        None if auto else args.num_processes,
+        None if auto else args.process_id,
+        initialization_timeout=args.init_timeout,
+    )
     from jax.experimental import multihost_utils
 
-    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
-    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
+    flags = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(flags.encode()).digest()[:8], np.int32)
     digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
-    if jax.process_index():
-        sys.stdout = open(os.devnull, "w")
     differ = np.flatnonzero((digests != digests[0]).any(1))
     if differ.size:
         raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
-    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
-        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def resumed_args(args: Args) -> Args:
+    """The saved arguments of the --resume run directory (its args.json: lists back to tuples, unknown keys
+    dropped), with this command's launch flags, resume and run_dir set to --resume, and --num-generations where
+    given (a longer run). Raises ArgsError if args.json is missing or damaged."""
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+        saved = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
+    except Exception as e:
+        raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
+    launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
+    extend = {} if args.num_generations is None else dict(num_generations=args.num_generations)
+    return dataclasses.replace(saved, **launch, **extend, resume=args.resume, run_dir=args.resume)
 
 
 def atomic_write(path: str, data: bytes):
@@ -1001,7 +1169,7 @@ def read_file(path: str, what: str, parse: Callable):
 
 def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best: dict):
     """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best: the best evaluated loss and every
-    evaluated ES mean [k, dim]), generations.csv, loss.msgpack (θ), best_loss.msgpack and fitness_curve.png."""
+    evaluated ES mean [k, dim]), generations.csv, loss.msgpack (θ) and best_loss.msgpack."""
     state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
@@ -1009,26 +1177,11 @@ def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best
     atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
     save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
     save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
-    evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
-    series = {
-        label: ([r["generation"] for r in some], [r[k] for r in some])
-        for label, k, some in [
-            ("mean fitness", "mean_fitness", rows),
-            ("best fitness", "best_fitness", rows),
-            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated),
-        ]
-    }
-    save_plot(
-        os.path.join(run_dir, "fitness_curve.png"),
-        series,
-        "generation",
-        "final return (mean over tasks)",
-        f"EPG on {args.task_family}",
-    )
 
 
-def load_checkpoint(run_dir: str, theta, opt_state):
-    """(theta, opt_state, rows, best) restored into the given templates; ArgsError if missing or damaged."""
+def restore_checkpoint(run_dir: str, theta, opt_state):
+    """(theta, opt_state, rows, best) of save_checkpoint's file, restored into the given templates; ArgsError if
+    it is missing or damaged."""
 
     def parse(data):
         best = {"fitness": 0.0, "theta": theta, "candidates": np.zeros((0, theta.shape[0]), np.float32)}
@@ -1042,11 +1195,12 @@ def load_checkpoint(run_dir: str, theta, opt_state):
 
 
 def save_loss(path: str, theta, args: Args):
-    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the INNER_FIELDS it was evolved with."""
+    """A loss file (atomic msgpack): the flattened EPGLoss θ, the family, and the LOSS_FILE_FIELDS it was evolved
+    with."""
     state = {
         "theta": np.asarray(theta),
         "task_family": args.task_family,
-        "inner": json.dumps({k: getattr(args, k) for k in INNER_FIELDS}),
+        "inner": json.dumps({k: getattr(args, k) for k in LOSS_FILE_FIELDS}),
     }
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
@@ -1064,146 +1218,6 @@ def load_loss(path: str, args: Args) -> tuple[jax.Array, Args]:
     if family != args.task_family:
         raise ArgsError(f"{path}: a loss evolved on {family}, not on --task-family {args.task_family}")
     return theta, resolve_args(dataclasses.replace(args, **inner))
-
-
-def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
-    """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded.
-    Process 0 only."""
-    if jax.process_index():
-        return
-    from matplotlib.figure import Figure
-
-    ax = Figure(figsize=(6.5, 4), layout="tight").add_subplot(xlabel=xlabel, ylabel=ylabel, title=title)
-    for name, (x, y) in series.items():
-        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
-            mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
-        ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.legend(fontsize=8)
-    ax.figure.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
-
-
-# ---- Meta-training, test, main.
-LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
-
-
-def resumed_args(args: Args) -> Args:
-    """The saved arguments of the --resume run directory, with this command's launch flags and --num-generations
-    if given."""
-    fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
-
-    def parse(data: bytes) -> Args:
-        return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(data).items() if k in fields})
-
-    saved = read_file(os.path.join(args.resume, "args.json"), f"--resume {args.resume}", parse)
-    extend = args.num_generations if args.num_generations is not None else saved.num_generations
-    launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
-    return resolve_args(dataclasses.replace(saved, **launch, resume=args.resume, num_generations=extend))
-
-
-def run_meta_training(args: Args) -> str:
-    """ES over the loss (Algorithm 1, outer loop); writes the run directory and checkpoints as it goes."""
-    name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or args.run_dir or os.path.join("runs", name)
-    env = make_env(args)
-    theta = ravel_pytree(loss_template(args, env))[0]
-    candidates = np.zeros((0, theta.shape[0]), np.float32)  # the ES mean at each evaluation
-    opt_state, rows, best = (
-        make_es_optimizer(args).init(theta),
-        [],
-        dict(fitness=-np.inf, theta=theta, candidates=candidates),
-    )
-    if args.resume is not None:
-        theta, opt_state, rows, best = load_checkpoint(run_dir, theta, opt_state)
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(dataclasses.replace(args, resume=None)))
-    print(
-        f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
-        f"{' (reward-blind)' if args.reward_blind else ''}: population {args.pop_size} × {args.num_tasks} shared "
-        f"task(s), lifetimes of {args.lifetime:,} steps, on {jax.device_count()} {jax.default_backend()} "
-        f"device(s), generations {len(rows)}..{args.num_generations}"
-    )
-    start = time.time()
-    generation = make_generation(args, env).lower(theta, opt_state, generation_key(args, 0), 1.0).compile()
-    evaluate = make_runner(args, env, args.num_eval_tasks)  # the loss as at test time: α = 0, fixed tasks
-    eval_tasks = fixed_tasks(args, env, EVAL_STREAM, args.num_eval_tasks, False) + (InnerSettings.of(args, 0.0),)
-    print(f"compiled in {time.time() - start:.1f}s", flush=True)
-
-    with tqdm(
-        range(len(rows), args.num_generations),
-        initial=len(rows),
-        total=args.num_generations,
-        desc="generations",
-        file=sys.stdout,
-        mininterval=0,
-    ) as bar:
-        try:
-            for g in bar:
-                t0, alpha = time.time(), ppo_alpha(args, g)
-                new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
-                seconds = time.time() - t0  # the generation alone, without the evaluation below
-                eval_fitness, new_best = float("nan"), best
-                if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                    eval_fitness = float(np.nanmean(evaluate(new_theta, *eval_tasks).final_return))
-                    candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
-                    new_best = dict(best, candidates=candidates)
-                    if eval_fitness > best["fitness"]:
-                        new_best.update(fitness=eval_fitness, theta=new_theta)
-                row = dict(
-                    generation=g + 1,
-                    alpha=alpha,
-                    best_fitness=float(np.nanmax(fitness)),
-                    mean_fitness=float(np.nanmean(fitness)),
-                    eval_fitness=eval_fitness,
-                    seconds=seconds,
-                )
-                # commit the generation in one assignment, so an interruption sees it whole or not at all
-                theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-                bar.set_postfix(
-                    mean=f"{row['mean_fitness']:.2f}",
-                    eval=f"{eval_fitness:.2f}",
-                    alpha=f"{alpha:.2f}",
-                    sec=f"{seconds:.1f}",
-                )
-                if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-        except KeyboardInterrupt:
-            save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-            print(
-                f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
-                f"--resume {run_dir}",
-                file=sys.stderr,
-            )
-            sys.exit(130)
-    seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
-    # the shipped loss: the ES mean, among those evaluated, that scores best on tasks drawn for this choice alone
-    select = make_runner(args, env, args.num_select_tasks)
-    select_tasks = fixed_tasks(args, env, SELECT_STREAM, args.num_select_tasks, False) + (InnerSettings.of(args, 0.0),)
-    scores = [float(np.nanmean(select(c, *select_tasks).final_return)) for c in best["candidates"]]
-    chosen = int(np.nanargmax(scores))
-    best = dict(best, fitness=scores[chosen], theta=jnp.asarray(best["candidates"][chosen]))
-    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-    evaluated = [r["generation"] for r in rows if np.isfinite(r["eval_fitness"])]
-    summary = dict(
-        task_family=args.task_family,
-        reward_blind=args.reward_blind,
-        num_generations=len(rows),
-        best_eval_fitness=float(np.nanmax([r["eval_fitness"] for r in rows])),
-        selected_generation=evaluated[chosen],
-        selected_fitness=scores[chosen],
-        selection_scores=dict(zip(evaluated, scores)),
-        final_mean_fitness=rows[-1]["mean_fitness"],
-        lifetimes_per_minute=60.0 * args.pop_size * args.num_tasks / float(seconds),
-        wall_seconds=time.time() - start,
-        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-    )
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    print(
-        f"best_loss.msgpack: the ES mean of generation {evaluated[chosen]}, {scores[chosen]:.2f} on "
-        f"{args.num_select_tasks} fresh tasks; last generation's mean fitness {summary['final_mean_fitness']:.2f}"
-    )
-    return run_dir
 
 
 def seed_statistics(x, prefix: str) -> dict:
@@ -1231,122 +1245,86 @@ def seed_statistics(x, prefix: str) -> dict:
     }
 
 
-def run_test(args: Args) -> str:
-    """The paper's test on held-out tasks (the held-out goals of --goal-split for the goal families), the same tasks
-    and seeds for every trainer: the evolved loss (α = 0), the same loss with its reward input zeroed
-    (evolved-no-reward: does it learn from the reward?), a zero loss (the initial policy), the reward-blind loss if
-    given, and tuned PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes
-    summary.json and curves."""
-    theta, args = load_loss(args.load_loss, args)
-    env = make_env(args)
-    size = ravel_pytree(loss_template(args, env))[0].shape[0]
-    if theta.shape[0] != size:  # a file of an earlier epg.py, whose settings had no --loss-size
-        raise ArgsError(f"{args.load_loss}: a loss of {theta.shape[0]:,} parameters, its settings give {size:,}")
-    run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
-    start = time.time()
-
-    @functools.cache
-    def runner(every: int, size: int, optimizer: str, n: int) -> Callable:  # compiled once per shape
-        cfg = dataclasses.replace(args, update_every=every, buffer_size=size, inner_optimizer=optimizer)
-        return make_runner(cfg, env, n)
-
-    def run(cfg: Args, theta, alpha: float, tasks=tasks):
-        """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
-        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer, tasks[1].shape[0])
-        return compiled(theta, *tasks, InnerSettings.of(cfg, alpha))
-
-    outputs = {
-        "evolved": run(args, theta, 0.0),
-        "evolved-no-reward": run(dataclasses.replace(args, reward_blind=True), theta, 0.0),
-        "zero": run(args, 0 * theta, 0.0),
-    }
-    if args.load_reward_blind_loss is not None:
-        blind_theta, blind = load_loss(args.load_reward_blind_loss, args)
-        if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in INNER_FIELDS[:-1]):
-            raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
-        outputs["reward-blind"] = run(blind, blind_theta, 0.0)
-    sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
-    for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo = dataclasses.replace(
-            args,
-            update_every=rollout,
-            update_epochs=epochs,
-            inner_learning_rate=lr,
-            buffer_size=max(args.buffer_size, rollout),
-            reward_blind=False,
-            inner_optimizer="adam",
-        )
-        score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
-        sweep.append((score, ppo))
-        print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
-    ppo = max(sweep, key=lambda entry: entry[0])[1]  # the first of the best
-    outputs["ppo"] = run(ppo, 0 * theta, 1.0)
-    trainers, series, columns = {}, {}, {}
-    grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every  # the CSV's lifetime steps
+def compare_trainers(outputs: dict, lifetime: int) -> tuple[dict, dict]:
+    """--test's table: for each trainer's LifetimeOutput [num_seeds], seed_statistics of the final return and of the
+    AUC (the mean of an agent's curve), and Welch's p against the evolved loss (the first trainer), printed one line
+    per trainer. Returns (the summary's trainers, {name: (lifetime steps [T], curves [num_seeds, T])})."""
+    trainers, series = {}, {}
     for name, out in outputs.items():
         final, curve = np.asarray(out.final_return), np.asarray(out.curve)
-        steps = (np.arange(curve.shape[1]) + 1) * args.lifetime / curve.shape[1]
-        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
-            auc = np.nanmean(curve, axis=1)  # mean return over the lifetime's evaluation points, per agent
-            columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # NaN before any episode ended
+            auc = np.nanmean(curve, axis=1)
         trainers[name] = stats = {**seed_statistics(final, "final_return"), **seed_statistics(auc, "auc")}
-        series[name] = (steps, curve)
+        series[name] = ((np.arange(curve.shape[1]) + 1) * lifetime / curve.shape[1], curve)
         line = f"{name:17s}"
         for what in ("final_return", "auc"):
             low, high = stats[f"{what}_iqm_ci"]
             line += f"  {what} {stats[f'{what}_mean']:8.3f} ± {stats[f'{what}_std']:.3f} (IQM "
             line += f"{stats[f'{what}_iqm']:.3f}, 95% CI {low:.3f} to {high:.3f})"
-            if name != "evolved":  # Welch's t-test against the evolved loss (the first trainer)
+            if name != "evolved":
                 evolved = trainers["evolved"][f"{what}s"]
                 p = float(scipy.stats.ttest_ind(evolved, stats[f"{what}s"], equal_var=False).pvalue)
                 stats[f"{what}_welch_p_vs_evolved"] = p
                 line += f" p {p:.3g}"
         print(line)
-    held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
-    split = f"goals in {held_out}" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
-    write_json(
-        os.path.join(run_dir, "summary.json"),
-        dict(
-            task_family=args.task_family,
-            split=f"test: {split}",
-            lifetime=args.lifetime,
-            num_seeds=args.num_seeds,
-            trainers=trainers,
-            loss_file=os.path.abspath(args.load_loss),
-            ppo_sweep=[
-                dict(
-                    rollout=p.update_every,
-                    epochs=p.update_epochs,
-                    learning_rate=p.inner_learning_rate,
-                    final_return_mean=score,
-                )
-                for score, p in sweep
-            ],
-            ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
-            wall_seconds=time.time() - start,
-            tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()},
-        ),
-    )
+    return trainers, series
+
+
+def save_curves(run_dir: str, args: Args, series: dict, split: str):
+    """test_curves.csv (each trainer's mean curve over its agents at the evolved loss's update steps) and
+    test_curves.png (mean ± std)."""
+    grid = (np.arange(args.lifetime // args.update_every) + 1) * args.update_every
+    columns = {}
+    for name, (steps, curve) in series.items():
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
+            columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
     table = io.StringIO()
     csv.writer(table).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
     atomic_write(os.path.join(run_dir, "test_curves.csv"), table.getvalue().encode())
+    title = f"{args.task_family}, {split}, {args.num_seeds} agents per trainer"
     save_plot(
-        os.path.join(run_dir, "test_curves.png"),
-        series,
-        "lifetime step",
-        "return of the last finished episode",
-        f"{args.task_family}, {split}, {args.num_seeds} agents per trainer",
+        os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode", title
     )
-    return run_dir
+
+
+def plot_fitness(run_dir: str, args: Args, rows: list):
+    """fitness_curve.png of the generation rows: mean and best fitness, and the evaluations of the ES mean."""
+    evaluated = [r for r in rows if np.isfinite(r["eval_fitness"])]
+    series = {
+        label: ([r["generation"] for r in some], [r[k] for r in some])
+        for label, k, some in [
+            ("mean fitness", "mean_fitness", rows),
+            ("best fitness", "best_fitness", rows),
+            ("current loss, α = 0, fixed evaluation tasks", "eval_fitness", evaluated),
+        ]
+    }
+    path = os.path.join(run_dir, "fitness_curve.png")
+    save_plot(path, series, "generation", "final return (mean over tasks)", f"EPG on {args.task_family}")
+
+
+def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str):
+    """PNG of named curves {name: (x [T], y [k, T])}: the mean over the k rows (NaN ignored), ± std shaded.
+    Process 0 only."""
+    if jax.process_index():
+        return
+    from matplotlib.figure import Figure
+
+    ax = Figure(figsize=(6.5, 4), layout="tight").add_subplot(xlabel=xlabel, ylabel=ylabel, title=title)
+    for name, (x, y) in series.items():
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN before any episode ended
+            mean, std = np.nanmean(np.atleast_2d(y), axis=0), np.nanstd(np.atleast_2d(y), axis=0)
+        ax.plot(x, mean, ".-" if len(x) < 30 else "-", label=name)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.legend(fontsize=8)
+    ax.figure.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
 
 
 def main(args: Args) -> str:
     """Meta-train (default), --resume, or --test; returns the run directory."""
     try:
         start_processes(args)
-        args = resolve_args(args) if args.resume is None else resumed_args(args)
+        args = resolve_args(args if args.resume is None else resumed_args(args))
         run_dir = run_test(args) if args.test else run_meta_training(args)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,7 +41,7 @@ def lifetimes_per_minute(bench: Bench, pop_size: int) -> float:
             buffer_size=min(512, bench.lifetime),
         )
     )
-    env = epg.make_env(args)
+    env = epg.make_task_env(args)
     theta = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))[0]
     opt_state = epg.make_es_optimizer(args).init(theta)
     generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0).compile()

@@ -70,11 +70,11 @@ def describe(d_a: np.ndarray, d_b: np.ndarray) -> str:
 
 
 def main(gate: Gate, args: epg.Args):
-    env = epg.make_env(args)
+    env = epg.make_task_env(args)
     theta = np.asarray(ravel_pytree(epg.loss_template(args, env))[0])
     key_noise, key_a, key_b = jax.random.split(jax.random.PRNGKey(gate.seed), 3)
     eps = np.asarray(jax.random.normal(key_noise, (gate.num_pairs, theta.shape[0])))
-    run = jax.jit(epg.make_population(args, env, 2 * gate.num_pairs))
+    run = jax.jit(epg.make_population(args, env))
     print(
         f"gate on {args.task_family} ({args.goal_split} goals), loss of {theta.shape[0]:,} parameters "
         f"(--loss-init {args.loss_init}), σ {args.sigma}, {gate.num_pairs} pairs × {args.num_tasks} tasks × 2 sets, "

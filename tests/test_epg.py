@@ -96,7 +96,7 @@ def compile_once():
 
 @pytest.fixture(scope="module")
 def env():
-    return epg.make_env(ARGS)
+    return epg.make_task_env(ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def unit(env):
 
 def stats():
     """The statistics of a lifetime's start: (observations, actions)."""
-    return epg.RunningStats.init(OBS_DIM), epg.RunningStats.init(ACTION_DIM)
+    return epg.Normalizer.init(OBS_DIM), epg.Normalizer.init(ACTION_DIM)
 
 
 def loss_value(loss_params, agent, buffer, index, reward_blind=False):
@@ -199,7 +199,7 @@ def test_fitness_is_scored_on_fresh_episodes_after_the_lifetime():
     """A lifetime shorter than one episode finishes no episode of its own (its curve is all NaN), yet its fitness is
     the finite return of --num-eval-episodes episodes that the final policy runs afterwards (rollout.py:66-77)."""
     short = dataclasses.replace(ARGS, lifetime=64, episode_length=100, num_eval_episodes=2)
-    env = epg.make_env(short)
+    env = epg.make_task_env(short)
     tasks = epg.sample_tasks("goal-point", jax.random.PRNGKey(0), 2, False)
     out = epg.make_runner(short, env, 2)(
         jnp.zeros(epg.ravel_pytree(epg.loss_template(short, env))[0].shape),
@@ -294,7 +294,7 @@ def test_es_gradient_follows_the_fitness():
     w = jax.random.normal(jax.random.PRNGKey(0), (50,))
     eps = epg.mirrored_noise(jax.random.PRNGKey(1), 2000, 50)
     np.testing.assert_array_equal(np.asarray(eps[:1000]), -np.asarray(eps[1000:]))
-    g = epg.es_gradient(jnp.zeros(50), eps, eps @ w, weight_decay=0.0)
+    g = epg.es_ascent_direction(jnp.zeros(50), eps, eps @ w, weight_decay=0.0)
     assert float(g @ w / (jnp.linalg.norm(g) * jnp.linalg.norm(w))) > 0.9
     shaped = epg.centered_ranks(jnp.array([3.0, jnp.nan, -1.0, jnp.inf * -1, 10.0]))
     assert float(shaped[4]) == 0.5 and float(shaped[1]) == float(shaped[3]) < float(shaped[2])  # NaN, -inf tie last
@@ -315,7 +315,7 @@ args = tyro.cli(epg.Args)
 epg.start_processes(args)
 args = epg.resolve_args(args)
 epg.run_meta_training(args)
-env = epg.make_env(args)
+env = epg.make_task_env(args)
 theta = ravel_pytree(epg.loss_template(args, env))[0]
 opt_state = epg.make_es_optimizer(args).init(theta)
 generation = epg.make_generation(args, env).lower(theta, opt_state, epg.generation_key(args, 0), 0.0)
@@ -477,7 +477,7 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
         (["--update-every", "0"], "--update-every must be positive"),
         (["--test"], "--test needs --load-loss"),
         (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
-        (["--resume", "/nonexistent/run"], "args.json not found"),
+        (["--resume", "/nonexistent/run"], "no readable args.json"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
@@ -497,7 +497,7 @@ def test_a_generation_of_equal_fitness_gives_no_es_step():
     # At α = 1 with common random numbers every member scores the same: the update must not follow the noise.
     eps = epg.mirrored_noise(jax.random.PRNGKey(2), 16, 30)
     theta = jnp.ones(30)
-    g = epg.es_gradient(theta, eps, jnp.full(16, 3.8329), weight_decay=1e-3)
+    g = epg.es_ascent_direction(theta, eps, jnp.full(16, 3.8329), weight_decay=1e-3)
     np.testing.assert_allclose(np.asarray(g), -1e-3 * np.asarray(theta), rtol=1e-6)
 
 
