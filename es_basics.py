@@ -4,7 +4,8 @@ two systems built on them: Intelligent Trial and Error and POET.
 From sampled fitnesses alone, CEM refits a Gaussian to the elite, CMA-ES adapts a full covariance and a step
 size, plain ES and OpenAI-ES follow the Monte-Carlo gradient (1/σ)·E[F(μ + σε)·ε], SNES follows the natural
 gradient of a separable Gaussian, and MAP-Elites keeps the best solution per cell of a behaviour grid. Each
-method is `init`, `ask` and `tell` with one signature (METHODS); evosax's strategies run behind the same three.
+method is `init`, `ask` and `tell` with one signature (METHODS); evosax's strategies run behind the same three,
+and every loop in this file takes one generation the same way (es_generation).
 Intelligent Trial and Error (--algo ite) maps a planar arm with MAP-Elites and, after damage, picks which elite to
 try next by Bayesian optimisation over the map; POET (--algo poet) grows a set of tracks of walls and gaps, each
 paired with an agent that OpenAI-ES improves, admitting new tracks under a minimal criterion and moving agents
@@ -60,20 +61,7 @@ Algo = Literal[
     "evosax:xNES",
     "evosax:Open_ES",
 ]
-ProblemName = Literal[
-    "sphere",
-    "rosenbrock",
-    "rastrigin",
-    "CartPole-v1",
-    "Acrobot-v1",
-    "MountainCar-v0",
-    "Pendulum-v1",
-    "MountainCarContinuous-v0",
-    "Breakout-MinAtar",
-    "Asterix-MinAtar",
-    "Freeway-MinAtar",
-    "SpaceInvaders-MinAtar",
-    "Seaquest-MinAtar",
+EnvId = Literal[
     "ant",
     "halfcheetah",
     "hopper",
@@ -85,13 +73,27 @@ ProblemName = Literal[
     "reacher",
     "swimmer",
     "walker2d",
+    "CartPole-v1",
+    "Acrobot-v1",
+    "MountainCar-v0",
+    "Pendulum-v1",
+    "MountainCarContinuous-v0",
+    "Breakout-MinAtar",
+    "Asterix-MinAtar",
+    "Freeway-MinAtar",
+    "SpaceInvaders-MinAtar",
+    "Seaquest-MinAtar",
 ]
-TEST_FUNCTIONS, BRAX_ENVS = get_args(ProblemName)[:3], get_args(ProblemName)[13:]  # the rest are gymnax envs
+BRAX_ENVS = get_args(EnvId)[:11]  # the rest are gymnax envs
+ProblemName = Literal["sphere", "rosenbrock", "rastrigin", EnvId]
+TEST_FUNCTIONS = get_args(ProblemName)[:3]
 
 
 @dataclasses.dataclass
 class Args:
-    # ---- run ----
+    """es_basics.py's flags. The fields left None take the defaults of the method and the kind of problem
+    (FUNCTION_DEFAULTS, POLICY_DEFAULTS, OWN_DEFAULTS, TARGETS); args.json records the values a run used."""
+
     exp_name: str = "es_basics"
     """name of this experiment, part of the run name"""
     seed: int = 1
@@ -101,21 +103,20 @@ class Args:
     resume: str | None = None
     """continue the run in this run directory from its checkpoint (its args.json; --num-generations may extend it)"""
 
-    # ---- several processes (JAX's multi-controller runtime, docs/distributed.md) ----
+    # several processes (JAX's multi-controller runtime, docs/distributed.md)
     coordinator_address: str | None = None
-    """host:port where process 0 serves the coordinator; give every process the same command"""
+    """host:port where process 0 serves the coordinator (give every process the same command), or auto: the
+    cluster's launcher says (SLURM, Open MPI, Cloud TPU)"""
     num_processes: int = 1
-    """processes in the run, with --coordinator-address"""
+    """processes in the run, with --coordinator-address host:port"""
     process_id: int = 0
-    """this process's index in [0, --num-processes), with --coordinator-address"""
-    distributed: bool = False
-    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    """this process's index in [0, --num-processes), with --coordinator-address host:port"""
     init_timeout: int = 60
-    """seconds the processes wait for each other at start-up before giving up with an error"""
+    """seconds to wait for every process to join"""
 
     # ---- problem ----
     problem: ProblemName = "sphere"
-    """test function, gymnax env id or Brax env name (ite and poet bring their own: the arm, the track)"""
+    """test function, Brax env name or gymnax env id (ite and poet bring their own: the arm, the track)"""
     num_dims: int | None = None
     """test functions: dimension of x (default 10); policies: set by the network"""
     num_rollouts: int = 1
@@ -134,9 +135,9 @@ class Args:
     episode_length: int = 1000
     """Brax: steps per episode (gymnax envs use their own time limit)"""
     target: float | None = None
-    """centre fitness at which a run counts as solved, for evaluations-to-target (default per problem)"""
+    """centre fitness at which a run counts as solved, for evaluations-to-target (default: TARGETS)"""
 
-    # ---- evolution strategy (None: the default for this method and problem, saved in args.json) ----
+    # ---- evolution strategy (None: the default of this method and problem, *_DEFAULTS, saved in args.json) ----
     algo: Algo = "openai-es"
     """written-out method, or evosax:<Name> (run with its written-out twin's defaults)"""
     pop_size: int | None = None
@@ -154,13 +155,13 @@ class Args:
     lr_decay: float | None = None
     """learning-rate multiplier per generation (plain-es, openai-es, evosax:Open_ES)"""
     weight_decay: float | None = None
-    """openai-es: L2 coefficient λ; Adam ascends g - λ·μ with g = (1/n) Σ rank_i ε_i (Salimans et al.: 0.005)"""
+    """openai-es: L2 coefficient λ; Adam ascends g - λ·μ with g = (1/n) Σ rank_i ε_i"""
     elite_ratio: float | None = None
     """cem: elite fraction ρ, the top ⌊ρ·pop⌋ members refit the Gaussian"""
     cem_noise: float | None = None
     """cem: η added to the elite variance each generation, so σ never collapses"""
     num_bins: int | None = None
-    """map-elites and ite: cells per descriptor axis (the grid has num_bins² cells; default 20, ite 64)"""
+    """map-elites and ite: cells per descriptor axis (the grid has num_bins² cells)"""
 
     # ---- ite: a MAP-Elites map of the intact arm (--pop-size, --num-generations, --sigma-init), then trials ----
     ite_max_trials: int = 20
@@ -185,148 +186,6 @@ class Args:
     """poet: minimal criterion, lowest score (fraction of the track) of the parent's agent in a child"""
     poet_mc_high: float = 0.95
     """poet: minimal criterion, highest score of the parent's agent in a child (not already solved)"""
-
-
-# Defaults for the None fields, by method and by kind of problem. pop_size None: 4 + ⌊3 ln n⌋ (Hansen; Schaul).
-FUNCTION_DEFAULTS = {
-    "cem": dict(pop_size=50, num_generations=1000, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
-    "cma-es": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
-    "plain-es": dict(
-        pop_size=50,
-        num_generations=1000,
-        sigma_init=0.5,
-        sigma_decay=0.99,
-        sigma_limit=1e-3,
-        learning_rate=0.1,
-        lr_decay=0.98,
-    ),
-    "openai-es": dict(
-        pop_size=50,
-        num_generations=1000,
-        sigma_init=0.2,
-        sigma_decay=0.99,
-        sigma_limit=1e-3,
-        learning_rate=0.1,
-        lr_decay=0.99,
-        weight_decay=0.0,
-    ),
-    "snes": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
-    "map-elites": dict(pop_size=50, num_generations=1000, sigma_init=0.3),
-}
-POLICY_DEFAULTS = {
-    "cem": dict(pop_size=64, num_generations=50, sigma_init=0.5, elite_ratio=0.2, cem_noise=1e-3),
-    "cma-es": dict(pop_size=64, num_generations=50, sigma_init=0.5),
-    "plain-es": dict(
-        pop_size=64,
-        num_generations=50,
-        sigma_init=0.1,
-        sigma_decay=1.0,
-        sigma_limit=0.01,
-        learning_rate=0.05,
-        lr_decay=1.0,
-    ),
-    "openai-es": dict(
-        pop_size=64,
-        num_generations=50,
-        sigma_init=0.1,
-        sigma_decay=1.0,
-        sigma_limit=0.01,
-        learning_rate=0.03,
-        lr_decay=1.0,
-        weight_decay=0.005,
-    ),
-    "snes": dict(pop_size=64, num_generations=50, sigma_init=0.1),
-    "map-elites": dict(pop_size=64, num_generations=50, sigma_init=0.1),
-}
-OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
-    "ite": dict(pop_size=256, num_generations=1000, sigma_init=0.1, num_bins=64),
-    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
-}
-EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
-TARGETS = {
-    "sphere": -1e-3,
-    "rosenbrock": -1e-3,
-    "rastrigin": -1.0,
-    "CartPole-v1": 475.0,
-    "Acrobot-v1": -100.0,
-    "MountainCar-v0": -110.0,
-    "Pendulum-v1": -200.0,
-}
-
-
-class ArgsError(ValueError):
-    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill the None fields with the defaults of this method and problem, and check what tyro cannot.
-
-    Raises:
-        ArgsError: a non-positive size or scale; a population too small for CEM's elite fraction or
-            CMA-ES's parents, odd where antithetic pairs need it, or not dividing over the devices;
-            MAP-Elites on a problem without a behaviour descriptor.
-    """
-    on_function = args.problem in TEST_FUNCTIONS and args.algo not in OWN_DEFAULTS
-    twin = EVOSAX_TWIN.get(args.algo[7:], args.algo)  # evosax:<Name> takes its written-out twin's defaults
-    table = OWN_DEFAULTS if twin in OWN_DEFAULTS else FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS
-    filled = {k: v for k, v in dict(dict(num_bins=20), **table[twin]).items() if getattr(args, k) is None}
-    if on_function and args.num_dims is None:
-        filled["num_dims"] = 10
-    if args.normalize_observations is None:
-        filled["normalize_observations"] = twin == "openai-es" and not on_function
-    if args.target is None and args.problem in TARGETS:
-        filled["target"] = TARGETS[args.problem]
-    args = dataclasses.replace(args, **filled)
-    if on_function and not args.num_dims > 0:
-        raise ArgsError(f"--num-dims must be positive, got {args.num_dims}")
-    if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
-        args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
-    for name in (
-        "pop_size",
-        "num_generations",
-        "num_rollouts",
-        "num_eval_episodes",
-        "num_bins",
-        "episode_length",
-        "sigma_init",
-        "sigma_decay",
-        "sigma_limit",
-        "learning_rate",
-        "lr_decay",
-        "elite_ratio",
-    ):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("ite_max_trials", "ite_length_scale", "poet_mutate_every", "poet_transfer_every", "poet_children"):
-        if not getattr(args, name) > 0:
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.poet_max_pairs < 2:
-        raise ArgsError(f"--poet-max-pairs must be at least 2 (transfers need another pair), got {args.poet_max_pairs}")
-    if any(h <= 0 for h in args.hidden):
-        raise ArgsError(f"--hidden sizes must be positive, got {args.hidden}")
-    if not 0 <= args.obs_stats_fraction <= 1:
-        raise ArgsError(f"--obs-stats-fraction must lie in [0, 1], got {args.obs_stats_fraction}")
-    if args.algo == "cem" and not (args.elite_ratio <= 1 and int(args.elite_ratio * args.pop_size) >= 2):
-        raise ArgsError(
-            f"--pop-size {args.pop_size} with --elite-ratio {args.elite_ratio} leaves "
-            f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance"
-        )
-    if twin in ("cma-es", "snes") and args.pop_size < 4:
-        raise ArgsError(f"--pop-size {args.pop_size} is too small for {args.algo} (at least 4: 2 parents)")
-    if twin in ("openai-es", "poet") and args.pop_size % 2:
-        raise ArgsError(f"--pop-size must be even for antithetic sampling ({args.algo}), got {args.pop_size}")
-    if args.algo == "map-elites":
-        if on_function and args.num_dims < 2:
-            raise ArgsError("map-elites on a test function needs --num-dims ≥ 2 (the descriptor is (x₀, x₁))")
-        if not on_function and args.problem not in DESCRIPTORS:
-            raise ArgsError(
-                f"map-elites has no behaviour descriptor for {args.problem!r}; valid: "
-                f"{', '.join(TEST_FUNCTIONS + tuple(DESCRIPTORS))}"
-            )
-    if args.pop_size % jax.device_count():
-        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
-    return args
 
 
 # ---- The methods. Every state has `mean` [dim] (the centre) and `sigma` (scalar or [dim]). init(key, mean, args)
@@ -379,6 +238,7 @@ class DiagonalGaussian(NamedTuple):
 
 
 def diagonal_init(key, mean, args) -> DiagonalGaussian:
+    """CEM and SNES start: μ = mean [dim], σ = --sigma-init in every coordinate."""
     return DiagonalGaussian(mean, jnp.full_like(mean, args.sigma_init))
 
 
@@ -391,6 +251,8 @@ def cem_tell(key, state: DiagonalGaussian, population, fitness, descriptors, arg
 
 # ---- CMA-ES: full covariance, evolution paths, cumulative step-size adaptation, termination ----
 class CMAState(NamedTuple):
+    """CMA-ES's state (Hansen's tutorial, Fig. 6): N(m, σ²C) and the two evolution paths."""
+
     mean: jax.Array  # m [n]
     sigma: jax.Array  # step size σ
     C: jax.Array  # covariance [n, n]
@@ -407,20 +269,11 @@ TOL_FUN, TOL_X, MAX_CONDITION = 1e-12, 1e-12, 1e14
 
 
 def cma_init(key, mean, args) -> CMAState:
-    n = mean.shape[0]
-    eye = jnp.eye(n)
+    """m = mean [n], σ = --sigma-init, C = I, both paths 0 (tutorial, Fig. 6); no fitness history yet (NaN)."""
+    n, sigma = mean.shape[0], jnp.asarray(args.sigma_init, jnp.float32)
+    eye, zeros = jnp.eye(n), jnp.zeros(n)
     history = jnp.full(10 + math.ceil(30 * n / args.pop_size), jnp.nan)  # TolFun looks back 10 + ⌈30n/λ⌉
-    return CMAState(
-        mean,
-        jnp.asarray(args.sigma_init, jnp.float32),
-        eye,
-        jnp.zeros(n),
-        jnp.zeros(n),
-        eye,
-        jnp.ones(n),
-        jnp.array(0),
-        history,
-    )
+    return CMAState(mean, sigma, eye, zeros, zeros, eye, jnp.ones(n), jnp.array(0), history)
 
 
 def cma_ask(key, state: CMAState, args):
@@ -498,15 +351,9 @@ class GradientESState(NamedTuple):
 
 
 def gradient_es_init(key, mean, args) -> GradientESState:
-    zeros = jnp.zeros_like(mean)
-    return GradientESState(
-        mean,
-        jnp.asarray(args.sigma_init, jnp.float32),
-        jnp.asarray(args.learning_rate, jnp.float32),
-        zeros,
-        zeros,
-        jnp.array(0),
-    )
+    """μ = mean [dim], σ = --sigma-init, α = --learning-rate, Adam's moments 0."""
+    sigma, learning_rate = jnp.asarray(args.sigma_init, jnp.float32), jnp.asarray(args.learning_rate, jnp.float32)
+    return GradientESState(mean, sigma, learning_rate, jnp.zeros_like(mean), jnp.zeros_like(mean), jnp.array(0))
 
 
 def plain_es_tell(key, state: GradientESState, population, fitness, descriptors, args):
@@ -581,6 +428,8 @@ def snes_tell(key, state: DiagonalGaussian, population, fitness, descriptors, ar
 
 # ---- MAP-Elites: the best solution per cell of a behaviour grid ----
 class MapElitesState(NamedTuple):
+    """MAP-Elites' archive of num_bins² cells (Mouret and Clune, Algorithm 1), and the mutation std."""
+
     fitness: jax.Array  # [num_cells], -inf where empty
     solutions: jax.Array  # [num_cells, dim]
     mean: jax.Array  # [dim]: the best elite (the initial mean while the grid is empty)
@@ -588,6 +437,7 @@ class MapElitesState(NamedTuple):
 
 
 def map_elites_init(key, mean, args) -> MapElitesState:
+    """An empty archive (fitness -inf everywhere); mean [dim] is the parent while no cell is filled."""
     cells = args.num_bins**2
     return MapElitesState(
         jnp.full(cells, -jnp.inf), jnp.zeros((cells, mean.shape[0])), mean, jnp.asarray(args.sigma_init, jnp.float32)
@@ -632,6 +482,8 @@ def map_elites_tell(key, state: MapElitesState, population, fitness, descriptors
 
 # ---- evosax 0.3.2 strategies behind the same three functions ----
 class EvosaxState(NamedTuple):
+    """An evosax strategy's own state, with its mean and std exposed as every method's `mean` and `sigma`."""
+
     inner: Any  # evosax's own state
     mean: jax.Array  # [dim]
     sigma: jax.Array  # evosax's std (scalar or [dim])
@@ -657,18 +509,21 @@ def evosax_strategy(args: Args, num_dims: int):
 
 
 def evosax_init(key, mean, args) -> EvosaxState:
+    """evosax's init at mean [dim] (evosax_strategy's settings)."""
     es, params = evosax_strategy(args, mean.shape[0])
     inner = es.init(key, mean, params)
     return EvosaxState(inner, inner.mean, jnp.asarray(inner.std, jnp.float32))
 
 
 def evosax_ask(key, state: EvosaxState, args):
+    """evosax's ask: (population [pop, dim], state)."""
     es, params = evosax_strategy(args, state.mean.shape[0])
     population, inner = es.ask(key, state.inner, params)
     return population, state._replace(inner=inner)
 
 
 def evosax_tell(key, state: EvosaxState, population, fitness, descriptors, args):
+    """evosax's tell with -fitness (evosax minimises); it never asks to stop."""
     es, params = evosax_strategy(args, state.mean.shape[0])
     inner = es.tell(key, population, -fitness, state.inner, params)[0]  # evosax minimises
     return EvosaxState(inner, inner.mean, jnp.asarray(inner.std, jnp.float32)), GO_ON
@@ -683,6 +538,17 @@ METHODS = {  # algo: (init, ask, tell)
     "map-elites": (map_elites_init, map_elites_ask, map_elites_tell),
     "evosax": (evosax_init, evosax_ask, evosax_tell),
 }  # ite builds its map with map-elites' three; each POET pair steps with openai-es' ask and tell
+
+
+def es_generation(algo: str, state, key_ask, key_tell, evaluate: Callable, args: Args):
+    """One generation of a method, the step every loop in this file takes (Salimans et al. Algorithm 1): ask for
+    a population [pop, dim], evaluate it, tell the method the fitnesses. evaluate(population) -> (fitness [pop],
+    descriptors [pop, 2] or None, anything else the caller needs). Returns (state, stop code, fitness, that else)."""
+    _, ask, tell = METHODS[algo.split(":")[0]]
+    population, state = ask(key_ask, state, args)
+    fitness, descriptors, other = evaluate(population)
+    state, stop = tell(key_tell, state, population, fitness, descriptors, args)
+    return state, stop, fitness, other
 
 
 # ---- Intelligent Trial and Error (Cully, Clune, Tarapore, Mouret, Nature 2015): M-BOA over a MAP-Elites map ----
@@ -781,7 +647,7 @@ class ObsStats(NamedTuple):
     count: jax.Array  # number of observations, scalar
 
 
-def normalize(obs: jax.Array, stats: ObsStats, enabled: bool) -> jax.Array:
+def normalize_obs(obs: jax.Array, stats: ObsStats, enabled: bool) -> jax.Array:
     """clip((o - mean)/std, ±5), std = √max(Σo²/n - mean², 1e-2) (the reference's floor); identity if not enabled."""
     if not enabled:
         return obs
@@ -790,8 +656,11 @@ def normalize(obs: jax.Array, stats: ObsStats, enabled: bool) -> jax.Array:
     return jnp.clip((obs - mean) / std, -5.0, 5.0)
 
 
+# ---- Environments: dpo.py's interface over gymnax and Brax, for a single environment (vmap for many).
+#   reset(key) -> (obs, state);  step(key, state, action) -> (obs, state, reward, done, truncated)
+# Both reset an ended episode inside step; an episode here ends at its first done (make_policy_problem masks the rest).
 class GymnaxEnv:
-    """A gymnax environment (classic control or MinAtar); observations flattened to float vectors."""
+    """A gymnax env (classic control or MinAtar); observations flattened to float vectors."""
 
     def __init__(self, env_id: str):
         import gymnax
@@ -807,34 +676,43 @@ class GymnaxEnv:
         self.max_episode_steps = int(self.params.max_steps_in_episode)
 
     def reset(self, key):
+        """-> (obs [obs_dim], state)."""
         obs, state = self.env.reset(key, self.params)
         return obs.reshape(-1).astype(jnp.float32), state
 
     def step(self, key, state, action):
-        """-> (obs, state, reward, done); after done the episode's later steps are masked out by the caller."""
+        """-> (obs [obs_dim], state, reward, done, truncated), the last three float32 scalars."""
         obs, state, reward, terminated, truncated, _ = self.env.step(key, state, action, self.params)
-        done = jnp.maximum(terminated.astype(jnp.float32), truncated.astype(jnp.float32))
-        return obs.reshape(-1).astype(jnp.float32), state, jnp.squeeze(reward).astype(jnp.float32), done
+        done = jnp.logical_or(terminated, truncated).astype(jnp.float32)
+        truncated = jnp.logical_and(truncated, jnp.logical_not(terminated)).astype(jnp.float32)
+        return obs.reshape(-1).astype(jnp.float32), state, jnp.squeeze(reward).astype(jnp.float32), done, truncated
 
 
 class BraxEnv:
-    """A Brax environment; an episode is cut at --episode-length steps (the rollout's scan length)."""
+    """A Brax env in Brax's EpisodeWrapper (time limit, action repeat) and AutoResetWrapper, as Brax PPO trains.
 
-    def __init__(self, env_id: str, backend: str, episode_length: int):
+    An ended episode restarts from that env's first start state, as in Brax (and the authors' brax 0.0.x).
+    """
+
+    def __init__(self, env_id: str, backend: str, episode_length: int, action_repeat: int):
         from brax import envs
+        from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper
 
-        self.env = envs.get_environment(env_id, backend=backend)
-        self.obs_dim, self.action_dim = int(self.env.observation_size), int(self.env.action_size)
-        self.discrete, self.action_low, self.action_high = False, -1.0, 1.0
-        self.max_episode_steps = episode_length
+        base = envs.get_environment(env_id, backend=backend)
+        self.env = AutoResetWrapper(EpisodeWrapper(base, episode_length, action_repeat))
+        self.obs_dim, self.action_dim, self.discrete = int(base.observation_size), int(base.action_size), False
+        self.action_low, self.action_high = -1.0, 1.0
+        self.max_episode_steps = math.ceil(episode_length / action_repeat)
 
     def reset(self, key):
+        """-> (obs [obs_dim], state)."""
         state = self.env.reset(key)
         return state.obs, state
 
     def step(self, key, state, action):
+        """-> (obs [obs_dim], state, reward, done, truncated); key unused (Brax is deterministic)."""
         state = self.env.step(state, action)
-        return state.obs, state, state.reward, state.done
+        return state.obs, state, state.reward, state.done, state.info["truncation"]
 
 
 def init_policy(key: jax.Array, obs_dim: int, hidden: tuple[int, ...], action_dim: int) -> list:
@@ -883,7 +761,7 @@ def descriptor_bounds(args: Args):
     """((low₀, high₀), (low₁, high₁)) of the problem's behaviour descriptor."""
     if args.problem in TEST_FUNCTIONS or args.problem == "arm":  # "arm": ite's map of hand positions
         return (FUNCTION_DOMAIN.get(args.problem, (-1.0, 1.0)),) * 2
-    return DESCRIPTORS.get(args.problem, (None, ((0.0, 1.0), (0.0, 1.0))))[1]
+    return DESCRIPTORS[args.problem][1]
 
 
 class Problem(NamedTuple):
@@ -901,11 +779,10 @@ def make_policy_problem(args: Args) -> Problem:
     """Policy search: x is the flattened MLP; fitness = mean return over --num-rollouts episodes, each run to
     its end or the time limit. Members evaluated with the same key share their episodes' reset and step keys
     (common random numbers). The starting mean is init_policy(PRNGKey(seed)), flattened."""
-    env = (
-        BraxEnv(args.problem, args.backend, args.episode_length)
-        if args.problem in BRAX_ENVS
-        else GymnaxEnv(args.problem)
-    )
+    if args.problem in BRAX_ENVS:
+        env = BraxEnv(args.problem, args.backend, args.episode_length, 1)
+    else:
+        env = GymnaxEnv(args.problem)
     init_mean, unravel = ravel_pytree(
         init_policy(jax.random.PRNGKey(args.seed), env.obs_dim, args.hidden, env.action_dim)
     )
@@ -918,8 +795,8 @@ def make_policy_problem(args: Args) -> Problem:
 
         def step(carry, key):
             obs, state, alive, ep = carry
-            action = policy_action(params, normalize(obs, obs_stats, args.normalize_observations), env)
-            next_obs, state, reward, done = env.step(key, state, action)
+            action = policy_action(params, normalize_obs(obs, obs_stats, args.normalize_observations), env)
+            next_obs, state, reward, done, _ = env.step(key, state, action)
             ep = Episode(
                 ep.ret + alive * reward,
                 jnp.where(alive > 0, obs, ep.last_obs),
@@ -971,22 +848,12 @@ def make_problem(args: Args) -> Problem:
 # -distance, shifted so that ITE's 90% rule stops within 0.1 + 0.9·(the best predicted distance)). The damages are
 # the paper's 14: a joint stuck at 45°, a joint offset by 45°, or one of each (joints counted from the base).
 ARM_JOINTS, ARM_TARGET = 8, (0.5, 0.5)
-ARM_DAMAGES = [
-    ((5,), ()),
-    ((4,), ()),
-    ((3,), ()),
-    ((2,), ()),
-    ((), (5,)),
-    ((), (4,)),
-    ((), (3,)),
-    ((), (2,)),
-    ((2,), (5,)),
-    ((2,), (4,)),
-    ((2,), (3,)),
-    ((5,), (2,)),
-    ((4,), (2,)),
-    ((3,), (2,)),
-]  # (stuck, offset)
+ARM_DAMAGES = (  # (stuck, offset): one stuck, one offset, 2 stuck and one offset, one stuck and 2 offset
+    [((j,), ()) for j in (5, 4, 3, 2)]
+    + [((), (j,)) for j in (5, 4, 3, 2)]
+    + [((2,), (j,)) for j in (5, 4, 3)]
+    + [((j,), (2,)) for j in (5, 4, 3)]
+)
 
 
 def arm_hand(x: jax.Array, stuck=None, offset=None) -> jax.Array:
@@ -1061,14 +928,133 @@ def run_track(params: list, env: jax.Array) -> jax.Array:
     return jnp.minimum(x, TRACK_END) / TRACK_END
 
 
+# ---- Defaults for the None fields, by method and kind of problem; pop_size None: 4 + ⌊3 ln n⌋ (Hansen; Schaul) ----
+ON_FUNCTIONS, ON_POLICIES = dict(pop_size=50, num_generations=1000), dict(pop_size=64, num_generations=50)
+FUNCTION_DEFAULTS = {
+    "cem": dict(ON_FUNCTIONS, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
+    "cma-es": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
+    "plain-es": dict(
+        ON_FUNCTIONS, sigma_init=0.5, sigma_decay=0.99, sigma_limit=1e-3, learning_rate=0.1, lr_decay=0.98
+    ),
+    "openai-es": dict(
+        ON_FUNCTIONS,
+        sigma_init=0.2,
+        sigma_decay=0.99,
+        sigma_limit=1e-3,
+        learning_rate=0.1,
+        lr_decay=0.99,
+        weight_decay=0.0,
+    ),
+    "snes": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
+    "map-elites": dict(ON_FUNCTIONS, sigma_init=0.3),
+}
+POLICY_DEFAULTS = {
+    "cem": dict(ON_POLICIES, sigma_init=0.5, elite_ratio=0.2, cem_noise=1e-3),
+    "cma-es": dict(ON_POLICIES, sigma_init=0.5),
+    "plain-es": dict(ON_POLICIES, sigma_init=0.1, sigma_decay=1.0, sigma_limit=0.01, learning_rate=0.05, lr_decay=1.0),
+    "openai-es": dict(
+        ON_POLICIES,
+        sigma_init=0.1,
+        sigma_decay=1.0,
+        sigma_limit=0.01,
+        learning_rate=0.03,
+        lr_decay=1.0,
+        weight_decay=0.005,
+    ),
+    "snes": dict(ON_POLICIES, sigma_init=0.1),
+    "map-elites": dict(ON_POLICIES, sigma_init=0.1),
+}
+OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
+    "ite": dict(pop_size=256, num_generations=1000, sigma_init=0.1, num_bins=64),
+    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
+}
+EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
+TARGETS = {
+    "sphere": -1e-3,
+    "rosenbrock": -1e-3,
+    "rastrigin": -1.0,
+    "CartPole-v1": 475.0,
+    "Acrobot-v1": -100.0,
+    "MountainCar-v0": -110.0,
+    "Pendulum-v1": -200.0,
+}
+
+
+POSITIVE = ("pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "num_bins", "episode_length")
+POSITIVE += ("sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio", "ite_max_trials")
+POSITIVE += ("ite_length_scale", "poet_mutate_every", "poet_transfer_every", "poet_children")
+
+
+class ArgsError(ValueError):
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the None fields with the defaults of this method and problem, and check what tyro cannot.
+
+    Raises:
+        ArgsError: a non-positive size or scale; a population too small for CEM's elite fraction or
+            CMA-ES's parents, odd where antithetic pairs need it, or not dividing over the devices;
+            MAP-Elites on a problem without a behaviour descriptor.
+    """
+    on_function = args.problem in TEST_FUNCTIONS and args.algo not in OWN_DEFAULTS
+    twin = EVOSAX_TWIN.get(args.algo[7:], args.algo)  # evosax:<Name> takes its written-out twin's defaults
+    table = OWN_DEFAULTS if twin in OWN_DEFAULTS else FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS
+    filled = {k: v for k, v in dict(dict(num_bins=20), **table[twin]).items() if getattr(args, k) is None}
+    if on_function and args.num_dims is None:
+        filled["num_dims"] = 10
+    if args.normalize_observations is None:
+        filled["normalize_observations"] = twin == "openai-es" and not on_function
+    if args.target is None and args.problem in TARGETS:
+        filled["target"] = TARGETS[args.problem]
+    args = dataclasses.replace(args, **filled)
+    if on_function and not args.num_dims > 0:
+        raise ArgsError(f"--num-dims must be positive, got {args.num_dims}")
+    if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
+        args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
+    for name, value in dataclasses.asdict(args).items():
+        if name in POSITIVE and value is not None and not value > 0:
+            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.poet_max_pairs < 2:
+        raise ArgsError(f"--poet-max-pairs must be at least 2 (transfers need another pair), got {args.poet_max_pairs}")
+    if any(h <= 0 for h in args.hidden):
+        raise ArgsError(f"--hidden sizes must be positive, got {args.hidden}")
+    if not 0 <= args.obs_stats_fraction <= 1:
+        raise ArgsError(f"--obs-stats-fraction must lie in [0, 1], got {args.obs_stats_fraction}")
+    if args.algo == "cem" and not (args.elite_ratio <= 1 and int(args.elite_ratio * args.pop_size) >= 2):
+        raise ArgsError(
+            f"--pop-size {args.pop_size} with --elite-ratio {args.elite_ratio} leaves "
+            f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance"
+        )
+    if twin in ("cma-es", "snes") and args.pop_size < 4:
+        raise ArgsError(f"--pop-size {args.pop_size} is too small for {args.algo} (at least 4: 2 parents)")
+    if twin in ("openai-es", "poet") and args.pop_size % 2:
+        raise ArgsError(f"--pop-size must be even for antithetic sampling ({args.algo}), got {args.pop_size}")
+    if args.algo == "map-elites":
+        if on_function and args.num_dims < 2:
+            raise ArgsError("map-elites on a test function needs --num-dims ≥ 2 (the descriptor is (x₀, x₁))")
+        if not on_function and args.problem not in DESCRIPTORS:
+            raise ArgsError(
+                f"map-elites has no behaviour descriptor for {args.problem!r}; valid: "
+                f"{', '.join(TEST_FUNCTIONS + tuple(DESCRIPTORS))}"
+            )
+    if args.pop_size % jax.device_count():
+        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
+    return args
+
+
 # ---- The generation loop, distributed over devices with shared seeds (Salimans et al. Algorithm 2). ----
 class LoopState(NamedTuple):
-    es: Any  # the method's state (replicated on every device)
-    obs_stats: ObsStats  # observation statistics (replicated)
+    """What the generation loop carries from one generation to the next (replicated on every device)."""
+
+    es: Any  # the method's state
+    obs_stats: ObsStats  # observation statistics
     stop: jax.Array  # int32: 0 while running, else the STOP_REASONS index the method returned (state then frozen)
 
 
 class GenerationOutput(NamedTuple):
+    """What one generation reports (stacked over generations: a leading [T] axis)."""
+
     fitness: jax.Array  # [pop], this generation's members
     center_fitness: jax.Array  # the centre after the update (policies: new episodes; MAP-Elites: best elite)
     elite_fitness: jax.Array  # MAP-Elites: the best elite's archived fitness (NaN for the other methods)
@@ -1083,8 +1069,10 @@ def generation_keys(seed: int, first: int, count: int) -> jax.Array:
 
 
 def init_loop_state(args: Args, problem: Problem) -> LoopState:
+    """The method's initial state at problem.init_mean; observation statistics as the reference's RunningStat
+    starts them (mean 0, variance 1: sums 0, 1e-2, count 1e-2)."""
     es = METHODS[args.algo.split(":")[0]][0](jax.random.PRNGKey(args.seed), problem.init_mean, args)
-    d = problem.obs_dim  # observation statistics start as the reference's RunningStat: mean 0, variance 1
+    d = problem.obs_dim
     return LoopState(es, ObsStats(jnp.zeros(d), jnp.full(d, 1e-2), jnp.array(1e-2)), jnp.int32(0))
 
 
@@ -1095,37 +1083,40 @@ def make_generations(args: Args, problem: Problem) -> Callable:
     keys as every other member), all-gathers the pop fitnesses (MAP-Elites: and descriptors; with observation
     normalisation: each member's Σo, Σo², steps), which is all it exchanges, and applies the identical update.
     Once the method returned a stop code, the state stays as it was."""
-    _, ask, tell = METHODS[args.algo.split(":")[0]]
     devices = jax.devices()
     num_devices, per_device = len(devices), args.pop_size // len(devices)
     evaluate = jax.vmap(problem.evaluate, in_axes=(0, None, None))
+    is_map_elites = args.algo == "map-elites"
+
+    def gather(x):  # every device's members, in member order (gathered, not summed: every device adds up alike)
+        return jax.lax.all_gather(x, "devices", tiled=True) if num_devices > 1 else x
 
     def generation(loop: LoopState, key):
         key_ask, key_eval, key_tell, key_center, key_stats = jax.random.split(key, 5)
-        population, es = ask(key_ask, loop.es, args)  # every device: all members, from the seeds
-        first = jax.lax.axis_index("devices") * per_device if num_devices > 1 else 0
-        mine = jax.lax.dynamic_slice_in_dim(population, first, per_device)  # this device's members
-        fitness, descriptors, obs_sums = evaluate(mine, key_eval, loop.obs_stats)
-        if num_devices > 1:
-            fitness = jax.lax.all_gather(fitness, "devices", tiled=True)  # pop scalars
-            if args.algo == "map-elites":
-                descriptors = jax.lax.all_gather(descriptors, "devices", tiled=True)
-        new_es, stop = tell(key_tell, es, population, fitness, descriptors, args)
+
+        def evaluate_mine(population):  # every device asked for all members; it evaluates its own
+            first = jax.lax.axis_index("devices") * per_device if num_devices > 1 else 0
+            mine = jax.lax.dynamic_slice_in_dim(population, first, per_device)
+            fitness, descriptors, obs_sums = evaluate(mine, key_eval, loop.obs_stats)
+            if is_map_elites:
+                descriptors = gather(descriptors)
+            if args.normalize_observations:
+                obs_sums = gather(obs_sums)
+            return gather(fitness), descriptors, obs_sums
+
+        new_es, stop, fitness, obs_sums = es_generation(args.algo, loop.es, key_ask, key_tell, evaluate_mine, args)
         running = loop.stop == 0
         new_es = jax.tree.map(lambda new, old: jnp.where(running, new, old), new_es, loop.es)
         obs_stats = loop.obs_stats
         if args.normalize_observations:  # Salimans et al.'s code: from a random fraction of the members' episodes
-            if num_devices > 1:  # gathered, not summed, so that every device adds them up in one order
-                obs_sums = jax.lax.all_gather(obs_sums, "devices", tiled=True)
             chosen = (jax.random.uniform(key_stats, (args.pop_size,)) < args.obs_stats_fraction) & running
             obs_stats = ObsStats(*(s + chosen.astype(jnp.float32) @ b for s, b in zip(obs_stats, obs_sums)))
         center_fitness = problem.evaluate_center(new_es.mean, key_center, obs_stats)
-        is_map_elites = args.algo == "map-elites"
         out = GenerationOutput(
             fitness,
             center_fitness,
             new_es.fitness.max() if is_map_elites else jnp.float32(jnp.nan),
-            jnp.mean(es.sigma),
+            jnp.mean(loop.es.sigma),
             jnp.isfinite(new_es.fitness).sum() if is_map_elites else jnp.int32(-1),
             jnp.where(running, stop, loop.stop),
         )
@@ -1156,15 +1147,15 @@ def run_generations(
     Returns the final loop state and every generation's output (numpy, stacked over the generations run);
     on_chunk(first_generation, outputs, restored) after each call (restored: outputs read from the checkpoint).
 
-    With a checkpoint path, the loop state and the outputs so far are saved there (atomically) every 2% of the
-    run; with resume, a run that finds the file continues from it: generation g's key depends on (seed, g) alone and the
+    With a checkpoint path, the loop state and the outputs so far are saved there every 2% of the run; with
+    resume, a run that finds the file continues from it: generation g's key depends on (seed, g) alone and the
     chunks end where an uninterrupted run's do, so the numbers are an uninterrupted run's. The restored outputs
-    are reported first, as one chunk."""
+    are reported first, as one chunk. Raises ArgsError if the checkpoint is damaged or from other settings."""
     generations = make_generations(args, problem)
     loop = init_loop_state(args, problem)
     outputs = []
     if resume and os.path.exists(checkpoint):
-        loop, restored = load_checkpoint(checkpoint, loop)
+        loop, restored = read_checkpoint(checkpoint, lambda saved: restore_loop(saved, loop))
         outputs.append(restored)
         if on_chunk is not None:
             on_chunk(0, restored, True)
@@ -1187,87 +1178,261 @@ def run_generations(
         generations_done += len(out.stop)
         if checkpoint is not None and (generations_done % every == 0 or stopped):
             outputs = [jax.tree.map(lambda *a: np.concatenate(a), *outputs)]
-            state = dict(loop=flax.serialization.to_state_dict(loop), outputs=outputs[0]._asdict())
-            atomic_write(checkpoint, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
+            save_checkpoint(checkpoint, dict(loop=jax.tree.map(np.asarray, loop), outputs=outputs[0]))
         if on_chunk is not None:
             on_chunk(generations_done - len(out.stop), out, False)
     return loop, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
 
 
-def load_checkpoint(path: str, template: LoopState) -> tuple[LoopState, GenerationOutput]:
-    """(loop state, outputs so far) of run_generations' checkpoint, restored into the template's structure.
-    Raises ArgsError if the file is damaged or belongs to other settings."""
-    try:
-        with open(path, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        loop = flax.serialization.from_state_dict(template, state["loop"])
-        if jax.tree.map(np.shape, loop) != jax.tree.map(np.shape, template):
-            raise ValueError("shapes differ")
-        outputs = GenerationOutput(**state["outputs"])
-    except Exception as e:  # msgpack, key and shape errors all mean the same thing to the user
-        raise ArgsError(f"checkpoint {path} is damaged or from other settings ({type(e).__name__})") from None
-    return loop, outputs
+# ---- ITE's trials after damage and its baseline ----
+def es_from_scratch(score: Callable, x0: jax.Array, args: Args, budget: int) -> np.ndarray:
+    """The baseline ES from scratch: the written-out CMA-ES (λ = 4 + ⌊3 ln n⌋, σ₀ = 0.5) from x0 [n] on score(x [n]),
+    generation g keyed as the generation loop's. Returns the best fitness after each of the first `budget` trials
+    [budget]."""
+    es_args = dataclasses.replace(args, algo="cma-es", pop_size=4 + int(3 * math.log(x0.shape[0])), sigma_init=0.5)
+    state, trials = cma_init(None, x0, es_args), []
+
+    def evaluate(population):
+        return jax.vmap(score)(population), None, None
+
+    for key in generation_keys(args.seed, 0, -(-budget // es_args.pop_size)):
+        state, _, fitness, _ = es_generation("cma-es", state, key, key, evaluate, es_args)
+        trials += np.asarray(fitness).tolist()
+    return np.maximum.accumulate(trials[:budget])
 
 
-# ---- Running, saving, plotting. ----
-def start_processes(args: Args):
-    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
-    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
-    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
-    alone prints and writes files). One process needs nothing and this does nothing.
-
-    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
-    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
-    (they would take different branches and wait for each other for ever). Launches that still fail inside the
-    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
-    """
-    if args.coordinator_address is None and not args.distributed:
-        if (args.num_processes, args.process_id) != (1, 0):
-            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
-        return
-    if args.coordinator_address is not None:
-        if not 0 <= args.process_id < args.num_processes:
-            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
-        host, _, port = args.coordinator_address.rpartition(":")
-        if not port.isdigit():
-            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
-        deadline = time.time() + args.init_timeout
-        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise ArgsError(
-                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
-                        "(is process 0 running, with the same --coordinator-address?)"
-                    ) from None
-                time.sleep(0.2)
-        if args.process_id == 0:
-            try:
-                socket.create_server((host, int(port))).close()
-            except OSError as e:
-                raise ArgsError(
-                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({os.strerror(e.errno)}): "
-                    "give an address of this machine and a free port"
-                ) from None
-        jax.distributed.initialize(
-            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
+def ite_damages(args: Args, archive: MapElitesState) -> tuple[jax.Array, jax.Array, list[dict]]:
+    """ITE's adaptation step (Cully et al., Methods) with the map `archive` of the intact arm: on each of the 14
+    ARM_DAMAGES, ITE, the elites in order of prediction, and CMA-ES from scratch try to reach ARM_TARGET in at most
+    --ite-max-trials trials. Returns (behaviours [cells, 2], prior [cells] the predicted reach, -inf where empty,
+    one row per damage: its joints, trials and best reach of each, and the best reach of any elite of the map)."""
+    filled, postures, target = jnp.isfinite(archive.fitness), archive.solutions, jnp.array(ARM_TARGET)
+    behaviours = jnp.where(filled[:, None], jax.vmap(arm_hand)(postures), 0.0)
+    prior = jnp.where(filled, reach(behaviours, target), -jnp.inf)
+    adapt = {gp: jax.jit(lambda b, p, r, gp=gp: ite_adapt(b, p, r, args, gp)) for gp in (True, False)}
+    rows = []
+    for stuck, offset in ARM_DAMAGES:
+        damage = (
+            jnp.zeros(ARM_JOINTS, bool).at[jnp.array(stuck, int)].set(True),
+            jnp.zeros(ARM_JOINTS).at[jnp.array(offset, int)].set(1.0),
         )
-    else:
-        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+
+        def damaged(x, damage=damage):
+            return reach(arm_hand(x, *damage), target)
+
+        real = jnp.where(filled, jax.vmap(damaged)(postures), -jnp.inf)
+        row = dict(stuck=" ".join(map(str, stuck)), offset=" ".join(map(str, offset)))
+        for name, gp in (("ite", True), ("ordered", False)):
+            tried, perf = adapt[gp](behaviours, prior, real)
+            row[f"{name}_trials"], row[f"{name}_best"] = int((tried >= 0).sum()), float(perf.max())
+        es = es_from_scratch(damaged, jnp.zeros(ARM_JOINTS), args, args.ite_max_trials)
+        row.update(
+            es_trials=args.ite_max_trials,
+            es_best=float(es[-1]),
+            es_at_ite_trials_best=float(es[max(row["ite_trials"], 1) - 1]),
+            best_in_map_best=float(real.max()),
+        )  # the last: trying every elite
+        rows.append(row)
+        print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return behaviours, prior, rows
+
+
+# ---- POET's loop (Wang et al. 2019; the lecture's Algorithm 2) on the track family ----
+POET_ADMITTED, POET_HARDEST, POET_STEP = 2, 3, (-0.1, 0.3)  # admitted per mutation; re-run by ES; e₀, e₁ changes
+
+
+@dataclasses.dataclass
+class PoetState:
+    """Everything POET's iterations change: --poet-max-pairs slots of agents and environments, and the records."""
+
+    agents: GradientESState  # [slots] each slot's OpenAI-ES state (empty slots are stepped too, and ignored)
+    envs: np.ndarray  # [slots, 2] each slot's environment e
+    slot_env: np.ndarray  # [slots] each slot's environment id (an index of `created`), -1 where empty
+    rng: np.random.RandomState  # the mutations' random numbers
+    created: list  # every environment admitted: id, wall, gap, parent, iteration, best_score, evaluations_to_solve
+    rejected: list  # [wall, gap] of every child that failed the minimal criterion
+    history: list  # (iteration, env id, wall, gap, score) of every active pair after every iteration
+    evaluations: int = 0  # track runs so far, POET's whole budget
+    transfers: int = 0
+    iteration: int = 0  # iterations done
+
+
+def track_policy(args: Args) -> tuple[jax.Array, Callable]:
+    """(θ₀ [dim], unravel): the runner's initial MLP, init_policy(PRNGKey(seed)) with --hidden, flattened."""
+    return ravel_pytree(init_policy(jax.random.PRNGKey(args.seed), RUNNER.obs_dim, args.hidden, RUNNER.action_dim))
+
+
+def track_es_step(agent: GradientESState, env: jax.Array, key: jax.Array, unravel: Callable, args: Args):
+    """ES_STEP (POET's Algorithm 2): one OpenAI-ES generation of an agent on environment env [2], the members scored
+    by run_track; ask and tell share the key. Returns the agent's new state."""
+
+    def evaluate(population):
+        return jax.vmap(lambda x: run_track(unravel(x), env))(population), None, None
+
+    return es_generation("openai-es", agent, key, key, evaluate, args)[0]
+
+
+def poet_init(args: Args) -> PoetState:
+    """One pair: θ₀ on the flat track (environment 0), the other slots empty."""
+    cap = args.poet_max_pairs
+    agents = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, track_policy(args)[0], args))
+    created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0, evaluations_to_solve=None)]
+    slot_env = np.array([0] + [-1] * (cap - 1))
+    return PoetState(
+        agents, np.zeros((cap, 2), np.float32), slot_env, np.random.RandomState(args.seed), created, [], []
+    )
+
+
+def poet_loop(args: Args, poet: PoetState, on_iteration: Callable) -> PoetState:
+    """POET's iterations after poet.iteration up to --num-generations. Every iteration each pair's agent takes one
+    ES_STEP in its environment; every --poet-mutate-every iterations the environments whose agent solves them (score
+    1) propose --poet-children children (e + U(POET_STEP) per knob), those passing the minimal criterion are ranked
+    by novelty and at most POET_ADMITTED join, each with the best current agent in it, the oldest pair archived
+    beyond --poet-max-pairs; every --poet-transfer-every iterations each agent is replaced by a better one from
+    another pair, taken directly or after one ES step in this environment. Iteration it's keys are
+    fold_in(PRNGKey(seed), it), so a longer run repeats a shorter one. on_iteration(poet) after each iteration."""
+    _, unravel = track_policy(args)
+    cap = args.poet_max_pairs
+    score = jax.jit(jax.vmap(lambda x, env: run_track(unravel(x), env)))  # agents [n, dim] in envs [n, 2] -> [n]
+
+    @jax.jit
+    def step_all(agents, envs, key):  # every slot, active or not: agents [cap], envs [cap, 2]
+        agents = jax.vmap(lambda a, e, k: track_es_step(a, e, k, unravel, args))(
+            agents, envs, jax.random.split(key, cap)
+        )
+        return agents, score(agents.mean, envs)
+
+    @jax.jit
+    def transfer_all(agents, envs, scores, active, key):
+        def into(env, t):  # every other active agent in pair t's environment, directly and after one ES step
+            tuned = jax.vmap(lambda agent: track_es_step(agent, env, key, unravel, args))(agents)
+            here = jnp.tile(env, (cap, 1))
+            tried = jnp.concatenate([score(agents.mean, here), score(tuned.mean, here)])
+            replace, best = transfer_choice(scores[t], tried, jnp.tile(active & (jnp.arange(cap) != t), 2))
+            replace = replace & active[t]
+            chosen = jax.tree.map(lambda a, b: jnp.where(replace, jnp.concatenate([a, b])[best], a[t]), agents, tuned)
+            return chosen, replace
+
+        return jax.vmap(into)(envs, jnp.arange(cap))
+
+    for it in range(poet.iteration + 1, args.num_generations + 1):
+        active = poet.slot_env >= 0
+        key_step, key_transfer = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), it))
+        poet.agents, scores = step_all(poet.agents, jnp.asarray(poet.envs), key_step)
+        scores = np.asarray(scores)
+        poet.evaluations += int(active.sum()) * (args.pop_size + 1)
+        for slot in np.flatnonzero(active):
+            e = poet.created[poet.slot_env[slot]]
+            e["best_score"] = max(e["best_score"], float(scores[slot]))
+            if e["evaluations_to_solve"] is None and scores[slot] >= 1.0:  # POET's whole budget spent so far
+                e["evaluations_to_solve"] = poet.evaluations
+            poet.history.append((it, int(poet.slot_env[slot]), *poet.envs[slot].tolist(), float(scores[slot])))
+        eligible = np.flatnonzero(active & (scores >= 1.0))
+        if it % args.poet_mutate_every == 0 and eligible.size:
+            mutate_envs(args, poet, eligible, score, it)
+        if it % args.poet_transfer_every == 0:
+            active = poet.slot_env >= 0
+            poet.agents, replaced = transfer_all(
+                poet.agents, jnp.asarray(poet.envs), jnp.asarray(scores), jnp.asarray(active), key_transfer
+            )
+            poet.transfers += int(replaced.sum())
+            poet.evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
+        poet.iteration = it
+        on_iteration(poet)
+    return poet
+
+
+def mutate_envs(args: Args, poet: PoetState, eligible: np.ndarray, score: Callable, it: int):
+    """MUTATE_ENVS (POET's Algorithm 2) at iteration it: children of the eligible slots' environments, the minimal
+    criterion, novelty ranking, and each admitted child paired with the best current agent in it (poet updated)."""
+    cap = args.poet_max_pairs
+    parents = poet.rng.choice(eligible, args.poet_children)
+    children = np.clip(poet.envs[parents] + poet.rng.uniform(*POET_STEP, (len(parents), 2)), 0, 1).astype(np.float32)
+    in_children = score(poet.agents.mean[parents], jnp.asarray(children))
+    passed = np.asarray(minimal_criterion(in_children, args.poet_mc_low, args.poet_mc_high))
+    poet.rejected += children[~passed].tolist()
+    poet.evaluations += len(parents)
+    order = np.argsort(-novelty(children, np.array([[e["wall"], e["gap"]] for e in poet.created])))
+    for c in [c for c in order if passed[c]][:POET_ADMITTED]:
+        in_child = np.asarray(score(poet.agents.mean, jnp.tile(children[c], (cap, 1))))
+        in_child = np.where(poet.slot_env >= 0, in_child, -1)
+        free = np.flatnonzero(poet.slot_env < 0)  # or archive the oldest pair
+        slot = free[0] if free.size else min(np.flatnonzero(poet.slot_env >= 0), key=lambda s: poet.slot_env[s])
+        best = int(np.argmax(in_child))
+        poet.agents = jax.tree.map(lambda a, slot=slot, best=best: a.at[slot].set(a[best]), poet.agents)
+        poet.created.append(
+            dict(
+                id=len(poet.created),
+                wall=float(children[c][0]),
+                gap=float(children[c][1]),
+                parent=int(poet.slot_env[parents[c]]),
+                iteration=it,
+                best_score=float(in_child.max()),
+                evaluations_to_solve=poet.evaluations if in_child.max() >= 1.0 else None,
+            )
+        )
+        poet.envs[slot], poet.slot_env[slot] = children[c], len(poet.created) - 1
+        poet.evaluations += cap
+
+
+def direct_es(args: Args, envs: list, generations: int) -> list[np.ndarray]:
+    """POET's control: OpenAI-ES from θ₀ on each environment of envs (each [2]) alone, for `generations` ES_STEPs
+    (Wang et al.: POET's whole evaluation budget). Returns each one's centre score after each generation
+    [generations]."""
+    theta0, unravel = track_policy(args)
+
+    @jax.jit
+    def curve(env):
+        def generation(agent, key):
+            agent = track_es_step(agent, env, key, unravel, args)
+            return agent, run_track(unravel(agent.mean), env)
+
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), 0), generations)
+        return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1]
+
+    return [np.asarray(curve(jnp.asarray(env))) for env in envs]
+
+
+# ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime, docs/distributed.md): with
+    --coordinator-address host:port as process --process-id of --num-processes, or with --coordinator-address auto
+    as the cluster's launcher says (SLURM, Open MPI, Cloud TPU). Afterwards jax.devices() lists every process's
+    devices and only process 0 prints. One process (no --coordinator-address) needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds when no coordinator answers (the runtime itself would abort
+    the process without a Python error) or when the processes were launched with different flags (they would take
+    different branches and wait for each other for ever).
+    """
+    if args.coordinator_address is None:
+        return
+    auto = args.coordinator_address == "auto"
+    host, _, port = args.coordinator_address.rpartition(":")
+    deadline = time.time() + args.init_timeout
+    while not auto and args.process_id > 0:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except (OSError, ValueError):
+            if time.time() > deadline:
+                raise ArgsError(f"no coordinator at {args.coordinator_address} after {args.init_timeout} s") from None
+            time.sleep(0.2)
+    jax.distributed.initialize(
+        None if auto else args.coordinator_address,
+        None if auto else args.num_processes,
+        None if auto else args.process_id,
+        initialization_timeout=args.init_timeout,
+    )
     from jax.experimental import multihost_utils
 
-    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
-    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
+    flags = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(flags.encode()).digest()[:8], np.int32)
     digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
-    if jax.process_index():
-        sys.stdout = open(os.devnull, "w")
     differ = np.flatnonzero((digests != digests[0]).any(1))
     if differ.size:
         raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
-    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
-        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")
 
 
 def atomic_write(path: str, data: bytes):
@@ -1286,6 +1451,37 @@ def atomic_write(path: str, data: bytes):
 def write_json(path: str, obj: dict):
     """obj as indented JSON, written atomically."""
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_csv(path: str, rows: list, mode: str = "w"):
+    """rows (a header, then the data rows) into a new file, or with mode "a" after its rows. Process 0 only."""
+    if jax.process_index():
+        return
+    with open(path, mode, newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def save_checkpoint(path: str, state: dict):
+    """state (numpy arrays, numbers, strings, and dicts and NamedTuples of them) into path as msgpack, atomically."""
+    atomic_write(path, flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state)))
+
+
+def read_checkpoint(path: str, restore: Callable):
+    """restore(the dict save_checkpoint wrote to path). Raises ArgsError if the file is damaged or restore fails
+    (a checkpoint of other settings)."""
+    try:
+        with open(path, "rb") as f:
+            return restore(flax.serialization.msgpack_restore(f.read()))
+    except Exception as e:  # msgpack, key and shape errors all mean the same thing to the user
+        raise ArgsError(f"checkpoint {path} is damaged or from other settings ({type(e).__name__})") from None
+
+
+def restore_loop(saved: dict, template: LoopState) -> tuple[LoopState, GenerationOutput]:
+    """(loop state, outputs so far) of run_generations' checkpoint, in the template's structure and shapes."""
+    loop = flax.serialization.from_state_dict(template, saved["loop"])
+    if jax.tree.map(np.shape, loop) != jax.tree.map(np.shape, template):
+        raise ValueError("shapes differ")
+    return loop, GenerationOutput(**saved["outputs"])
 
 
 def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
@@ -1322,24 +1518,14 @@ def save_figure(path: str, draw: Callable, ncols: int = 1):
     plt.close(fig)
 
 
-def draw_fitness_curves(ax, table: dict, problem: str):
-    """fitness_curve.png: centre, population mean and best member against generations (test functions: f =
-    -fitness on a log scale)."""
-    sign = -1.0 if problem in TEST_FUNCTIONS else 1.0
-    for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"), ("best_fitness", "best")):
-        ax.plot(table["generation"], sign * table[key], label=label)
-    ax.set(
-        xlabel="generation",
-        ylabel="f(x) = -fitness" if sign < 0 else "return (fitness)",
-        title=problem,
-        yscale="log" if sign < 0 else "linear",
-    )
-    ax.legend(fontsize=8)
+def finite_or_none(summary: dict) -> dict:
+    """summary with NaN and ±inf floats as None (JSON has no such numbers)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
-    """One ES run (resolved args) into run_dir: args.json, generations.csv, fitness_curve.png, params.npz,
-    checkpoint.msgpack (continued with --resume) and summary.json (also returned)."""
+    """One ES run (resolved args) into run_dir: args.json, generations.csv, checkpoint.msgpack (continued with
+    --resume), params.npz, summary.json (also returned), then fitness_curve.png."""
     from tqdm import tqdm
 
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
@@ -1350,7 +1536,6 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     )
     csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
-
     ran = []  # (time, generations) of each chunk this process ran, not restored from the checkpoint
 
     def on_chunk(first, out, restored):
@@ -1368,13 +1553,9 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
-    save_figure(os.path.join(run_dir, "fitness_curve.png"), lambda ax: draw_fitness_curves(ax, table, args.problem))
     params = io.BytesIO()
-    np.savez(
-        params,
-        center=np.asarray(loop.es.mean),
-        **{f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()},
-    )
+    obs_stats = {f"obs_{k}": np.asarray(v) for k, v in loop.obs_stats._asdict().items()}
+    np.savez(params, center=np.asarray(loop.es.mean), **obs_stats)
     atomic_write(os.path.join(run_dir, "params.npz"), params.getvalue())
     reached = np.flatnonzero(table["center_fitness"] >= (np.inf if args.target is None else args.target))
     summary = dict(
@@ -1400,43 +1581,30 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
     )
-    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # JSON
+    summary = finite_or_none(summary)
     write_json(os.path.join(run_dir, "summary.json"), summary)
     print(
         f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
         f"target {args.target} reached at generation {summary['generations_to_target']}"
     )
+
+    def draw(ax):  # centre, population mean and best member (test functions: f = -fitness, log scale)
+        sign = -1.0 if args.problem in TEST_FUNCTIONS else 1.0
+        for key, label in (("center_fitness", "centre"), ("mean_fitness", "population mean"), ("best_fitness", "best")):
+            ax.plot(table["generation"], sign * table[key], label=label)
+        ylabel = "f(x) = -fitness" if sign < 0 else "return (fitness)"
+        ax.set(xlabel="generation", ylabel=ylabel, title=args.problem, yscale="log" if sign < 0 else "linear")
+        ax.legend(fontsize=8)
+
+    save_figure(os.path.join(run_dir, "fitness_curve.png"), draw)
     return summary
 
 
-def es_from_scratch(score: Callable, x0: jax.Array, args: Args, budget: int) -> np.ndarray:
-    """The baseline ES from scratch: the written-out CMA-ES (λ = 4 + ⌊3 ln n⌋, σ₀ = 0.5) from x0 on score(x [n]).
-    Returns the best fitness after each of the first `budget` trials [budget]."""
-    es_args = dataclasses.replace(args, algo="cma-es", pop_size=4 + int(3 * math.log(x0.shape[0])), sigma_init=0.5)
-    init, ask, tell = METHODS["cma-es"]
-    state, trials = init(None, x0, es_args), []
-    for g in range(-(-budget // es_args.pop_size)):
-        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), g)
-        population, state = ask(key, state, es_args)
-        fitness = jax.vmap(score)(population)
-        state, _ = tell(key, state, population, fitness, None, es_args)
-        trials += np.asarray(fitness).tolist()
-    return np.maximum.accumulate(trials[:budget])
-
-
-def write_csv(path: str, rows: list, mode: str = "w"):
-    """rows (a header, then the data rows) into a new file, or with mode "a" after its rows. Process 0 only."""
-    if jax.process_index():
-        return
-    with open(path, mode, newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
 def run_ite(args: Args, run_dir: str) -> dict:
-    """--algo ite: MAP-Elites maps the intact arm (hand position -> smoothest posture, --num-generations of
-    --pop-size), then on each of the 14 damages ITE, the elites in order of prediction, and CMA-ES from scratch try
-    to reach ARM_TARGET in at most --ite-max-trials trials. Writes generations.csv (the map), ite_damages.csv,
-    ite.png; returns the summary (performances as fractions of the undamaged best)."""
+    """--algo ite into run_dir: MAP-Elites maps the intact arm (hand position -> smoothest posture, --num-generations
+    of --pop-size; checkpointed, continued with --resume), then ite_damages. Writes args.json, generations.csv (the
+    map), ite_damages.csv, summary.json (performances as fractions of the undamaged best; also returned), ite.png."""
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     loop, out = run_generations(
         dataclasses.replace(args, algo="map-elites", problem="arm"),
         arm_problem(),
@@ -1446,33 +1614,10 @@ def run_ite(args: Args, run_dir: str) -> dict:
     )
     table = columns(out, 0, args.pop_size)
     write_csv(os.path.join(run_dir, "generations.csv"), [list(table)] + list(zip(*table.values())))
-    filled, postures, target = jnp.isfinite(loop.es.fitness), loop.es.solutions, jnp.array(ARM_TARGET)
-    behaviours = jnp.where(filled[:, None], jax.vmap(arm_hand)(postures), 0.0)
-    prior = jnp.where(filled, reach(behaviours, target), -jnp.inf)
+    filled = np.asarray(jnp.isfinite(loop.es.fitness))
+    behaviours, prior, rows = ite_damages(args, loop.es)
     undamaged = float(prior.max())
     print(f"map: {int(filled.sum())} of {args.num_bins**2} cells filled; best predicted reach {undamaged:.3f}")
-    adapt = {gp: jax.jit(lambda b, p, r, gp=gp: ite_adapt(b, p, r, args, gp)) for gp in (True, False)}
-    rows = []
-    for stuck, offset in ARM_DAMAGES:
-        damage = (
-            jnp.zeros(ARM_JOINTS, bool).at[jnp.array(stuck, int)].set(True),
-            jnp.zeros(ARM_JOINTS).at[jnp.array(offset, int)].set(1.0),
-        )
-        damaged = lambda x, damage=damage: reach(arm_hand(x, *damage), target)  # noqa: E731
-        real = jnp.where(filled, jax.vmap(damaged)(postures), -jnp.inf)
-        row = dict(stuck=" ".join(map(str, stuck)), offset=" ".join(map(str, offset)))
-        for name, gp in (("ite", True), ("ordered", False)):
-            tried, perf = adapt[gp](behaviours, prior, real)
-            row[f"{name}_trials"], row[f"{name}_best"] = int((tried >= 0).sum()), float(perf.max())
-        es = es_from_scratch(damaged, jnp.zeros(ARM_JOINTS), args, args.ite_max_trials)
-        row.update(
-            es_trials=args.ite_max_trials,
-            es_best=float(es[-1]),
-            es_at_ite_trials_best=float(es[max(row["ite_trials"], 1) - 1]),
-            best_in_map_best=float(real.max()),
-        )  # the last: trying every elite
-        rows.append(row)
-        print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     write_csv(os.path.join(run_dir, "ite_damages.csv"), [list(rows[0])] + [list(r.values()) for r in rows])
     summary = dict(
         algo="ite",
@@ -1485,27 +1630,21 @@ def run_ite(args: Args, run_dir: str) -> dict:
     )
     for name in ("ite", "ordered", "es", "es_at_ite_trials", "best_in_map"):
         fraction = np.array([r[f"{name}_best"] for r in rows]) / undamaged
-        summary.update(
-            {
-                f"{name}_recovered_fraction": float(fraction.mean()),
-                f"{name}_recovered_fraction_per_damage": fraction.round(4).tolist(),
-            }
-        )
+        summary[f"{name}_recovered_fraction"] = float(fraction.mean())
+        summary[f"{name}_recovered_fraction_per_damage"] = fraction.round(4).tolist()
         if f"{name}_trials" in rows[0]:
             summary[f"{name}_trials"] = float(np.mean([r[f"{name}_trials"] for r in rows]))
+    write_json(os.path.join(run_dir, "summary.json"), summary)
 
     def draw(left, right):  # the map, coloured by predicted reach; the recovered fraction per damage
-        dots = left.scatter(*np.asarray(behaviours)[np.asarray(filled)].T, c=np.asarray(prior)[np.asarray(filled)], s=2)
+        dots = left.scatter(*np.asarray(behaviours)[filled].T, c=np.asarray(prior)[filled], s=2)
         left.plot(*ARM_TARGET, "r*", ms=12)
         left.set(aspect="equal", title="map: the elites' hand positions and predicted reach", xlabel="x", ylabel="y")
         left.figure.colorbar(dots, ax=left)
         for i, (name, label) in enumerate((("ite", "IT&E"), ("ordered", "elites in order"), ("es", "CMA-ES"))):
-            right.bar(
-                np.arange(len(rows)) + (i - 1) * 0.27,
-                [r[f"{name}_best"] / undamaged for r in rows],
-                0.27,
-                label=f"{label} ({summary[f'{name}_trials']:.1f} trials)",
-            )
+            fraction = [r[f"{name}_best"] / undamaged for r in rows]
+            label = f"{label} ({summary[f'{name}_trials']:.1f} trials)"
+            right.bar(np.arange(len(rows)) + (i - 1) * 0.27, fraction, 0.27, label=label)
         right.set_xticks(range(len(rows)), [f"s{r['stuck']} o{r['offset']}" for r in rows], rotation=60, fontsize=7)
         right.set(ylabel="recovered / undamaged best", title="damages (s: stuck joints, o: offset joints)")
         right.legend(fontsize=8, loc="lower left")
@@ -1514,144 +1653,54 @@ def run_ite(args: Args, run_dir: str) -> dict:
     return summary
 
 
-POET_ADMITTED, POET_HARDEST, POET_STEP = 2, 3, (-0.1, 0.3)  # admitted per mutation; re-run by ES; e₀, e₁ changes
+def restore_poet(saved: dict, template: PoetState) -> PoetState:
+    """The PoetState of run_poet's checkpoint, its agents in the template's structure."""
+    agents = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(template.agents, saved["agents"]))
+    rng = np.random.RandomState()
+    rng.set_state(saved["rng"])
+    records = json.loads(saved["records"])
+    return PoetState(agents, np.array(saved["envs"]), np.array(saved["slot_env"]), rng, *records)
 
 
 def run_poet(args: Args, run_dir: str) -> dict:
-    """--algo poet (Wang et al. 2019; the lecture's Algorithm 2) on the track family, from one pair on the flat
-    track: every iteration each pair's agent takes one ES_STEP in its environment (openai-es ask and tell: Algorithm
-    1); every --poet-mutate-every iterations the environments whose agent solves them (score 1) propose
-    --poet-children children (e + U(POET_STEP) per knob), those passing the minimal criterion are ranked by novelty
-    and at most POET_ADMITTED join, each with the best current agent in it, the oldest pair archived beyond
-    --poet-max-pairs; every --poet-transfer-every iterations each agent is replaced by a better one from another
-    pair, taken directly or after one ES step in this environment. Then ES from scratch with POET's whole evaluation
-    budget on the POET_HARDEST hardest solved environments. Writes poet_history.csv, poet_envs.csv, poet.png."""
-    theta0, unravel = ravel_pytree(
-        init_policy(jax.random.PRNGKey(args.seed), RUNNER.obs_dim, args.hidden, RUNNER.action_dim)
-    )
-    score = jax.jit(jax.vmap(lambda x, env: run_track(unravel(x), env)))  # agents [n, dim] in envs [n, 2] -> [n]
-    cap, rng, key = args.poet_max_pairs, np.random.RandomState(args.seed), jax.random.PRNGKey(args.seed)
+    """--algo poet into run_dir: poet_loop from one pair on the flat track (checkpointed every 2% of the
+    iterations, continued with --resume), then direct_es with POET's whole evaluation budget on the POET_HARDEST
+    hardest solved environments. Writes args.json, poet_envs.csv, poet_history.csv, summary.json (also returned),
+    poet.png."""
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    poet, checkpoint = poet_init(args), os.path.join(run_dir, "checkpoint.msgpack")
+    if args.resume and os.path.exists(checkpoint):
+        poet = read_checkpoint(checkpoint, lambda saved: restore_poet(saved, poet))
+    every, start, done = max(1, args.num_generations // 50), time.time(), poet.iteration
 
-    def es_step(state, env, key):  # ES_STEP: one OpenAI-ES update of an agent in its environment
-        population, _ = openai_es_ask(key, state, args)
-        fitness = jax.vmap(lambda x: run_track(unravel(x), env))(population)
-        return openai_es_tell(key, state, population, fitness, None, args)[0]
-
-    @jax.jit
-    def step_all(states, envs, key):  # every slot, active or not: states [cap], envs [cap, 2]
-        states = jax.vmap(es_step)(states, envs, jax.random.split(key, cap))
-        return states, score(states.mean, envs)
-
-    @jax.jit
-    def transfer_all(states, envs, scores, active, key):
-        def into(env, t):  # every other active agent in pair t's environment, directly and after one ES step
-            tuned = jax.vmap(lambda state: es_step(state, env, key))(states)
-            here = jnp.tile(env, (cap, 1))
-            tried = jnp.concatenate([score(states.mean, here), score(tuned.mean, here)])
-            replace, best = transfer_choice(scores[t], tried, jnp.tile(active & (jnp.arange(cap) != t), 2))
-            replace = replace & active[t]
-            chosen = jax.tree.map(lambda a, b: jnp.where(replace, jnp.concatenate([a, b])[best], a[t]), states, tuned)
-            return chosen, replace
-
-        return jax.vmap(into)(envs, jnp.arange(cap))
-
-    states = jax.tree.map(lambda a: jnp.stack([a] * cap), gradient_es_init(None, theta0, args))
-    envs, slot_env = np.zeros((cap, 2), np.float32), np.array([0] + [-1] * (cap - 1))  # slot -> environment id
-    created = [dict(id=0, wall=0.0, gap=0.0, parent=-1, iteration=0, best_score=0.0, evaluations_to_solve=None)]
-    rejected, history, evaluations, transfers, done = [], [], 0, 0, 0
-    checkpoint, every = os.path.join(run_dir, "checkpoint.msgpack"), max(1, args.num_generations // 50)
-    if args.resume and os.path.exists(checkpoint):  # everything the iterations change, saved after iteration `done`
-        try:
-            with open(checkpoint, "rb") as f:
-                saved = flax.serialization.msgpack_restore(f.read())
-            states = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(states, saved["states"]))
-            envs, slot_env = np.array(saved["envs"]), np.array(saved["slot_env"])
-            rng.set_state(saved["rng"])
-            created, rejected, history, evaluations, transfers, done = json.loads(saved["host"])
-        except Exception as e:  # msgpack, key and JSON errors all mean the same thing to the user
-            raise ArgsError(f"checkpoint {checkpoint} is damaged or not POET's ({type(e).__name__})") from None
-    start = time.time()
-    for it in range(done + 1, args.num_generations + 1):
-        active = slot_env >= 0
-        key_step, key_transfer = jax.random.split(jax.random.fold_in(key, it))  # a longer run repeats a shorter one
-        states, scores = step_all(states, jnp.asarray(envs), key_step)
-        scores, evaluations = np.asarray(scores), evaluations + int(active.sum()) * (args.pop_size + 1)
-        for slot in np.flatnonzero(active):
-            e = created[slot_env[slot]]
-            e["best_score"] = max(e["best_score"], float(scores[slot]))
-            if e["evaluations_to_solve"] is None and scores[slot] >= 1.0:  # POET's whole budget spent so far
-                e["evaluations_to_solve"] = evaluations
-            history.append((it, int(slot_env[slot]), *envs[slot].tolist(), float(scores[slot])))
-        eligible = np.flatnonzero(active & (scores >= 1.0))
-        if it % args.poet_mutate_every == 0 and eligible.size:  # MUTATE_ENVS
-            parents = rng.choice(eligible, args.poet_children)
-            children = np.clip(envs[parents] + rng.uniform(*POET_STEP, (len(parents), 2)), 0, 1).astype(np.float32)
-            passed = np.asarray(
-                minimal_criterion(
-                    score(states.mean[parents], jnp.asarray(children)), args.poet_mc_low, args.poet_mc_high
-                )
-            )
-            rejected += children[~passed].tolist()
-            evaluations += len(parents)
-            order = np.argsort(-novelty(children, np.array([[e["wall"], e["gap"]] for e in created])))
-            for c in [c for c in order if passed[c]][:POET_ADMITTED]:
-                in_child = np.where(slot_env >= 0, np.asarray(score(states.mean, jnp.tile(children[c], (cap, 1)))), -1)
-                free = np.flatnonzero(slot_env < 0)  # or archive the oldest pair
-                slot = free[0] if free.size else min(np.flatnonzero(slot_env >= 0), key=lambda s: slot_env[s])
-                best = int(np.argmax(in_child))
-                states = jax.tree.map(lambda a, slot=slot, best=best: a.at[slot].set(a[best]), states)
-                created.append(
-                    dict(
-                        id=len(created),
-                        wall=float(children[c][0]),
-                        gap=float(children[c][1]),
-                        parent=int(slot_env[parents[c]]),
-                        iteration=it,
-                        best_score=float(in_child.max()),
-                        evaluations_to_solve=evaluations if in_child.max() >= 1.0 else None,
-                    )
-                )
-                envs[slot], slot_env[slot], evaluations = children[c], len(created) - 1, evaluations + cap
-        if it % args.poet_transfer_every == 0:
-            active = slot_env >= 0
-            states, replaced = transfer_all(
-                states, jnp.asarray(envs), jnp.asarray(scores), jnp.asarray(active), key_transfer
-            )
-            transfers += int(replaced.sum())
-            evaluations += int(active.sum()) ** 2 * (args.pop_size + 2)
+    def on_iteration(poet):
+        it = poet.iteration
         if it % every == 0:
-            saved = dict(
-                states=flax.serialization.to_state_dict(jax.tree.map(np.asarray, states)),
-                envs=envs,
-                slot_env=slot_env,
-                rng=rng.get_state(legacy=False),
-                host=json.dumps([created, rejected, history, evaluations, transfers, it]),
+            records = [poet.created, poet.rejected, poet.history, poet.evaluations, poet.transfers, it]
+            state = dict(
+                agents=jax.tree.map(np.asarray, poet.agents),
+                envs=poet.envs,
+                slot_env=poet.slot_env,
+                rng=poet.rng.get_state(legacy=False),
+                records=json.dumps(records),
             )
-            atomic_write(checkpoint, flax.serialization.msgpack_serialize(saved))
+            save_checkpoint(checkpoint, state)
         if it % 100 == 0 or it == args.num_generations:
             rate = (it - done) / (time.time() - start)
             print(
-                f"iteration {it}/{args.num_generations}: {int((slot_env >= 0).sum())} active pairs, "
-                f"{len(created)} environments, {sum(e['best_score'] >= 1 for e in created)} solved, "
-                f"{transfers} transfers, {rate:.2f} iterations/s, ETA {(args.num_generations - it) / rate:.0f} s",
+                f"iteration {it}/{args.num_generations}: {int((poet.slot_env >= 0).sum())} active pairs, "
+                f"{len(poet.created)} environments, {sum(e['best_score'] >= 1 for e in poet.created)} solved, "
+                f"{poet.transfers} transfers, {rate:.2f} iterations/s, ETA {(args.num_generations - it) / rate:.0f} s",
                 flush=True,
             )
+
+    poet = poet_loop(args, poet, on_iteration)
+    created, history = poet.created, poet.history
     solved = [e for e in created if e["best_score"] >= 1.0]
     hardest = sorted(solved, key=lambda e: -(e["wall"] + e["gap"]))[:POET_HARDEST]
-    generations = evaluations // (args.pop_size + 1)  # direct ES: POET's whole budget on each environment
-
-    @jax.jit
-    def direct_es(env):  # the centre's score after each generation [generations]
-        def generation(state, key):
-            state = es_step(state, env, key)
-            return state, run_track(unravel(state.mean), env)
-
-        keys = jax.random.split(jax.random.fold_in(key, 0), generations)
-        return jax.lax.scan(generation, gradient_es_init(None, theta0, args), keys)[1]
-
+    generations = poet.evaluations // (args.pop_size + 1)  # direct ES: POET's whole budget on each environment
     write_csv(os.path.join(run_dir, "poet_envs.csv"), [list(created[0])] + [list(e.values()) for e in created])
-    for e in hardest:
-        curve = np.asarray(direct_es(jnp.array([e["wall"], e["gap"]])))
+    for e, curve in zip(hardest, direct_es(args, [[e["wall"], e["gap"]] for e in hardest], generations)):
         solved_at = np.flatnonzero(curve >= 1.0)
         e.update(
             direct_es_best_score=float(curve.max()),
@@ -1663,30 +1712,32 @@ def run_poet(args: Args, run_dir: str) -> dict:
             f"generations, solved after {e['direct_es_evaluations_to_solve']} evaluations"
         )
     write_csv(os.path.join(run_dir, "poet_history.csv"), [("iteration", "env_id", "wall", "gap", "score")] + history)
+    summary = dict(
+        algo="poet",
+        seed=args.seed,
+        iterations=args.num_generations,
+        evaluations=poet.evaluations,
+        environments_created=len(created),
+        environments_solved=len(solved),
+        children_rejected=len(poet.rejected),
+        transfers=poet.transfers,
+        direct_es_generations=generations,
+        hardest_solved=hardest,
+        direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest),
+    )
+    write_json(os.path.join(run_dir, "summary.json"), summary)
 
     def draw(left, right):  # the environments created and the children rejected; each pair's score
-        left.scatter(*np.array(rejected).reshape(-1, 2).T, c="0.7", marker="x", s=12, label="failed the criterion")
+        left.scatter(*np.array(poet.rejected).reshape(-1, 2).T, c="0.7", marker="x", s=12, label="failed the criterion")
         for e in created:
             left.scatter(e["wall"], e["gap"], s=30, c="tab:green" if e["best_score"] >= 1 else "tab:red")
         for e in hardest:
             solved = e["direct_es_best_score"] >= 1
             label = "hardest: direct ES solved it" if solved else "hardest: direct ES did not"
-            left.scatter(
-                e["wall"],
-                e["gap"],
-                s=90,
-                marker="s" if solved else "X",
-                facecolors="none" if solved else "k",
-                edgecolors="k",
-                label=label,
-            )
-        left.set(
-            xlabel=f"walls e₀ (× {WALL_MAX} m)",
-            ylabel=f"gaps e₁ (× {GAP_MAX} m)",
-            xlim=(-0.05, 1.1),
-            ylim=(-0.05, 1.1),
-            title="environments created: green solved, red not",
-        )
+            style = dict(marker="s", facecolors="none") if solved else dict(marker="X", facecolors="k")
+            left.scatter(e["wall"], e["gap"], s=90, edgecolors="k", label=label, **style)
+        left.set(xlabel=f"walls e₀ (× {WALL_MAX} m)", ylabel=f"gaps e₁ (× {GAP_MAX} m)", xlim=(-0.05, 1.1))
+        left.set(ylim=(-0.05, 1.1), title="environments created: green solved, red not")
         handles = dict(zip(*left.get_legend_handles_labels()[::-1]))  # one entry per label
         left.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
         rows = np.array(history)
@@ -1695,40 +1746,29 @@ def run_poet(args: Args, run_dir: str) -> dict:
         right.set(xlabel="iteration", ylabel="score of the pair's agent (1 = solved)", title="pairs")
 
     save_figure(os.path.join(run_dir, "poet.png"), draw, ncols=2)
-    return dict(
-        algo="poet",
-        seed=args.seed,
-        iterations=args.num_generations,
-        evaluations=evaluations,
-        environments_created=len(created),
-        environments_solved=len(solved),
-        children_rejected=len(rejected),
-        transfers=transfers,
-        direct_es_generations=generations,
-        hardest_solved=hardest,
-        direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest),
-    )
+    return summary
 
 
-LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
 
 
 def resumed_args(args: Args) -> Args:
-    """The --resume run directory's saved arguments, with this command's launch flags and --num-generations if given.
-    Raises ArgsError when the directory has no readable args.json."""
+    """The --resume run directory's saved arguments (its args.json; lists back to tuples, unknown keys dropped),
+    with this command's launch flags, and its --num-generations where given. Raises ArgsError when the directory
+    has no readable args.json."""
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
-    fields = {f.name for f in dataclasses.fields(Args)}  # lists back to tuples; unknown keys dropped
+    fields = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
     return dataclasses.replace(
         saved,
         **{k: getattr(args, k) for k in LAUNCH_FIELDS},
         resume=args.resume,
         run_dir=args.resume,
-        num_generations=args.num_generations or saved.num_generations,
+        num_generations=saved.num_generations if args.num_generations is None else args.num_generations,
     )
 
 
@@ -1742,12 +1782,7 @@ def main(args: Args) -> str:
         run_dir = args.run_dir or os.path.join(
             "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
-        if args.algo in OWN_DEFAULTS:
-            write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-            summary = (run_ite if args.algo == "ite" else run_poet)(args, run_dir)
-            write_json(os.path.join(run_dir, "summary.json"), summary)
-        else:
-            run(args, run_dir)
+        dict(ite=run_ite, poet=run_poet).get(args.algo, run)(args, run_dir)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -219,9 +219,9 @@ def test_openai_es_weight_decay_acts_on_the_reference_scale():
 
 def test_observation_normalisation_floors_the_variance_and_clips():
     stats = eb.ObsStats(jnp.array([10.0, 0.0]), jnp.array([100.0, 1e-6]), jnp.array(10.0))  # mean (1, 0)
-    out = eb.normalize(jnp.array([1.05, 0.01]), stats, True)  # variances 9 and 1e-7: the second floored to 1e-2
+    out = eb.normalize_obs(jnp.array([1.05, 0.01]), stats, True)  # variances 9 and 1e-7: the second floored to 1e-2
     np.testing.assert_allclose(out, [0.05 / 3, 0.1], rtol=1e-4)
-    np.testing.assert_allclose(eb.normalize(jnp.array([1e3, -1e3]), stats, True), [5.0, -5.0])
+    np.testing.assert_allclose(eb.normalize_obs(jnp.array([1e3, -1e3]), stats, True), [5.0, -5.0])
 
 
 def test_openai_es_solves_cartpole_and_gathers_statistics_from_a_fraction_of_the_population():
