@@ -257,15 +257,16 @@ def test_two_processes_and_two_devices_reproduce_one_device_bit_for_bit(tmp_path
     and summary.json (timings aside). Without statistics or descriptors (openai-es on sphere) the compiled
     generation exchanges the fitness vector f32[pop] and nothing else."""
     driver = [sys.executable, "-c", DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
-    reports = {}
-    for name, count in (("one", 1), ("two_devices", 2)):
+    reports, started = {}, {}
+    for name, count in (("one", 1), ("two_devices", 2)):  # all four processes at once
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        proc = subprocess.run(
-            driver + ["--run-dir", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        command = ["timeout", "-s", "KILL", "300", *driver, "--run-dir", str(tmp_path / name)]
+        started[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     results = processes.launch(driver + ["--run-dir", str(tmp_path / "two_processes")], 2, timeout=300)
+    for name, proc in started.items():
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        reports[name] = json.loads(out.strip().splitlines()[-1])
     for code, _, err in results:
         assert code == 0, err[-3000:]
     reports["two_processes"] = json.loads(results[0][1].strip().splitlines()[-1])
@@ -452,37 +453,9 @@ def test_track_scores_running_crashing_and_falling():
     assert float(eb.run_track(jumper, jnp.array([0.0, 0.0]))) == 1.0
 
 
-@pytest.mark.parametrize(
-    "flags, files, keys",
-    [
-        (
-            ["--algo", "ite", "--num-generations", "20", "--num-bins", "10", "--ite-max-trials", "5"],
-            ["ite_damages.csv", "ite.png", "generations.csv"],
-            ["ite_trials", "ite_recovered_fraction", "es_trials"],
-        ),
-        (
-            [
-                "--algo",
-                "poet",
-                "--num-generations",
-                "12",
-                "--pop-size",
-                "16",
-                "--hidden",
-                "8",
-                "--poet-mutate-every",
-                "3",
-                "--poet-transfer-every",
-                "4",
-                "--poet-max-pairs",
-                "3",
-            ],
-            ["poet_history.csv", "poet_envs.csv", "poet.png"],
-            ["environments_created", "environments_solved", "hardest_solved", "direct_es_generations"],
-        ),
-    ],
-)
-def test_ite_and_poet_cli_smoke(tmp_path, flags, files, keys):
+def test_ite_cli_smoke(tmp_path):
+    """A tiny ITE run writes its files and summary (POET's smoke run is the uninterrupted run of the SIGKILL test)."""
+    flags = ["--algo", "ite", "--num-generations", "20", "--num-bins", "10", "--ite-max-trials", "5"]
     run_dir = str(tmp_path / "run")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--run-dir", run_dir],
@@ -495,8 +468,8 @@ def test_ite_and_poet_cli_smoke(tmp_path, flags, files, keys):
     assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    assert all(key in summary for key in keys), summary
-    for name in files + ["args.json"]:
+    assert all(key in summary for key in ["ite_trials", "ite_recovered_fraction", "es_trials"]), summary
+    for name in ["ite_damages.csv", "ite.png", "generations.csv", "args.json"]:
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
 
 
@@ -513,23 +486,26 @@ def test_centered_ranks_share_ties_and_give_no_step_without_spread():
     np.testing.assert_array_equal(np.asarray(epg.centered_ranks(fitness)), np.asarray(eb.centered_ranks(fitness)))
 
 
+POET_FLAGS = ["--algo", "poet", "--num-generations", "100", "--poet-mutate-every", "3", "--poet-transfer-every", "4"]
 KILLED = [  # small policies, one centre episode: the cost is start-up and compilation
     (["--algo", "cma-es", "--problem", "CartPole-v1", "--num-generations", "100"], ["generations.csv", "params.npz"]),
     (
         ["--algo", "map-elites", "--problem", "CartPole-v1", "--num-generations", "100"],
         ["generations.csv", "params.npz"],
     ),
-    (
-        ["--algo", "poet", "--num-generations", "100", "--poet-mutate-every", "3", "--poet-transfer-every", "4"],
-        ["poet_history.csv", "poet_envs.csv"],
-    ),
+    (POET_FLAGS + ["--poet-max-pairs", "3"], ["poet_history.csv", "poet_envs.csv"]),  # 3 pairs: the oldest archived
 ]
 
 
 @pytest.mark.parametrize("flags, files", KILLED, ids=["cma-es", "map-elites", "poet"])
 def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, flags, files):
+    """A run killed at its first checkpoint and resumed writes the files of the uninterrupted run, which runs beside
+    it; that run is also the CLI smoke run of each (its last line, its files, POET's summary keys)."""
     command = [sys.executable, os.path.join(ROOT, "es_basics.py"), *flags, "--pop-size", "8", "--hidden", "4"]
     command += ["--num-eval-episodes", "1"]
+    full = subprocess.Popen(
+        command + ["--run-dir", str(tmp_path / "full")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     killed = subprocess.Popen(command + ["--run-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, cwd=ROOT)
     checkpoint = tmp_path / "killed" / "checkpoint.msgpack"
     deadline = time.time() + 300
@@ -538,15 +514,23 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, flags, files)
     killed.kill()  # SIGKILL at the first checkpoint (2% of the run)
     killed.wait()
     assert checkpoint.exists() and not (tmp_path / "killed" / "summary.json").exists()
-    for extra in (["--run-dir", str(tmp_path / "full")], ["--resume", str(tmp_path / "killed")]):
-        proc = subprocess.run(command + extra, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(command + ["--resume", str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == f"run directory: {tmp_path / 'full'}"
     for name in files:
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    for name in ["args.json", "poet.png" if "poet" in flags else "fitness_curve.png"]:
+        assert os.path.getsize(tmp_path / "full" / name) > 0, name
     timings = ("wall_seconds", "first_call_seconds", "generations_per_second")
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("killed", "full")]
     kept = [{k: v for k, v in s.items() if k not in timings} for s in summaries]
     assert kept[0] == kept[1]
+    if "poet" in flags:
+        assert {"environments_created", "environments_solved", "hardest_solved", "direct_es_generations"} <= set(
+            kept[0]
+        )
 
 
 def test_bad_launches_end_in_one_line_and_exit_code_2_without_hanging():
