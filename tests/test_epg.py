@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -323,25 +322,17 @@ print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives
 """
 
 
-def test_meta_training_run_dir_interrupted_resume_two_devices_and_two_processes(tmp_path, monkeypatch):
-    """Two generations: the run directory; Ctrl-C then --resume reproduces them; 2 forced host devices and 2
-    processes of 1 device give the same ES means (loss.msgpack, best_loss.msgpack) bit for bit and the logged
-    fitnesses to float32 rounding (a device's batch of lifetimes sets the order of XLA's sums); the compiled
-    generation exchanges the returns f32[pop, num_tasks] and nothing else."""
-    full, interrupted, sharded = str(tmp_path / "full"), str(tmp_path / "interrupted"), str(tmp_path / "sharded")
+def test_meta_training_run_dir_interrupted_resume_and_two_processes_of_two_devices(tmp_path, monkeypatch):
+    """Two generations: the run directory; Ctrl-C then --resume reproduces them; 2 processes of 2 forced host devices
+    each (so the population is split over the devices of one process and over processes at once) give the same ES
+    means (loss.msgpack, best_loss.msgpack) bit for bit and the logged fitnesses to float32 rounding (a device's
+    batch of lifetimes sets the order of XLA's sums); the compiled generation exchanges the returns
+    f32[pop, num_tasks] and nothing else."""
+    full, interrupted, two = str(tmp_path / "full"), str(tmp_path / "interrupted"), str(tmp_path / "two")
     driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    launched = pool.submit(processes.launch, driver + FLAGS + ["--run-dir", str(tmp_path / "two")], 2, 600)
-    # the two-device run in a subprocess, while this process runs the single-device ones
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    two_devices = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "epg.py")] + FLAGS + ["--run-dir", sharded],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # the two processes run while this one runs the others
+    launched = pool.submit(processes.launch, driver + FLAGS + ["--run-dir", two], 2, 600, env)
     epg.main(epg_args(FLAGS + ["--run-dir", full]))
     for name in RUN_FILES:
         assert os.path.isfile(os.path.join(full, name)), name
@@ -374,29 +365,26 @@ def test_meta_training_run_dir_interrupted_resume_two_devices_and_two_processes(
     epg.main(epg_args(["--resume", interrupted]))
     np.testing.assert_equal(read_rows(interrupted), rows)  # exactly; NaN (not evaluated) equals NaN
 
-    # the population sharded over 2 devices (shard_map) gives the single device's numbers
-    stdout, stderr = two_devices.communicate(timeout=600)
-    assert two_devices.returncode == 0 and "Traceback" not in stderr, stderr
-    assert "on 2 cpu device(s)" in stdout
+    # the population sharded over 2 processes × 2 devices (shard_map) gives the single device's numbers
     results = launched.result()
     pool.shutdown()
     for code, _, err in results:
         assert code == 0, err[-3000:]
-    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
+    assert "on 4 cpu device(s)" in results[0][1]
+    assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 4, ["f32[4,2]{1,0} all-gather"]]
     assert not (tmp_path / "two" / "summary.json.tmp").exists()
-    for run_dir in (sharded, tmp_path / "two"):
-        for name in ("loss.msgpack", "best_loss.msgpack"):
-            with open(os.path.join(full, name), "rb") as a, open(os.path.join(run_dir, name), "rb") as b:
-                assert a.read() == b.read(), (run_dir, name)
-        for a, b in zip(rows, read_rows(run_dir), strict=True):
-            for k in ("best_fitness", "mean_fitness", "eval_fitness"):
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+    for name in ("loss.msgpack", "best_loss.msgpack"):
+        with open(os.path.join(full, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
+            assert a.read() == b.read(), name
+    for a, b in zip(rows, read_rows(two), strict=True):
+        for k in ("best_fitness", "mean_fitness", "eval_fitness"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
 
 
 def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
     """--test: evolved, reward-ablated evolved, tuned PPO (a sweep of four settings), zero and reward-blind losses
-    on the same held-out goals, with the meta-training settings of this module (so the runner compiled for them
-    serves every trainer)."""
+    on the same held-out goals, with the meta-training settings of this module and its --ppo-epochs (so the runner
+    compiled for them serves every trainer)."""
     theta = jax.flatten_util.ravel_pytree(epg.loss_template(ARGS, env))[0]
     evolved, blind = str(tmp_path / "evolved.msgpack"), str(tmp_path / "blind.msgpack")
     epg.save_loss(evolved, theta + 0.01, ARGS)
@@ -418,7 +406,7 @@ def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
                 "64",
                 "--ppo-epochs",
                 "1",
-                "2",
+                "4",
                 "--ppo-learning-rates",
                 "0.001",
                 "0.003",
