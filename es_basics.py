@@ -1178,7 +1178,7 @@ def run_generations(
         generations_done += len(out.stop)
         if checkpoint is not None and (generations_done % every == 0 or stopped):
             outputs = [jax.tree.map(lambda *a: np.concatenate(a), *outputs)]
-            save_checkpoint(checkpoint, dict(loop=jax.tree.map(np.asarray, loop), outputs=outputs[0]))
+            write_checkpoint(checkpoint, dict(loop=jax.tree.map(np.asarray, loop), outputs=outputs[0]))
         if on_chunk is not None:
             on_chunk(generations_done - len(out.stop), out, False)
     return loop, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
@@ -1187,7 +1187,8 @@ def run_generations(
 # ---- ITE's trials after damage and its baseline ----
 def es_from_scratch(score: Callable, x0: jax.Array, args: Args, budget: int) -> np.ndarray:
     """The baseline ES from scratch: the written-out CMA-ES (λ = 4 + ⌊3 ln n⌋, σ₀ = 0.5) from x0 [n] on score(x [n]),
-    generation g keyed as the generation loop's. Returns the best fitness after each of the first `budget` trials
+    generation g keyed as the generation loop's, run op by op (compiled, eigh may return B with other signs, and so
+    other samples of the same distribution). Returns the best fitness after each of the first `budget` trials
     [budget]."""
     es_args = dataclasses.replace(args, algo="cma-es", pop_size=4 + int(3 * math.log(x0.shape[0])), sigma_init=0.5)
     state, trials = cma_init(None, x0, es_args), []
@@ -1461,13 +1462,13 @@ def write_csv(path: str, rows: list, mode: str = "w"):
         csv.writer(f).writerows(rows)
 
 
-def save_checkpoint(path: str, state: dict):
+def write_checkpoint(path: str, state: dict):
     """state (numpy arrays, numbers, strings, and dicts and NamedTuples of them) into path as msgpack, atomically."""
     atomic_write(path, flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state)))
 
 
 def read_checkpoint(path: str, restore: Callable):
-    """restore(the dict save_checkpoint wrote to path). Raises ArgsError if the file is damaged or restore fails
+    """restore(the dict write_checkpoint wrote to path). Raises ArgsError if the file is damaged or restore fails
     (a checkpoint of other settings)."""
     try:
         with open(path, "rb") as f:
@@ -1516,11 +1517,6 @@ def save_figure(path: str, draw: Callable, ncols: int = 1):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def finite_or_none(summary: dict) -> dict:
-    """summary with NaN and ±inf floats as None (JSON has no such numbers)."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
@@ -1581,7 +1577,7 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
     )
-    summary = finite_or_none(summary)
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # JSON
     write_json(os.path.join(run_dir, "summary.json"), summary)
     print(
         f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
@@ -1684,7 +1680,7 @@ def run_poet(args: Args, run_dir: str) -> dict:
                 rng=poet.rng.get_state(legacy=False),
                 records=json.dumps(records),
             )
-            save_checkpoint(checkpoint, state)
+            write_checkpoint(checkpoint, state)
         if it % 100 == 0 or it == args.num_generations:
             rate = (it - done) / (time.time() - start)
             print(
