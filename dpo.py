@@ -13,8 +13,7 @@ Training is a compiled function that advances every seed (vmapped, sharded over 
 updates, called from a short host loop that logs, checkpoints and prints between chunks.
 
 Example:
-    python dpo.py --env-id ant                      # the paper's Brax setting (use a GPU)
-    python dpo.py --env-id CartPole-v1 --num-seeds 5 --drift ppo
+    python dpo.py --env-id CartPole-v1 --num-seeds 5 --drift ppo    # `--env-id ant`: the paper's Brax setting (a GPU)
 """
 
 import csv
@@ -68,7 +67,10 @@ BRAX_ENVS = typing.get_args(EnvId)[:11]
 
 @dataclasses.dataclass
 class Args:
-    """Train DPO (or PPO with --drift ppo). Fields showing None take the env family's default (see docs/dpo.md)."""
+    """Train DPO (or PPO with --drift ppo).
+
+    A field left at None takes its env family's default: the tables ENV_DEFAULTS, after the method;
+    resolve_args(Args(env_id=ENV)) gives every resolved value of one env."""
 
     # ---- run ----
     exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
@@ -79,18 +81,11 @@ class Args:
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
     num_cpu_devices: int | None = None
     """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
-    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). Where the seeds cannot be
-    split (one seed) on a Brax env, each device steps its share of the envs instead: 2 makes one ant seed 1.5x
-    faster at the benchmark's shape (256 envs, 2x256 networks) and 0.76x as fast at the paper's (docs/dpo.md, item
-    14). No effect on accelerators"""
+    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). No effect on accelerators"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
-    load: str | None = None
-    """a finished run directory to evaluate again; use with --eval-only"""
-    eval_only: bool = False
-    """with --load: evaluate the saved policies without training"""
     num_eval_envs: int = 128
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
     track: bool = False
@@ -108,67 +103,66 @@ class Args:
     episode_length: int = 1000
     """Brax: physics steps before a time-limit truncation"""
     action_repeat: int | None = None
-    """Brax: physics steps per agent step (1; reacher 4)"""
+    """Brax: physics steps per agent step; None: the env family's"""
 
     # ---- the method ----
-    drift: Literal["dpo", "ppo"] = "dpo"
-    """drift f in the objective r·A - f(r, A): dpo (paper eq. 9) or ppo (eq. 6, = PPO-clip)"""
-    compare: tuple[Literal["dpo", "ppo"], ...] = ()
-    """train each of these drifts with the same seeds and flags, one run directory each, and compare them"""
     dpo_alpha: float = 2.0
     """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
     dpo_beta: float = 0.6
     """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
     clip_coef: float | None = None
-    """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
+    """PPO clipping ε of --drift ppo (the purejaxrl loop also clips the value loss by it); None: the env family's"""
+    drift: Literal["dpo", "ppo"] = "dpo"
+    """drift f in the objective r·A - f(r, A): dpo (paper eq. 9) or ppo (eq. 6, = PPO-clip)"""
+    compare: tuple[Literal["dpo", "ppo"], ...] = ()
+    """train each of these drifts with the same seeds and flags, one run directory each, and compare them"""
 
     # ---- PPO loop ----
     ppo_loop: Literal["brax", "purejaxrl"] | None = None
     """brax: Brax PPO's loop (minibatches of whole unrolls, GAE recomputed per minibatch, unclipped value loss);
-    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε).
-    Brax envs brax, gymnax envs purejaxrl"""
+    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε);
+    None: the env family's"""
     log_frequency: int | None = None
     """Brax: the authors' loop runs (log_frequency + 1) × (n // log_frequency) updates where n updates fit in
-    --total-timesteps (brax_drift.py lines 330-349; ant 20: 21 × 9 = 189 of 183); 0 runs n (gymnax 0)"""
+    --total-timesteps (brax_drift.py lines 330-349); 0 runs n; None: the env family's"""
     total_timesteps: int | None = None
-    """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
+    """environment steps per seed, action repeats included; None: the env family's"""
     num_envs: int | None = None
-    """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
+    """parallel environments per seed; None: the env family's"""
     num_steps: int | None = None
-    """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 128, Pendulum 64; MinAtar 128)"""
+    """unroll length; GAE bootstraps at each unroll's end; None: the env family's"""
     num_unrolls: int | None = None
-    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; gymnax 1)"""
+    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs; None: the env family's"""
     num_minibatches: int | None = None
-    """minibatches per epoch, of whole unrolls (brax loop) or samples (purejaxrl) (Brax 32, pusher 16; classic 4;
-    Pendulum and MinAtar 8)"""
+    """minibatches per epoch, of whole unrolls (brax loop) or samples (purejaxrl); None: the env family's"""
     update_epochs: int | None = None
-    """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
+    """epochs over each batch; None: the env family's"""
     learning_rate: float | None = None
-    """Adam learning rate (Brax 3e-4, humanoidstandup 6e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
+    """Adam learning rate; None: the env family's"""
     anneal_lr: bool | None = None
-    """anneal the learning rate linearly to 0, constant within an update (Brax no; gymnax yes)"""
+    """anneal the learning rate linearly to 0, constant within an update; None: the env family's"""
     gamma: float | None = None
-    """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
+    """discount factor γ; None: the env family's"""
     gae_lambda: float = 0.95
     """GAE λ"""
     ent_coef: float | None = None
-    """entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)"""
+    """entropy bonus coefficient; None: the env family's"""
     vf_coef: float = 0.5
     """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
     max_grad_norm: float | None = None
-    """global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)"""
+    """global gradient-norm clip, 0 for none; None: the env family's"""
     adam_eps: float | None = None
-    """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
+    """Adam ε; None: the env family's"""
     reward_scaling: float | None = None
-    """rewards are multiplied by this before GAE (ant and inverted pendulums 10; classic 1, Pendulum 0.1; MinAtar 1)"""
+    """rewards are multiplied by this before GAE; None: the env family's"""
     normalize_observations: bool | None = None
-    """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
+    """normalise observations by running mean and variance; None: the env family's"""
     actor_hidden: tuple[int, ...] | None = None
-    """policy MLP hidden sizes (Brax 32 32 32 32; classic 64 64; MinAtar 256 256)"""
+    """policy MLP hidden sizes; None: the env family's"""
     critic_hidden: tuple[int, ...] | None = None
-    """value MLP hidden sizes (Brax 256 ×5; classic 64 64; MinAtar 256 256)"""
+    """value MLP hidden sizes; None: the env family's"""
     activation: Literal["tanh", "relu", "swish"] | None = None
-    """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
+    """hidden activation; None: the env family's"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
@@ -297,8 +291,10 @@ _BRAX = dict(
 # The authors' dpo/main_drift_brax.py `train_fn` table (num_unrolls = batch_size × num_minibatches / num_envs);
 # the envs it does not list take Brax's training notebook's (notebooks/training.ipynb: humanoidstandup,
 # inverted_pendulum, inverted_double_pendulum, pusher), and hopper and swimmer (PPO-less there) walker2d's.
-BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, update_epochs, gamma, ent_coef,
-    # action_repeat, log_frequency
+BRAX_COLUMNS = (
+    "total_timesteps reward_scaling num_steps num_unrolls update_epochs gamma ent_coef action_repeat log_frequency"
+)
+BRAX_TABLE = {  # env: the values of BRAX_COLUMNS
     "ant": (30_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1, 20),
     "humanoid": (50_000_000, 0.1, 10, 16, 8, 0.97, 1e-3, 1, 20),
     "halfcheetah": (100_000_000, 1.0, 20, 8, 8, 0.95, 1e-3, 1, 10),
@@ -311,90 +307,35 @@ BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, 
     "pusher": (50_000_000, 5.0, 30, 4, 8, 0.95, 1e-2, 1, 20),
     "swimmer": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1, 10),
 }
-ENV_DEFAULTS = {
-    env: dict(
-        _BRAX,
-        **dict(
-            zip(
-                (
-                    "total_timesteps",
-                    "reward_scaling",
-                    "num_steps",
-                    "num_unrolls",
-                    "update_epochs",
-                    "gamma",
-                    "ent_coef",
-                    "action_repeat",
-                    "log_frequency",
-                ),
-                row,
-            )
-        ),
-    )
-    for env, row in BRAX_TABLE.items()
-}
+ENV_DEFAULTS = {env: dict(_BRAX, **dict(zip(BRAX_COLUMNS.split(), row))) for env, row in BRAX_TABLE.items()}
 ENV_DEFAULTS["humanoidstandup"]["learning_rate"] = 6e-4  # Brax's training notebook
 ENV_DEFAULTS["pusher"]["num_minibatches"] = 16  # Brax's training notebook (its batch size 512)
-_CLASSIC = dict(  # PureJaxRL's ppo.py __main__ config: 4 envs × 128 steps, 4 epochs × 4 minibatches
+_GYMNAX = dict(
     ppo_loop="purejaxrl",
     log_frequency=0,
-    total_timesteps=500_000,
-    num_envs=4,
-    num_steps=128,
     num_unrolls=1,
-    num_minibatches=4,
-    update_epochs=4,
-    learning_rate=2.5e-4,
     anneal_lr=True,
-    gamma=0.99,
-    ent_coef=0.01,
-    reward_scaling=1.0,
-    normalize_observations=False,
-    actor_hidden=(64, 64),
-    critic_hidden=(64, 64),
-    activation="tanh",
     clip_coef=0.2,
     max_grad_norm=0.5,
     adam_eps=1e-5,
     action_repeat=1,
+)  # PureJaxRL's ppo.py: one unroll per update, ε 0.2, gradient clip 0.5, Adam ε 1e-5, annealed learning rate
+# Classic control: PureJaxRL's ppo.py __main__ config (4 envs × 128 steps, 4 epochs × 4 minibatches); Pendulum and
+# MountainCarContinuous: its continuous-action settings; MinAtar: its MinAtar config.
+GYMNAX_COLUMNS = (
+    "total_timesteps num_envs num_steps num_minibatches update_epochs learning_rate gamma ent_coef reward_scaling"
+    " normalize_observations actor_hidden activation"
 )
-ENV_DEFAULTS.update({env: dict(_CLASSIC) for env in ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")})
-ENV_DEFAULTS["Pendulum-v1"] = dict(
-    _CLASSIC,
-    total_timesteps=1_000_000,
-    num_envs=16,
-    num_steps=64,
-    num_minibatches=8,
-    update_epochs=10,
-    learning_rate=1e-3,
-    gamma=0.95,
-    ent_coef=0.0,
-    reward_scaling=0.1,
-    normalize_observations=True,
-)
-ENV_DEFAULTS["MountainCarContinuous-v0"] = dict(ENV_DEFAULTS["Pendulum-v1"], gamma=0.99)
-ENV_DEFAULTS.update(
-    {
-        env: dict(
-            _CLASSIC,
-            total_timesteps=10_000_000,
-            num_envs=64,
-            num_steps=128,
-            num_minibatches=8,
-            learning_rate=5e-4,
-            actor_hidden=(256, 256),
-            critic_hidden=(256, 256),
-            activation="relu",
-        )
-        for env in (
-            "Breakout-MinAtar",
-            "Asterix-MinAtar",
-            "Freeway-MinAtar",
-            "SpaceInvaders-MinAtar",
-            "Seaquest-MinAtar",
-        )
-    }
-)
+GYMNAX_TABLE = {  # family: the values of GYMNAX_COLUMNS (the critic's hidden sizes are the actor's)
+    "classic": (500_000, 4, 128, 4, 4, 2.5e-4, 0.99, 0.01, 1.0, False, (64, 64), "tanh"),
+    "Pendulum-v1": (1_000_000, 16, 64, 8, 10, 1e-3, 0.95, 0.0, 0.1, True, (64, 64), "tanh"),
+    "MountainCarContinuous-v0": (1_000_000, 16, 64, 8, 10, 1e-3, 0.99, 0.0, 0.1, True, (64, 64), "tanh"),
+    "MinAtar": (10_000_000, 64, 128, 8, 4, 5e-4, 0.99, 0.01, 1.0, False, (256, 256), "relu"),
+}
+for env in typing.get_args(EnvId)[len(BRAX_TABLE) :]:
+    family = env if env in GYMNAX_TABLE else ("MinAtar" if env.endswith("MinAtar") else "classic")
+    ENV_DEFAULTS[env] = dict(_GYMNAX, **dict(zip(GYMNAX_COLUMNS.split(), GYMNAX_TABLE[family])))
+    ENV_DEFAULTS[env]["critic_hidden"] = ENV_DEFAULTS[env]["actor_hidden"]
 
 
 class ArgsError(ValueError):
@@ -405,24 +346,12 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
     Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls (brax loop) or samples
-        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update, --eval-only
-        without --load.
+        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
     items = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)  # shuffled units
-    if (
-        min(
-            args.num_seeds,
-            args.num_eval_envs,
-            args.num_envs,
-            args.num_steps,
-            args.num_unrolls,
-            args.num_minibatches,
-            args.update_epochs,
-            args.action_repeat,
-        )
-        <= 0
-    ):
+    sizes = ("num_seeds", "num_eval_envs", "num_envs", "num_steps", "num_unrolls", "num_minibatches", "update_epochs")
+    if min(getattr(args, k) for k in sizes + ("action_repeat",)) <= 0:
         raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if items % args.num_minibatches:
         raise ArgsError(
@@ -434,8 +363,6 @@ def resolve_args(args: Args) -> Args:
             f"--total-timesteps {args.total_timesteps} is less than one update"
             f" ({batch_size(args) * args.action_repeat} steps)"
         )
-    if args.eval_only != (args.load is not None):
-        raise ArgsError("--eval-only and --load RUN_DIR go together")
     return args
 
 
@@ -473,10 +400,13 @@ class GymnaxEnv:
         self.max_episode_steps = int(self.params.max_steps_in_episode)
 
     def reset(self, key):
+        """One env's first observation [obs_dim] and state, from key [2]."""
         obs, state = self.env.reset(key, self.params)
         return obs.reshape(-1).astype(jnp.float32), state
 
     def step(self, key, state, action):
+        """(obs [obs_dim], state, reward, done, truncated), the last three float32 scalars: done when the episode
+        ended (terminated or truncated), truncated when only at the time limit; an ended episode is reset."""
         obs, state, reward, terminated, truncated, _ = self.env.step(key, state, action, self.params)
         done = jnp.logical_or(terminated, truncated).astype(jnp.float32)
         truncated = jnp.logical_and(truncated, jnp.logical_not(terminated)).astype(jnp.float32)
@@ -500,10 +430,13 @@ class BraxEnv:
         self.max_episode_steps = math.ceil(episode_length / action_repeat)
 
     def reset(self, key):
+        """One env's first observation [obs_dim] and state, from key [2]."""
         state = self.env.reset(key)
         return state.obs, state
 
     def step(self, key, state, action):
+        """GymnaxEnv.step's five values (key unused: Brax's physics is deterministic); action [action_dim] in
+        [-1, 1]."""
         state = self.env.step(state, action)
         return state.obs, state, state.reward, state.done, state.info["truncation"]
 
@@ -517,6 +450,8 @@ def make_env(args: Args):
 
 # ---- Observation normalisation by running mean and variance (Chan et al.'s parallel update).
 class RunningStats(NamedTuple):
+    """Running mean and variance of the observations, and the number of observations merged."""
+
     mean: jax.Array  # [obs_dim]
     var: jax.Array  # [obs_dim]
     count: jax.Array  # scalar
@@ -547,12 +482,15 @@ class Categorical(NamedTuple):
     logits: jax.Array
 
     def sample(self, key):
+        """An action index, logits' shape without the last axis."""
         return jax.random.categorical(key, self.logits)
 
     def mode(self):
+        """The most probable action index."""
         return jnp.argmax(self.logits, axis=-1)
 
     def log_prob(self, action):
+        """log π(action), action's shape."""
         log_p = jax.nn.log_softmax(self.logits)
         return jnp.take_along_axis(log_p, action[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
@@ -562,6 +500,7 @@ class Categorical(NamedTuple):
         return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
     def env_action(self, action, low, high):
+        """The action the env takes: the index itself (low and high unused)."""
         return action
 
 
@@ -576,9 +515,11 @@ class TanhGaussian(NamedTuple):
     scale: jax.Array
 
     def sample(self, key):
+        """A pre-tanh sample u [..., action_dim]."""
         return self.loc + self.scale * jax.random.normal(key, self.loc.shape)
 
     def mode(self):
+        """The pre-tanh mode, loc."""
         return self.loc
 
     @staticmethod
@@ -598,6 +539,7 @@ class TanhGaussian(NamedTuple):
         return jnp.sum(normal + self.log_det_jacobian(self.loc + self.scale * noise), axis=-1)
 
     def env_action(self, u, low, high):
+        """tanh(u) scaled from [-1, 1] to [low, high], u's shape."""
         return low + (jnp.tanh(u) + 1.0) * (0.5 * (high - low))
 
 
@@ -644,8 +586,11 @@ def policy(actor: MLP, params, obs, discrete: bool):
     return TanhGaussian(loc, jax.nn.softplus(scale) + 0.001)
 
 
-# ---- Training: make_train(args, drift) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates.
+# ---- Training: make_train(args, drift) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates;
+# over_seeds maps it over the seeds, sharded over the devices.
 class Transition(NamedTuple):
+    """One env step of every env, as the rollout records it (an unroll stacks them: fields [T, num_envs, ...])."""
+
     obs: jax.Array  # [num_envs, obs_dim], raw; an unroll keeps one more, its last next observation
     action: jax.Array  # [num_envs] or [num_envs, action_dim]; continuous: pre-tanh
     log_prob: jax.Array  # [num_envs], under the behaviour policy
@@ -666,6 +611,8 @@ class Sample(NamedTuple):
 
 
 class EpisodeStats(NamedTuple):
+    """Per-env episode bookkeeping for the logged episodic return."""
+
     episode_return: jax.Array  # [num_envs], unscaled return of the running episode
     last_return: jax.Array  # [num_envs], unscaled return of the last finished episode
     finished: jax.Array  # [num_envs], episodes finished so far
@@ -700,12 +647,8 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = None):
+def make_train(args: Args, drift: Drift):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
-
-    With env_mesh (see env_mesh), the seed's envs are split over that mesh's devices: each device steps its share
-    on its own core, the rollout is then gathered, and every device runs the same SGD on the whole batch. The random
-    numbers are those of one device, so only float rounding differs.
 
     Returns:
         init(rng) -> Runner: parameters, optimiser, environments. Call it per seed outside any vmap: jaxlib
@@ -720,17 +663,7 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
     n_chunk = max_chunk(args)
     obs_norm = args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
-    brax_loop = args.ppo_loop == "brax"
-    shuffle_axis = 1 if brax_loop else 0  # Brax shuffles whole unrolls [T, U·E]; PureJaxRL samples [T·U·E]
     tx = make_optimizer(args)
-
-    def on_env_mesh(tree, *axes):
-        """tree laid out over env_mesh's devices: axes ("env",) splits each leaf's leading env axis between them, no
-        axes puts the whole tree on every one; the identity without a mesh."""
-        if env_mesh is None:
-            return tree
-        sharding = jax.sharding.NamedSharding(env_mesh, jax.sharding.PartitionSpec(*axes))
-        return jax.lax.with_sharding_constraint(tree, sharding)
 
     def init(rng) -> Runner:
         """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
@@ -740,8 +673,8 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
             "actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
-        obs, env_state = on_env_mesh(jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs)), "env")
-        zeros = on_env_mesh(jnp.zeros(args.num_envs), "env")
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
+        zeros = jnp.zeros(args.num_envs)
         stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
@@ -774,7 +707,6 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
             runner.episodes.finished + done,
         )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
-        env_state, obs, episodes, transition = on_env_mesh((env_state, obs, episodes, transition), "env")
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
@@ -796,41 +728,51 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         approx_kl = jnp.mean(ratio - 1.0 - log_ratio)  # KL(π_old‖π) estimate
         return total, (policy_loss, value_loss, entropy, approx_kl, jnp.mean(jnp.abs(ratio - 1.0) > args.clip_coef))
 
-    def unroll_loss(params, minibatch: Transition, obs_stats, noise):
-        """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
-        values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
-        obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        values = critic.apply(params["critic"], obs)[..., 0]
-        terminated = minibatch.done * (1.0 - minibatch.truncated)
-        targets, advantages = compute_gae(
-            minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
-        )
-        value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
-        pi = policy(actor, params, obs[:-1], env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, noise)
+    # The two PPO loops differ only here: what the epochs shuffle into minibatches, and the loss on one of them.
+    if args.ppo_loop == "brax":
+        shuffle_axis, shuffled = 1, n_unrolls  # whole unrolls [T, U·E]
 
-    def sample_loss(params, minibatch: Sample, obs_stats, noise):
-        """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
-        and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
-        179-186). Returns objective's."""
-        obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        values = critic.apply(params["critic"], obs)[..., 0]
-        clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
-        errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
-        pi = policy(actor, params, obs, env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, 0.5 * jnp.mean(errors), noise)
+        def prepare(params, batch: Transition, obs_stats) -> Transition:
+            """The brax loop's batch is the rollout itself (fields [T, U·E, ...], obs [T + 1, U·E, ...])."""
+            return batch
 
-    loss_fn = unroll_loss if brax_loop else sample_loss
+        def loss_fn(params, minibatch: Transition, obs_stats, noise):
+            """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
+            values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
+            obs = normalize(minibatch.obs, obs_stats, obs_norm)
+            values = critic.apply(params["critic"], obs)[..., 0]
+            terminated = minibatch.done * (1.0 - minibatch.truncated)
+            targets, advantages = compute_gae(
+                minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
+            )
+            value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
+            pi = policy(actor, params, obs[:-1], env.discrete)
+            return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, noise)
 
-    def rollout_samples(params, batch: Transition, obs_stats) -> Sample:
-        """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
-        flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
-        values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
-        targets, advantages = compute_gae_purejaxrl(
-            batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
-        )
-        samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
-        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+    else:
+        shuffle_axis, shuffled = 0, batch_size(args)  # samples [T·U·E], as PureJaxRL's ppo.py
+
+        def prepare(params, batch: Transition, obs_stats) -> Sample:
+            """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
+            flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
+            values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
+            targets, advantages = compute_gae_purejaxrl(
+                batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
+            )
+            samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
+            return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+
+        def loss_fn(params, minibatch: Sample, obs_stats, noise):
+            """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
+            and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
+            179-186). Returns objective's."""
+            obs = normalize(minibatch.obs, obs_stats, obs_norm)
+            values = critic.apply(params["critic"], obs)[..., 0]
+            clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
+            errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
+            pi = policy(actor, params, obs, env.discrete)
+            value_loss = 0.5 * jnp.mean(errors)
+            return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, value_loss, noise)
 
     def minibatches_of(x, permutation):
         """x shuffled along shuffle_axis and split into [num_minibatches, ...] minibatches along it."""
@@ -861,7 +803,7 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         """
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
-        permutation = jax.random.permutation(key_perm, n_unrolls if brax_loop else batch_size(args))
+        permutation = jax.random.permutation(key_perm, shuffled)
         minibatches = jax.tree.map(functools.partial(minibatches_of, permutation=permutation), batch)
         # The epoch's entropy noise in one draw: on CPU, jax lowers each random draw to a loop of 5 rounds, which
         # added about 140 thunks (65 of them copies) to every minibatch step. Unused, so compiled away, if discrete.
@@ -878,11 +820,9 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
-        batch = on_env_mesh(batch)  # with env_mesh: one all-gather, then the same SGD on every device
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
-        if not brax_loop:
-            batch = rollout_samples(runner.train_state.params, batch, obs_stats)
+        batch = prepare(runner.train_state.params, batch, obs_stats)
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
@@ -914,6 +854,42 @@ def max_chunk(args: Args) -> int:
     return max(1, num_updates(args) // 20)
 
 
+def seed_keys(args: Args):
+    """(train keys [num_seeds, 2], evaluation keys [num_seeds, 2]) derived from --seed."""
+    key_train, key_eval = jax.random.split(jax.random.PRNGKey(args.seed))
+    return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
+
+
+def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
+    """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
+
+    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
+    number of JAX devices that divides num_seeds.
+    """
+    if num_seeds == 1:
+
+        def single(*xs):
+            xs = [jax.tree.map(lambda x: x[0], x) if axis == 0 else x for x, axis in zip(xs, seed_axes)]
+            return jax.tree.map(lambda y: y[None], fn(*xs))
+
+        return jax.jit(single)
+    mapped = jax.vmap(fn, in_axes=seed_axes)
+    n = math.gcd(num_seeds, jax.device_count())
+    if n == 1:
+        return jax.jit(mapped)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
+    spec = jax.sharding.PartitionSpec
+    in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
+    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
+
+
+def init_seeds(init, keys) -> Runner:
+    """Each seed's Runner, built one seed at a time (no batched QR, see make_train), stacked [num_seeds, ...]."""
+    init = jax.jit(init)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
+
+
+# ---- Evaluation.
 def make_evaluate(args: Args):
     """evaluate(params, obs_stats, rng, deterministic) -> mean unscaled return over args.num_eval_envs episodes.
 
@@ -945,13 +921,135 @@ def make_evaluate(args: Args):
     return evaluate
 
 
-# ---- Seeds over devices, checkpoints, outputs.
-def seed_keys(args: Args):
-    """(train keys [num_seeds, 2], evaluation keys [num_seeds, 2]) derived from --seed."""
-    key_train, key_eval = jax.random.split(jax.random.PRNGKey(args.seed))
-    return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
+def evaluate_seeds(args: Args, params, obs_stats) -> dict:
+    """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
+
+    Returns seed_statistics' final_return_* and final_mode_return_* entries.
+    """
+    out = {}
+    for name, deterministic in (("return", False), ("mode_return", True)):
+        evaluate = over_seeds(
+            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
+        )
+        out.update(seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), f"final_{name}"))
+    return out
 
 
+# ---- The run: train chunk by chunk, logging and checkpointing between chunks, then evaluate.
+def run_training(args: Args) -> str:
+    """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
+    run_dir = (
+        args.resume
+        or args.run_dir
+        or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
+    )
+    n_updates = num_updates(args)
+    steps_per_update = batch_size(args) * args.action_repeat
+    drift = make_drift(args)
+    init, train_chunk = make_train(args, drift)
+    runners = init_seeds(init, seed_keys(args)[0])
+    metrics_path = os.path.join(run_dir, "metrics.csv")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
+    rows = []
+    if args.resume:
+        runners = load_tree(checkpoint_path, runners)
+        with open(metrics_path) as f:
+            rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][: int(runners.update[0])]
+    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    with open(metrics_path, "w", newline="") as f:
+        csv.writer(f).writerows([FIELDS] + rows)
+    writer = None
+    if args.tensorboard or args.track:
+        from tensorboardX import SummaryWriter
+
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                sync_tensorboard=True,
+            )
+        writer = SummaryWriter(run_dir)
+    print(
+        f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
+        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
+        f": {n_updates} updates"
+        f" of {steps_per_update:,} steps per seed",
+        flush=True,
+    )
+    start = time.time()
+    chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
+    print(f"compiled in {time.time() - start:.0f}s", flush=True)
+    first = updates_done = int(runners.update[0])
+    chunk = 1
+    train_seconds = 0.0
+    while updates_done < n_updates:
+        n = min(chunk, max_chunk(args), n_updates - updates_done)
+        t0 = time.time()
+        runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(n)))
+        seconds = time.time() - t0
+        train_seconds += seconds
+        sps = n * steps_per_update * args.num_seeds / seconds
+        metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
+            warnings.simplefilter("ignore", RuntimeWarning)
+            returns = metrics["episodic_return"]
+            columns = [
+                (updates_done + np.arange(1, n + 1)) * steps_per_update,
+                np.nanmean(returns, 0),
+                np.nanstd(returns, 0),
+            ]
+        columns += [metrics[k].mean(0) for k in LOSS_METRICS] + [np.full(n, sps)]
+        new_rows = [list(row) for row in zip(*columns)]
+        with open(metrics_path, "a", newline="") as f:
+            csv.writer(f).writerows(new_rows)
+        atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
+        for row in new_rows if writer else []:
+            for name, value in zip(FIELDS[1:], row[1:]):
+                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
+        rows += new_rows
+        updates_done += n
+        eta = (n_updates - updates_done) * seconds / n / 60
+        print(
+            f"update {updates_done}/{n_updates}  step {updates_done * steps_per_update:,}  {sps:,.0f} steps/s  return "
+            f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min",
+            flush=True,
+        )
+        chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
+    params, obs_stats = runners.train_state.params, runners.obs_stats
+    atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
+    summary = dict(
+        env_id=args.env_id,
+        drift=args.drift,
+        total_timesteps=n_updates * steps_per_update,
+        num_seeds=args.num_seeds,
+        num_eval_envs=args.num_eval_envs,
+        **evaluate_seeds(args, params, obs_stats),
+        train_seconds=train_seconds,
+        sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    )
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    if writer:
+        writer.close()
+    steps, mean, std = np.array(rows, dtype=float).T[:3]
+    plot_curves(
+        os.path.join(run_dir, "learning_curve.png"),
+        {"mean over seeds ± 1 std": (steps, mean, std)},
+        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
+    )
+    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
+    print(
+        f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
+        f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
+    )
+    return run_dir
+
+
+# ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
 def use_cpu_cores(args: Args) -> Args:
     """args with --num-cpu-devices filled in, after splitting the host CPU into that many JAX devices.
 
@@ -959,10 +1057,8 @@ def use_cpu_cores(args: Args) -> Args:
     PPO minibatch (the benchmark's 80 rows) are too small for that to pay. With one device per core, over_seeds runs
     each device's seeds on its own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command
     against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores, so one seed
-    keeps one device. Asked for more (--num-cpu-devices 2 with one seed on a Brax env), env_mesh splits each seed's
-    envs over them: 1.5 times faster at the benchmark's shape, 0.76 times as fast at the paper's ant shape, whose
-    SGD is too large to run on one core per device (docs/dpo.md, "The command against PureJaxRL"). The float
-    rounding of a seed's run differs between device counts, which is why args.json records the count.
+    keeps one device. The float rounding of a seed's run differs between device counts, which is why args.json
+    records the count.
     JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
     with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
     args name the count that runs.
@@ -980,53 +1076,6 @@ def use_cpu_cores(args: Args) -> Args:
             pass
     cpu = jax.default_backend() == "cpu"  # jax.devices("cpu") fails where JAX_PLATFORMS names accelerators only
     return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else n)  # the count that runs
-
-
-def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
-    """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
-
-    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
-    number of JAX devices that divides num_seeds.
-    """
-    if num_seeds == 1:
-
-        def single(*xs):
-            xs = [jax.tree.map(lambda x: x[0], x) if axis == 0 else x for x, axis in zip(xs, seed_axes)]
-            return jax.tree.map(lambda y: y[None], fn(*xs))
-
-        return jax.jit(single)
-    mapped = jax.vmap(fn, in_axes=seed_axes)
-    n = math.gcd(num_seeds, jax.device_count())
-    if n == 1:
-        return jax.jit(mapped)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
-    spec = jax.sharding.PartitionSpec
-    in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
-    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
-
-
-def env_mesh(args: Args) -> jax.sharding.Mesh | None:
-    """The devices over which make_train splits each seed's envs, or None.
-
-    over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
-    the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
-    use_cpu_cores gives one seed one device unless --num-cpu-devices asks for more). Only the rollout is split: the
-    SGD on the gathered batch runs whole on each device, because splitting it would add an all-reduce of the
-    gradients to every minibatch step, which on CPU costs more than a small minibatch's step (docs/dpo.md). None
-    otherwise: on one device, for gymnax envs (too cheap to step for the split to pay), and on accelerators (not
-    measured there).
-    """
-    n = jax.device_count()
-    brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"
-    if not brax_on_cpu or n == 1 or math.gcd(args.num_seeds, n) > 1 or args.num_envs % n:
-        return None
-    return jax.sharding.Mesh(np.array(jax.devices()), ("env",))
-
-
-def init_seeds(init, keys) -> Runner:
-    """Each seed's Runner, built one seed at a time (no batched QR, see make_train), stacked [num_seeds, ...]."""
-    init = jax.jit(init)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
 
 
 def seed_statistics(x, prefix: str) -> dict:
@@ -1054,20 +1103,6 @@ def seed_statistics(x, prefix: str) -> dict:
     }
 
 
-def evaluate_seeds(args: Args, params, obs_stats) -> dict:
-    """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
-
-    Returns seed_statistics' final_return_* and final_mode_return_* entries.
-    """
-    out = {}
-    for name, deterministic in (("return", False), ("mode_return", True)):
-        evaluate = over_seeds(
-            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
-        )
-        out.update(seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), f"final_{name}"))
-    return out
-
-
 def atomic_write(path: str, data: bytes):
     """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
     power cut leaves half a file. Does nothing on processes other than 0 (lpo.py's multi-process meta-training)."""
@@ -1087,7 +1122,9 @@ def write_json(path: str, obj: dict):
 
 
 def load_tree(path: str, template):
-    """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes.
+    """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes. A finished run's
+    policies reload from Python with load_tree(f"{run_dir}/params.msgpack", (t.train_state.params, t.obs_stats)), t
+    = jax.eval_shape(jax.vmap(init), seed_keys(args)[0]), init from make_train and args from resumed_args.
 
     Raises ArgsError if the file is missing, damaged or of other shapes.
     """
@@ -1099,18 +1136,6 @@ def load_tree(path: str, template):
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
         raise ArgsError(f"{path} is missing, damaged or does not match args.json ({type(e).__name__})") from None
     return jax.tree.map(jnp.asarray, tree)
-
-
-def load_args(run_dir: str) -> Args:
-    """The Args saved in run_dir/args.json. Raises ArgsError if it is missing or damaged."""
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
-    except (OSError, ValueError, TypeError) as e:
-        raise ArgsError(
-            f"{run_dir}/args.json is missing or damaged ({type(e).__name__}):"
-            " expected a run directory written by dpo.py"
-        ) from None
 
 
 FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
@@ -1158,28 +1183,6 @@ def plot_drifts(path: str, drifts: dict[str, Drift]):
         fig.savefig(path)
 
 
-def run_eval_only(args: Args) -> str:
-    saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
-    template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
-    params, obs_stats = load_tree(
-        os.path.join(args.load, "params.msgpack"), (template.train_state.params, template.obs_stats)
-    )
-    run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
-    summary = dict(
-        loaded_from=os.path.abspath(args.load),
-        env_id=saved.env_id,
-        drift=saved.drift,
-        num_eval_envs=saved.num_eval_envs,
-        **evaluate_seeds(saved, params, obs_stats),
-    )
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    print(
-        f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
-        f"{summary['final_mode_return_mean']:.2f} (mode actions)"
-    )
-    return run_dir
-
-
 def run_comparison(args: Args) -> str:
     """Train each drift of --compare with the same seeds and flags, each into run_dir/<drift>/ (a finished run is
     kept and an interrupted one resumed when the command runs again with the same --run-dir); summary.json holds
@@ -1214,135 +1217,33 @@ def run_comparison(args: Args) -> str:
     return base
 
 
-def run_training(args: Args) -> str:
-    """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
-    run_dir = (
-        args.resume
-        or args.run_dir
-        or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
-    )
-    n_updates = num_updates(args)
-    steps_per_update = batch_size(args) * args.action_repeat
-    drift = make_drift(args)
-    mesh = env_mesh(args)
-    init, train_chunk = make_train(args, drift, mesh)
-    runners = init_seeds(init, seed_keys(args)[0])
-    metrics_path = os.path.join(run_dir, "metrics.csv")
-    checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
-    rows = []
-    if args.resume:
-        runners = load_tree(checkpoint_path, runners)
-        with open(metrics_path) as f:
-            rows = [[r[k] for k in FIELDS] for r in csv.DictReader(f)][: int(runners.update[0])]
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    with open(metrics_path, "w", newline="") as f:
-        csv.writer(f).writerows([FIELDS] + rows)
-    writer = None
-    if args.tensorboard or args.track:
-        from tensorboardX import SummaryWriter
+def resumed_args(args: Args) -> Args:
+    """The Args saved in the run directory --resume names (its args.json: lists back to tuples, keys this version
+    does not know dropped), with resume and run_dir set to it. A dpo.py run keeps every other saved flag; lpo.py's
+    meta-training takes this command's LAUNCH_FIELDS, and its --num-generations where given (to extend the run).
 
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                config=dataclasses.asdict(args),
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                sync_tensorboard=True,
-            )
-        writer = SummaryWriter(run_dir)
-    print(
-        f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
-        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
-        f"{', each seed with its envs split over them' if mesh else ''}: {n_updates} updates"
-        f" of {steps_per_update:,} steps per seed",
-        flush=True,
-    )
-    start = time.time()
-    chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
-    print(f"compiled in {time.time() - start:.0f}s", flush=True)
-    first = updates_done = int(runners.update[0])
-    chunk = 1
-    train_seconds = 0.0
-    while updates_done < n_updates:
-        n = min(chunk, max_chunk(args), n_updates - updates_done)
-        t0 = time.time()
-        runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(n)))
-        seconds = time.time() - t0
-        train_seconds += seconds
-        sps = n * steps_per_update * args.num_seeds / seconds
-        metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
-        with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
-            warnings.simplefilter("ignore", RuntimeWarning)
-            returns = metrics["episodic_return"]
-            columns = [
-                (updates_done + np.arange(1, n + 1)) * steps_per_update,
-                np.nanmean(returns, 0),
-                np.nanstd(returns, 0),
-            ]
-        columns += [metrics[k].mean(0) for k in LOSS_METRICS] + [np.full(n, sps)]
-        new_rows = [list(row) for row in zip(*columns)]
-        with open(metrics_path, "a", newline="") as f:
-            csv.writer(f).writerows(new_rows)
-        atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
-        for row in new_rows if writer else []:
-            for name, value in zip(FIELDS[1:], row[1:]):
-                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
-        rows += new_rows
-        updates_done += n
-        eta = (n_updates - updates_done) * seconds / n / 60
-        print(
-            f"update {updates_done}/{n_updates}  step {updates_done * steps_per_update:,}  {sps:,.0f} steps/s  return "
-            f"{rows[-1][1]:.2f} ± {rows[-1][2]:.2f}  ETA {eta:.1f} min",
-            flush=True,
-        )
-        chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
-    params, obs_stats = runners.train_state.params, runners.obs_stats
-    atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
-    steps, mean, std = np.array(rows, dtype=float).T[:3]
-    plot_curves(
-        os.path.join(run_dir, "learning_curve.png"),
-        {"mean over seeds ± 1 std": (steps, mean, std)},
-        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
-    )
-    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
-    summary = dict(
-        env_id=args.env_id,
-        drift=args.drift,
-        total_timesteps=n_updates * steps_per_update,
-        num_seeds=args.num_seeds,
-        num_eval_envs=args.num_eval_envs,
-        **evaluate_seeds(args, params, obs_stats),
-        train_seconds=train_seconds,
-        sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
-        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-    )
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    if writer:
-        writer.close()
-    print(
-        f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
-        f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
-    )
-    return run_dir
+    Raises ArgsError if args.json is missing or damaged.
+    """
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+        names = {field.name for field in dataclasses.fields(Args)}
+        saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError) as e:
+        raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
+    return dataclasses.replace(saved, resume=args.resume, run_dir=args.resume)
 
 
 def main(args: Args) -> str:
-    """Train (or with --resume continue, with --load --eval-only evaluate); returns the run directory.
+    """Run the command the flags describe (see Args); returns the run directory.
 
     A bad argument or file is one line on stderr and exit code 2 (tyro's code for its own usage errors).
     """
     try:
         if args.resume:
-            args = dataclasses.replace(load_args(args.resume), resume=args.resume, run_dir=args.resume)
-        args = resolve_args(args)
-        if args.eval_only:
-            use_cpu_cores(load_args(args.load))  # the devices the run was trained on, so its returns reproduce
-            run_dir = run_eval_only(args)
-        else:
-            args = use_cpu_cores(args)
-            run_dir = run_comparison(args) if args.compare else run_training(args)
+            args = resumed_args(args)
+        args = use_cpu_cores(resolve_args(args))
+        run_dir = run_comparison(args) if args.compare else run_training(args)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

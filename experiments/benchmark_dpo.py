@@ -13,8 +13,7 @@ Prints, from one process, so every number is a ratio against a reference measure
     rounds, each side compiled afresh and timed on its first run, as a user meets it; with --num-seeds N against N
     sequential PureJaxRL runs, i.e. its one-run rate. Both medians and the median of the rounds' ratios are printed:
     on a 2-core machine the rate drifts by ±10% within minutes, so only ratios of neighbouring runs mean anything.
-    --purejaxrl-only skips the other timings; --num-cpu-devices reaches the command (2 with one Brax seed splits its
-    envs over two CPU devices, dpo.py's env_mesh).
+    --purejaxrl-only skips the other timings; --num-cpu-devices reaches the command.
 Every other function is compiled first and then timed; each of those timings is the fastest of --repeats runs.
 
     python experiments/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
@@ -174,7 +173,8 @@ def cli_sps(args: dpo.Args) -> float:
         dpo.write_json(os.path.join(folder, "args.json"), dataclasses.asdict(args))
         run = (
             f"import dataclasses, sys; sys.path.insert(0, {ROOT!r}); import dpo;"
-            f" dpo.main(dataclasses.replace(dpo.load_args({folder!r}), run_dir={folder!r} + '/run', num_eval_envs=8))"
+            f" saved = dpo.resumed_args(dpo.Args(resume={folder!r}));"
+            f" dpo.main(dataclasses.replace(saved, resume=None, run_dir={folder!r} + '/run', num_eval_envs=8))"
         )
         subprocess.run([sys.executable, "-c", run], check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(folder, "run", "summary.json")) as f:
