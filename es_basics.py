@@ -128,8 +128,7 @@ class Args:
     normalize_observations: bool | None = None
     """policies: normalise observations by running statistics (default: on for openai-es, off otherwise)"""
     obs_stats_fraction: float = 0.01
-    """policies: fraction of the population's episodes whose observations update the statistics
-    (Salimans et al.'s code: 0.01, with thousands of episodes per generation)"""
+    """policies: fraction of the population's episodes whose observations update the statistics (Salimans et al.)"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend"""
     episode_length: int = 1000
@@ -137,7 +136,7 @@ class Args:
     target: float | None = None
     """centre fitness at which a run counts as solved, for evaluations-to-target (default: TARGETS)"""
 
-    # ---- evolution strategy (None: the default of this method and problem, *_DEFAULTS, saved in args.json) ----
+    # ---- evolution strategy ----
     algo: Algo = "openai-es"
     """written-out method, or evosax:<Name> (run with its written-out twin's defaults)"""
     pop_size: int | None = None
