@@ -629,11 +629,11 @@ class LifetimeState(NamedTuple):
     obs_stats: Normalizer
     action_stats: Normalizer  # of the sampled actions, for the loss's inputs only
     buffer: Buffer
-    env_state: object
-    obs: jax.Array
-    episode_return: jax.Array  # return of the running episode so far
-    recent_returns: jax.Array  # [num_eval_episodes]: returns of the last finished episodes, newest last (NaN: none)
-    key: jax.Array
+    env_state: object = None  # this and the rest: set by a reset (new_episodes)
+    obs: jax.Array = None
+    episode_return: jax.Array = None  # return of the running episode so far
+    recent_returns: jax.Array = None  # [num_eval_episodes]: returns of the last finished episodes, newest last
+    key: jax.Array = None
 
 
 class LifetimeOutput(NamedTuple):
@@ -727,39 +727,28 @@ def make_lifetime(args: Args, env) -> Callable:
         )
         return state, state.recent_returns[-1]
 
-    def fresh_episodes(state: LifetimeState, task, key):  # from a reset, no learning; at least k episodes end
-        k = args.num_eval_episodes
-        key_reset, key_run = jax.random.split(key)
+    def new_episodes(state: LifetimeState, task, key_reset, key_run) -> LifetimeState:  # none finished yet
         obs, env_state = env.reset(key_reset, task)
-        state = state._replace(
-            obs=obs,
-            env_state=env_state,
-            episode_return=jnp.float32(0.0),
-            recent_returns=jnp.full(k, jnp.nan),
-            key=key_run,
+        unfinished = jnp.full(args.num_eval_episodes, jnp.nan)
+        return state._replace(
+            obs=obs, env_state=env_state, episode_return=jnp.float32(0.0), recent_returns=unfinished, key=key_run
         )
-        state = jax.lax.scan(lambda s, _: (env_step(s, task)[0], None), state, None, k * args.episode_length)[0]
+
+    def fresh_episodes(state: LifetimeState, task, key):  # from a reset, no learning; at least k episodes end
+        state = new_episodes(state, task, *jax.random.split(key))
+        steps = args.num_eval_episodes * args.episode_length
+        state = jax.lax.scan(lambda s, _: (env_step(s, task)[0], None), state, None, steps)[0]
         return jnp.nanmean(state.recent_returns)
 
     def lifetime(theta, task, key, settings: InnerSettings):
         key_agent, key_reset, key_run, key_eval = jax.random.split(key, 4)
         agent = init_agent(key_agent, args, obs_dim, action_dim)
-        obs, env_state = env.reset(key_reset, task)
         vectors = jnp.zeros((n, obs_dim))
         scalars = jnp.zeros(n)
         buffer = Buffer(vectors, jnp.zeros((n, action_dim)), scalars, scalars, scalars, vectors, scalars)
-        state = LifetimeState(
-            agent,
-            inner_optimizer(args, settings.learning_rate).init(agent),
-            Normalizer.init(obs_dim),
-            Normalizer.init(action_dim),
-            buffer,
-            env_state,
-            obs,
-            jnp.float32(0.0),
-            jnp.full(args.num_eval_episodes, jnp.nan),
-            key_run,
-        )
+        opt_state = inner_optimizer(args, settings.learning_rate).init(agent)
+        state = LifetimeState(agent, opt_state, Normalizer.init(obs_dim), Normalizer.init(action_dim), buffer)
+        state = new_episodes(state, task, key_reset, key_run)
         loss_params = unravel(theta)
         state, curve = jax.lax.scan(
             lambda s, _: interval(s, loss_params, task, settings), state, None, args.lifetime // m
@@ -1002,21 +991,23 @@ def run_test(args: Args) -> str:
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in LOSS_FILE_FIELDS[:-1]):
             raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
-    sweep, sweep_tasks = [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
+    sweep, configs, sweep_tasks = [], [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        ppo = dataclasses.replace(
-            args,
-            update_every=rollout,
-            update_epochs=epochs,
-            inner_learning_rate=lr,
-            buffer_size=max(args.buffer_size, rollout),
-            reward_blind=False,
-            inner_optimizer="adam",
+        configs.append(
+            dataclasses.replace(
+                args,
+                update_every=rollout,
+                update_epochs=epochs,
+                inner_learning_rate=lr,
+                buffer_size=max(args.buffer_size, rollout),
+                reward_blind=False,
+                inner_optimizer="adam",
+            )
         )
-        score = float(np.mean(np.asarray(run(ppo, 0 * theta, 1.0, sweep_tasks).final_return)))
-        sweep.append((score, ppo))
+        score = float(np.mean(np.asarray(run(configs[-1], 0 * theta, 1.0, sweep_tasks).final_return)))
+        sweep.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
         print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
-    ppo = max(sweep, key=lambda entry: entry[0])[1]  # the first of the best
+    ppo = configs[max(range(len(sweep)), key=lambda i: sweep[i]["final_return_mean"])]  # the first of the best
     outputs["ppo"] = run(ppo, 0 * theta, 1.0)
     trainers, curves = compare_trainers(outputs, args.lifetime)
     held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
@@ -1028,12 +1019,7 @@ def run_test(args: Args) -> str:
         num_seeds=args.num_seeds,
         trainers=trainers,
         loss_file=os.path.abspath(args.load_loss),
-        ppo_sweep=[
-            dict(
-                rollout=p.update_every, epochs=p.update_epochs, learning_rate=p.inner_learning_rate, final_return_mean=s
-            )
-            for s, p in sweep
-        ],
+        ppo_sweep=sweep,
         ppo_choice={k: getattr(ppo, k) for k in ("update_every", "update_epochs", "inner_learning_rate")},
         wall_seconds=time.time() - start,
         tasks={k: np.asarray(v).tolist() for k, v in tasks[0].items()},
