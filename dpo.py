@@ -88,12 +88,6 @@ class Args:
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
     num_eval_envs: int = 128
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = os.path.splitext(os.path.basename(__file__))[0]
-    """the wandb project name"""
-    tensorboard: bool = False
-    """also write TensorBoard event files (tensorboardX) into the run directory"""
 
     # ---- environment ----
     env_id: EnvId = "ant"
@@ -958,21 +952,6 @@ def run_training(args: Args) -> str:
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
-    writer = None
-    if args.tensorboard or args.track:
-        from tensorboardX import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                config=dataclasses.asdict(args),
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                sync_tensorboard=True,
-            )
-        writer = SummaryWriter(run_dir)
     print(
         f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
         f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
@@ -1007,9 +986,6 @@ def run_training(args: Args) -> str:
         with open(metrics_path, "a", newline="") as f:
             csv.writer(f).writerows(new_rows)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
-        for row in new_rows if writer else []:
-            for name, value in zip(FIELDS[1:], row[1:]):
-                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
         rows += new_rows
         updates_done += n
         eta = (n_updates - updates_done) * seconds / n / 60
@@ -1033,8 +1009,6 @@ def run_training(args: Args) -> str:
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    if writer:
-        writer.close()
     steps, mean, std = np.array(rows, dtype=float).T[:3]
     plot_curves(
         os.path.join(run_dir, "learning_curve.png"),
