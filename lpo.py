@@ -71,7 +71,10 @@ BRAX_ENVS = typing.get_args(EnvId)[:11]
 
 @dataclasses.dataclass
 class Args:
-    """Meta-train an LPO drift, compare one with DPO and PPO (--eval-drift) or draw one. None: the family default."""
+    """Meta-train an LPO drift, compare one with DPO and PPO (--eval-drift), or draw one.
+
+    A field left at None takes its env family's default: the tables ENV_DEFAULTS, after the method;
+    resolve_args(Args(env_id=ENV)) gives every resolved value of one env."""
 
     # ---- run ----
     exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
@@ -80,22 +83,15 @@ class Args:
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
+    num_cpu_devices: int | None = None
+    """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
+    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). No effect on accelerators"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
-    load: str | None = None
-    """a finished run directory to evaluate again; use with --eval-only"""
-    eval_only: bool = False
-    """with --load: evaluate the saved policies without training"""
     num_eval_envs: int = 128
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = os.path.splitext(os.path.basename(__file__))[0]
-    """the wandb project name"""
-    tensorboard: bool = False
-    """also write TensorBoard event files (tensorboardX) into the run directory"""
 
     # ---- environment ----
     env_id: EnvId = "ant"
@@ -105,69 +101,21 @@ class Args:
     episode_length: int = 1000
     """Brax: physics steps before a time-limit truncation"""
     action_repeat: int | None = None
-    """Brax: physics steps per agent step (1; reacher 4)"""
+    """Brax: physics steps per agent step; None: the env family's"""
 
     # ---- the method ----
-    drift: Literal["lpo", "dpo", "ppo"] = "lpo"
-    """drift f in r·A - f(r, A) of an agent run: lpo (the network in --drift-file), dpo (eq. 9), ppo (eq. 6)"""
-    compare: tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
-    """the drifts --eval-drift trains, each with the same seeds and flags, one run directory each"""
-    drift_file: str | None = None
-    """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory"""
     dpo_alpha: float = 2.0
     """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
     dpo_beta: float = 0.6
     """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
     clip_coef: float | None = None
-    """PPO clipping ε of --drift ppo (Brax 0.3 as the authors' PPO loss; gymnax 0.2)"""
-
-    # ---- PPO loop ----
-    ppo_loop: Literal["brax", "purejaxrl"] | None = None
-    """brax: Brax PPO's loop (minibatches of whole unrolls, GAE recomputed per minibatch, unclipped value loss);
-    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε).
-    Brax envs brax, gymnax envs purejaxrl"""
-    log_frequency: int | None = None
-    """Brax: the authors' loop runs (log_frequency + 1) × (n // log_frequency) updates where n updates fit in
-    --total-timesteps (brax_drift.py lines 330-349; ant 20: 21 × 9 = 189 of 183); 0 runs n (gymnax 0)"""
-    total_timesteps: int | None = None
-    """environment steps per seed, action repeats included (ant 30M, reacher 100M; classic 500k; MinAtar 10M)"""
-    num_envs: int | None = None
-    """parallel environments per seed (Brax 2048; classic 4, Pendulum 16; MinAtar 64)"""
-    num_steps: int | None = None
-    """unroll length; GAE bootstraps at each unroll's end (ant 5; classic 128, Pendulum 64; MinAtar 128)"""
-    num_unrolls: int | None = None
-    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs (ant 16; gymnax 1)"""
-    num_minibatches: int | None = None
-    """minibatches per epoch, of whole unrolls (brax loop) or samples (purejaxrl) (Brax 32, pusher 16; classic 4;
-    Pendulum and MinAtar 8)"""
-    update_epochs: int | None = None
-    """epochs over each batch (ant 4; classic 4, Pendulum 10; MinAtar 4)"""
-    learning_rate: float | None = None
-    """Adam learning rate (Brax 3e-4, humanoidstandup 6e-4; classic 2.5e-4, Pendulum 1e-3; MinAtar 5e-4)"""
-    anneal_lr: bool | None = None
-    """anneal the learning rate linearly to 0, constant within an update (Brax no; gymnax yes)"""
-    gamma: float | None = None
-    """discount factor γ (ant 0.97; classic 0.99, Pendulum 0.95; MinAtar 0.99)"""
-    gae_lambda: float = 0.95
-    """GAE λ"""
-    ent_coef: float | None = None
-    """entropy bonus coefficient (ant 1e-2; classic 1e-2, Pendulum 0; MinAtar 1e-2)"""
-    vf_coef: float = 0.5
-    """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
-    max_grad_norm: float | None = None
-    """global gradient-norm clip, 0 for none (Brax none; gymnax 0.5)"""
-    adam_eps: float | None = None
-    """Adam ε (Brax 1e-8, optax's default; gymnax 1e-5, PureJaxRL's)"""
-    reward_scaling: float | None = None
-    """rewards are multiplied by this before GAE (ant and inverted pendulums 10; classic 1, Pendulum 0.1; MinAtar 1)"""
-    normalize_observations: bool | None = None
-    """normalise observations by running mean and variance (Brax and Pendulum yes; others no)"""
-    actor_hidden: tuple[int, ...] | None = None
-    """policy MLP hidden sizes (Brax 32 32 32 32; classic 64 64; MinAtar 256 256)"""
-    critic_hidden: tuple[int, ...] | None = None
-    """value MLP hidden sizes (Brax 256 ×5; classic 64 64; MinAtar 256 256)"""
-    activation: Literal["tanh", "relu", "swish"] | None = None
-    """hidden activation (Brax swish; classic tanh; MinAtar relu)"""
+    """PPO clipping ε of --drift ppo (the purejaxrl loop also clips the value loss by it); None: the env family's"""
+    drift: Literal["lpo", "dpo", "ppo"] = "lpo"
+    """drift f in r·A - f(r, A) of an agent run: lpo (the network in --drift-file), dpo (eq. 9), ppo (eq. 6)"""
+    compare: tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
+    """train each of these drifts with the same seeds and flags, one run directory each, and compare them"""
+    drift_file: str | None = None
+    """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory"""
 
     # ---- LPO: --eval-drift or --plot-drift, else meta-training (the authors' main_drift_brax.py, evosax 0.0.4) ----
     eval_drift: str | None = None
@@ -183,8 +131,9 @@ class Args:
     the flag alone: the linear sign-split drift (16 weights; an ES gradient at zero, see drift_layer_sizes)"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
-    num_generations: int = 1025
-    """ES generations (the authors' script: 1025 on Brax ant; the CPU setting in docs/lpo.md: 150)"""
+    num_generations: int | None = None
+    """ES generations (None: 1025, the authors' script on Brax ant; the CPU setting in docs/lpo.md: 150); with
+    --resume, the total to extend the run to"""
     num_rollouts: int = 1
     """inner training runs per member and env per generation (the same runs for every member)"""
     sigma: tuple[float, float, float] = (0.04, 0.999, 0.01)
@@ -202,17 +151,63 @@ class Args:
     PPO's on the same fixed seeds, which no generation draws; the best mean so far is best_drift.msgpack (0: never)"""
     num_validation_seeds: int = 16
     """seeds of the ES mean's validation, the same at every validation and paired with PPO's"""
-    # several processes for the meta-training (JAX's multi-controller runtime, docs/distributed.md)
+    # several processes (JAX's multi-controller runtime, docs/distributed.md)
     coordinator_address: str | None = None
-    """host:port where process 0 serves the coordinator; give every process the same command"""
+    """host:port where process 0 serves the coordinator (give every process the same command), or auto: the
+    cluster's launcher says (SLURM, Open MPI, Cloud TPU)"""
     num_processes: int = 1
-    """processes in the run, with --coordinator-address"""
+    """processes in the run, with --coordinator-address host:port"""
     process_id: int = 0
-    """this process's index in [0, --num-processes), with --coordinator-address"""
-    distributed: bool = False
-    """join a multi-process run as the cluster's launcher says (SLURM, Open MPI, Cloud TPU), without the flags above"""
+    """this process's index in [0, --num-processes), with --coordinator-address host:port"""
     init_timeout: int = 60
-    """seconds the processes wait for each other at start-up before giving up with an error"""
+    """seconds to wait for every process to join"""
+
+    # ---- PPO loop ----
+    ppo_loop: Literal["brax", "purejaxrl"] | None = None
+    """brax: Brax PPO's loop (minibatches of whole unrolls, GAE recomputed per minibatch, unclipped value loss);
+    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε);
+    None: the env family's"""
+    log_frequency: int | None = None
+    """Brax: the authors' loop runs (log_frequency + 1) × (n // log_frequency) updates where n updates fit in
+    --total-timesteps (brax_drift.py lines 330-349); 0 runs n; None: the env family's"""
+    total_timesteps: int | None = None
+    """environment steps per seed, action repeats included; None: the env family's"""
+    num_envs: int | None = None
+    """parallel environments per seed; None: the env family's"""
+    num_steps: int | None = None
+    """unroll length; GAE bootstraps at each unroll's end; None: the env family's"""
+    num_unrolls: int | None = None
+    """consecutive unrolls per env per update, Brax's batch_size·num_minibatches/num_envs; None: the env family's"""
+    num_minibatches: int | None = None
+    """minibatches per epoch, of whole unrolls (brax loop) or samples (purejaxrl); None: the env family's"""
+    update_epochs: int | None = None
+    """epochs over each batch; None: the env family's"""
+    learning_rate: float | None = None
+    """Adam learning rate; None: the env family's"""
+    anneal_lr: bool | None = None
+    """anneal the learning rate linearly to 0, constant within an update; None: the env family's"""
+    gamma: float | None = None
+    """discount factor γ; None: the env family's"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    ent_coef: float | None = None
+    """entropy bonus coefficient; None: the env family's"""
+    vf_coef: float = 0.5
+    """value loss coefficient (value loss is 0.5·mean squared error, as Brax's 0.5·0.5·MSE)"""
+    max_grad_norm: float | None = None
+    """global gradient-norm clip, 0 for none; None: the env family's"""
+    adam_eps: float | None = None
+    """Adam ε; None: the env family's"""
+    reward_scaling: float | None = None
+    """rewards are multiplied by this before GAE; None: the env family's"""
+    normalize_observations: bool | None = None
+    """normalise observations by running mean and variance; None: the env family's"""
+    actor_hidden: tuple[int, ...] | None = None
+    """policy MLP hidden sizes; None: the env family's"""
+    critic_hidden: tuple[int, ...] | None = None
+    """value MLP hidden sizes; None: the env family's"""
+    activation: Literal["tanh", "relu", "swish"] | None = None
+    """hidden activation; None: the env family's"""
 
 
 # ---- The method: drift functions and the Mirror Learning policy objective.
@@ -265,6 +260,17 @@ def actor_loss(log_ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.
     return -jnp.mean(jnp.exp(log_ratio) * advantage - drift(log_ratio, advantage))
 
 
+def make_drift(args: Args) -> Drift:
+    """The drift f(r, A) chosen by --drift, with its coefficients bound."""
+    if args.drift == "ppo":
+        return functools.partial(ppo_drift, clip_coef=args.clip_coef)
+    if args.drift == "dpo":
+        return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
+    net, ppo_init, _ = load_drift(args.drift_file)
+    return functools.partial(lpo_drift, net, ppo_init=ppo_init, clip_coef=args.clip_coef)
+
+
+# ---- LPO: the drift network (Lu et al. 2022, section 4.1, eq. 8).
 XI = 1e-4  # the margin ξ of eq. 8 (the authors' brax_drift.py line 168: `relu(drift_ppo + drift - 0.0001)`)
 
 
@@ -320,16 +326,6 @@ def lpo_drift(
         h = (jnp.tanh if ppo_init else jax.nn.relu)(h @ w)
     f_tilde = (h @ net[-1])[..., 0]
     return jax.nn.relu(f_tilde - XI + (ppo_drift(log_ratio, advantage, clip_coef) if ppo_init else 0.0))
-
-
-def make_drift(args: Args) -> Drift:
-    """The drift f(r, A) chosen by --drift, with its coefficients bound."""
-    if args.drift == "ppo":
-        return functools.partial(ppo_drift, clip_coef=args.clip_coef)
-    if args.drift == "lpo":
-        net, ppo_init, _ = load_drift(args.drift_file)
-        return functools.partial(lpo_drift, net, ppo_init=ppo_init, clip_coef=args.clip_coef)
-    return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
@@ -401,8 +397,10 @@ _BRAX = dict(
 # The authors' dpo/main_drift_brax.py `train_fn` table (num_unrolls = batch_size × num_minibatches / num_envs);
 # the envs it does not list take Brax's training notebook's (notebooks/training.ipynb: humanoidstandup,
 # inverted_pendulum, inverted_double_pendulum, pusher), and hopper and swimmer (PPO-less there) walker2d's.
-BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, update_epochs, gamma, ent_coef,
-    # action_repeat, log_frequency
+BRAX_COLUMNS = (
+    "total_timesteps reward_scaling num_steps num_unrolls update_epochs gamma ent_coef action_repeat log_frequency"
+)
+BRAX_TABLE = {  # env: the values of BRAX_COLUMNS
     "ant": (30_000_000, 10.0, 5, 16, 4, 0.97, 1e-2, 1, 20),
     "humanoid": (50_000_000, 0.1, 10, 16, 8, 0.97, 1e-3, 1, 20),
     "halfcheetah": (100_000_000, 1.0, 20, 8, 8, 0.95, 1e-3, 1, 10),
@@ -415,90 +413,35 @@ BRAX_TABLE = {  # env: total_timesteps, reward_scaling, num_steps, num_unrolls, 
     "pusher": (50_000_000, 5.0, 30, 4, 8, 0.95, 1e-2, 1, 20),
     "swimmer": (50_000_000, 0.1, 20, 4, 8, 0.97, 1e-3, 1, 10),
 }
-ENV_DEFAULTS = {
-    env: dict(
-        _BRAX,
-        **dict(
-            zip(
-                (
-                    "total_timesteps",
-                    "reward_scaling",
-                    "num_steps",
-                    "num_unrolls",
-                    "update_epochs",
-                    "gamma",
-                    "ent_coef",
-                    "action_repeat",
-                    "log_frequency",
-                ),
-                row,
-            )
-        ),
-    )
-    for env, row in BRAX_TABLE.items()
-}
+ENV_DEFAULTS = {env: dict(_BRAX, **dict(zip(BRAX_COLUMNS.split(), row))) for env, row in BRAX_TABLE.items()}
 ENV_DEFAULTS["humanoidstandup"]["learning_rate"] = 6e-4  # Brax's training notebook
 ENV_DEFAULTS["pusher"]["num_minibatches"] = 16  # Brax's training notebook (its batch size 512)
-_CLASSIC = dict(  # PureJaxRL's ppo.py __main__ config: 4 envs × 128 steps, 4 epochs × 4 minibatches
+_GYMNAX = dict(
     ppo_loop="purejaxrl",
     log_frequency=0,
-    total_timesteps=500_000,
-    num_envs=4,
-    num_steps=128,
     num_unrolls=1,
-    num_minibatches=4,
-    update_epochs=4,
-    learning_rate=2.5e-4,
     anneal_lr=True,
-    gamma=0.99,
-    ent_coef=0.01,
-    reward_scaling=1.0,
-    normalize_observations=False,
-    actor_hidden=(64, 64),
-    critic_hidden=(64, 64),
-    activation="tanh",
     clip_coef=0.2,
     max_grad_norm=0.5,
     adam_eps=1e-5,
     action_repeat=1,
+)  # PureJaxRL's ppo.py: one unroll per update, ε 0.2, gradient clip 0.5, Adam ε 1e-5, annealed learning rate
+# Classic control: PureJaxRL's ppo.py __main__ config (4 envs × 128 steps, 4 epochs × 4 minibatches); Pendulum and
+# MountainCarContinuous: its continuous-action settings; MinAtar: its MinAtar config.
+GYMNAX_COLUMNS = (
+    "total_timesteps num_envs num_steps num_minibatches update_epochs learning_rate gamma ent_coef reward_scaling"
+    " normalize_observations actor_hidden activation"
 )
-ENV_DEFAULTS.update({env: dict(_CLASSIC) for env in ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")})
-ENV_DEFAULTS["Pendulum-v1"] = dict(
-    _CLASSIC,
-    total_timesteps=1_000_000,
-    num_envs=16,
-    num_steps=64,
-    num_minibatches=8,
-    update_epochs=10,
-    learning_rate=1e-3,
-    gamma=0.95,
-    ent_coef=0.0,
-    reward_scaling=0.1,
-    normalize_observations=True,
-)
-ENV_DEFAULTS["MountainCarContinuous-v0"] = dict(ENV_DEFAULTS["Pendulum-v1"], gamma=0.99)
-ENV_DEFAULTS.update(
-    {
-        env: dict(
-            _CLASSIC,
-            total_timesteps=10_000_000,
-            num_envs=64,
-            num_steps=128,
-            num_minibatches=8,
-            learning_rate=5e-4,
-            actor_hidden=(256, 256),
-            critic_hidden=(256, 256),
-            activation="relu",
-        )
-        for env in (
-            "Breakout-MinAtar",
-            "Asterix-MinAtar",
-            "Freeway-MinAtar",
-            "SpaceInvaders-MinAtar",
-            "Seaquest-MinAtar",
-        )
-    }
-)
+GYMNAX_TABLE = {  # family: the values of GYMNAX_COLUMNS (the critic's hidden sizes are the actor's)
+    "classic": (500_000, 4, 128, 4, 4, 2.5e-4, 0.99, 0.01, 1.0, False, (64, 64), "tanh"),
+    "Pendulum-v1": (1_000_000, 16, 64, 8, 10, 1e-3, 0.95, 0.0, 0.1, True, (64, 64), "tanh"),
+    "MountainCarContinuous-v0": (1_000_000, 16, 64, 8, 10, 1e-3, 0.99, 0.0, 0.1, True, (64, 64), "tanh"),
+    "MinAtar": (10_000_000, 64, 128, 8, 4, 5e-4, 0.99, 0.01, 1.0, False, (256, 256), "relu"),
+}
+for env in typing.get_args(EnvId)[len(BRAX_TABLE) :]:
+    family = env if env in GYMNAX_TABLE else ("MinAtar" if env.endswith("MinAtar") else "classic")
+    ENV_DEFAULTS[env] = dict(_GYMNAX, **dict(zip(GYMNAX_COLUMNS.split(), GYMNAX_TABLE[family])))
+    ENV_DEFAULTS[env]["critic_hidden"] = ENV_DEFAULTS[env]["actor_hidden"]
 
 
 class ArgsError(ValueError):
@@ -509,24 +452,12 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
     Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls (brax loop) or samples
-        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update, --eval-only
-        without --load.
+        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
     items = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)  # shuffled units
-    if (
-        min(
-            args.num_seeds,
-            args.num_eval_envs,
-            args.num_envs,
-            args.num_steps,
-            args.num_unrolls,
-            args.num_minibatches,
-            args.update_epochs,
-            args.action_repeat,
-        )
-        <= 0
-    ):
+    sizes = ("num_seeds", "num_eval_envs", "num_envs", "num_steps", "num_unrolls", "num_minibatches", "update_epochs")
+    if min(getattr(args, k) for k in sizes + ("action_repeat",)) <= 0:
         raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if items % args.num_minibatches:
         raise ArgsError(
@@ -538,8 +469,6 @@ def resolve_args(args: Args) -> Args:
             f"--total-timesteps {args.total_timesteps} is less than one update"
             f" ({batch_size(args) * args.action_repeat} steps)"
         )
-    if args.eval_only != (args.load is not None):
-        raise ArgsError("--eval-only and --load RUN_DIR go together")
     return args
 
 
@@ -577,10 +506,13 @@ class GymnaxEnv:
         self.max_episode_steps = int(self.params.max_steps_in_episode)
 
     def reset(self, key):
+        """One env's first observation [obs_dim] and state, from key [2]."""
         obs, state = self.env.reset(key, self.params)
         return obs.reshape(-1).astype(jnp.float32), state
 
     def step(self, key, state, action):
+        """(obs [obs_dim], state, reward, done, truncated), the last three float32 scalars: done when the episode
+        ended (terminated or truncated), truncated when only at the time limit; an ended episode is reset."""
         obs, state, reward, terminated, truncated, _ = self.env.step(key, state, action, self.params)
         done = jnp.logical_or(terminated, truncated).astype(jnp.float32)
         truncated = jnp.logical_and(truncated, jnp.logical_not(terminated)).astype(jnp.float32)
@@ -604,10 +536,13 @@ class BraxEnv:
         self.max_episode_steps = math.ceil(episode_length / action_repeat)
 
     def reset(self, key):
+        """One env's first observation [obs_dim] and state, from key [2]."""
         state = self.env.reset(key)
         return state.obs, state
 
     def step(self, key, state, action):
+        """GymnaxEnv.step's five values (key unused: Brax's physics is deterministic); action [action_dim] in
+        [-1, 1]."""
         state = self.env.step(state, action)
         return state.obs, state, state.reward, state.done, state.info["truncation"]
 
@@ -621,6 +556,8 @@ def make_env(args: Args):
 
 # ---- Observation normalisation by running mean and variance (Chan et al.'s parallel update).
 class RunningStats(NamedTuple):
+    """Running mean and variance of the observations, and the number of observations merged."""
+
     mean: jax.Array  # [obs_dim]
     var: jax.Array  # [obs_dim]
     count: jax.Array  # scalar
@@ -651,12 +588,15 @@ class Categorical(NamedTuple):
     logits: jax.Array
 
     def sample(self, key):
+        """An action index, logits' shape without the last axis."""
         return jax.random.categorical(key, self.logits)
 
     def mode(self):
+        """The most probable action index."""
         return jnp.argmax(self.logits, axis=-1)
 
     def log_prob(self, action):
+        """log π(action), action's shape."""
         log_p = jax.nn.log_softmax(self.logits)
         return jnp.take_along_axis(log_p, action[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
@@ -666,6 +606,7 @@ class Categorical(NamedTuple):
         return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
     def env_action(self, action, low, high):
+        """The action the env takes: the index itself (low and high unused)."""
         return action
 
 
@@ -680,9 +621,11 @@ class TanhGaussian(NamedTuple):
     scale: jax.Array
 
     def sample(self, key):
+        """A pre-tanh sample u [..., action_dim]."""
         return self.loc + self.scale * jax.random.normal(key, self.loc.shape)
 
     def mode(self):
+        """The pre-tanh mode, loc."""
         return self.loc
 
     @staticmethod
@@ -702,6 +645,7 @@ class TanhGaussian(NamedTuple):
         return jnp.sum(normal + self.log_det_jacobian(self.loc + self.scale * noise), axis=-1)
 
     def env_action(self, u, low, high):
+        """tanh(u) scaled from [-1, 1] to [low, high], u's shape."""
         return low + (jnp.tanh(u) + 1.0) * (0.5 * (high - low))
 
 
@@ -748,8 +692,11 @@ def policy(actor: MLP, params, obs, discrete: bool):
     return TanhGaussian(loc, jax.nn.softplus(scale) + 0.001)
 
 
-# ---- Training: make_train(args, drift) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates.
+# ---- Training: make_train(args, drift) returns init(rng) -> Runner and train_chunk(runner, n) advancing n updates;
+# over_seeds maps it over the seeds, sharded over the devices.
 class Transition(NamedTuple):
+    """One env step of every env, as the rollout records it (an unroll stacks them: fields [T, num_envs, ...])."""
+
     obs: jax.Array  # [num_envs, obs_dim], raw; an unroll keeps one more, its last next observation
     action: jax.Array  # [num_envs] or [num_envs, action_dim]; continuous: pre-tanh
     log_prob: jax.Array  # [num_envs], under the behaviour policy
@@ -770,6 +717,8 @@ class Sample(NamedTuple):
 
 
 class EpisodeStats(NamedTuple):
+    """Per-env episode bookkeeping for the logged episodic return."""
+
     episode_return: jax.Array  # [num_envs], unscaled return of the running episode
     last_return: jax.Array  # [num_envs], unscaled return of the last finished episode
     finished: jax.Array  # [num_envs], episodes finished so far
@@ -804,12 +753,8 @@ def make_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm > 0 else tx
 
 
-def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = None):
+def make_train(args: Args, drift: Drift):
     """Build one seed's training with the drift f(r, A) (see make_drift) as two pure functions.
-
-    With env_mesh (see env_mesh), the seed's envs are split over that mesh's devices: each device steps its share
-    on its own core, the rollout is then gathered, and every device runs the same SGD on the whole batch. The random
-    numbers are those of one device, so only float rounding differs.
 
     Returns:
         init(rng) -> Runner: parameters, optimiser, environments. Call it per seed outside any vmap: jaxlib
@@ -824,17 +769,7 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
     n_chunk = max_chunk(args)
     obs_norm = args.normalize_observations
     n_unrolls = args.num_envs * args.num_unrolls
-    brax_loop = args.ppo_loop == "brax"
-    shuffle_axis = 1 if brax_loop else 0  # Brax shuffles whole unrolls [T, U·E]; PureJaxRL samples [T·U·E]
     tx = make_optimizer(args)
-
-    def on_env_mesh(tree, *axes):
-        """tree laid out over env_mesh's devices: axes ("env",) splits each leaf's leading env axis between them, no
-        axes puts the whole tree on every one; the identity without a mesh."""
-        if env_mesh is None:
-            return tree
-        sharding = jax.sharding.NamedSharding(env_mesh, jax.sharding.PartitionSpec(*axes))
-        return jax.lax.with_sharding_constraint(tree, sharding)
 
     def init(rng) -> Runner:
         """A seed's first Runner from its key [2]: fresh networks and optimiser, num_envs envs reset."""
@@ -844,8 +779,8 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
             "actor": actor.init(key_actor, jnp.zeros((1, env.obs_dim))),
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
-        obs, env_state = on_env_mesh(jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs)), "env")
-        zeros = on_env_mesh(jnp.zeros(args.num_envs), "env")
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
+        zeros = jnp.zeros(args.num_envs)
         stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
@@ -878,7 +813,6 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
             runner.episodes.finished + done,
         )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
-        env_state, obs, episodes, transition = on_env_mesh((env_state, obs, episodes, transition), "env")
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
 
     def unroll(runner: Runner, key):
@@ -900,41 +834,51 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         approx_kl = jnp.mean(ratio - 1.0 - log_ratio)  # KL(π_old‖π) estimate
         return total, (policy_loss, value_loss, entropy, approx_kl, jnp.mean(jnp.abs(ratio - 1.0) > args.clip_coef))
 
-    def unroll_loss(params, minibatch: Transition, obs_stats, noise):
-        """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
-        values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
-        obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        values = critic.apply(params["critic"], obs)[..., 0]
-        terminated = minibatch.done * (1.0 - minibatch.truncated)
-        targets, advantages = compute_gae(
-            minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
-        )
-        value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
-        pi = policy(actor, params, obs[:-1], env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, noise)
+    # The two PPO loops differ only here: what the epochs shuffle into minibatches, and the loss on one of them.
+    if args.ppo_loop == "brax":
+        shuffle_axis, shuffled = 1, n_unrolls  # whole unrolls [T, U·E]
 
-    def sample_loss(params, minibatch: Sample, obs_stats, noise):
-        """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
-        and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
-        179-186). Returns objective's."""
-        obs = normalize(minibatch.obs, obs_stats, obs_norm)
-        values = critic.apply(params["critic"], obs)[..., 0]
-        clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
-        errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
-        pi = policy(actor, params, obs, env.discrete)
-        return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, 0.5 * jnp.mean(errors), noise)
+        def prepare(params, batch: Transition, obs_stats) -> Transition:
+            """The brax loop's batch is the rollout itself (fields [T, U·E, ...], obs [T + 1, U·E, ...])."""
+            return batch
 
-    loss_fn = unroll_loss if brax_loop else sample_loss
+        def loss_fn(params, minibatch: Transition, obs_stats, noise):
+            """Brax PPO's loss on a minibatch of B whole unrolls (Transition fields [T, B, ...], obs [T + 1, B, ...]),
+            values and GAE recomputed with the current critic; value loss 0.5·MSE. Returns objective's."""
+            obs = normalize(minibatch.obs, obs_stats, obs_norm)
+            values = critic.apply(params["critic"], obs)[..., 0]
+            terminated = minibatch.done * (1.0 - minibatch.truncated)
+            targets, advantages = compute_gae(
+                minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
+            )
+            value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
+            pi = policy(actor, params, obs[:-1], env.discrete)
+            return objective(pi, minibatch.action, minibatch.log_prob, advantages, value_loss, noise)
 
-    def rollout_samples(params, batch: Transition, obs_stats) -> Sample:
-        """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
-        flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
-        values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
-        targets, advantages = compute_gae_purejaxrl(
-            batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
-        )
-        samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
-        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+    else:
+        shuffle_axis, shuffled = 0, batch_size(args)  # samples [T·U·E], as PureJaxRL's ppo.py
+
+        def prepare(params, batch: Transition, obs_stats) -> Sample:
+            """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
+            flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
+            values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
+            targets, advantages = compute_gae_purejaxrl(
+                batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
+            )
+            samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
+            return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+
+        def loss_fn(params, minibatch: Sample, obs_stats, noise):
+            """PureJaxRL's loss on a minibatch of B shuffled samples (fields [B, ...]) with the rollout's advantages
+            and targets; value loss 0.5·max(squared error, that of the value clipped to V_old ± ε) (ppo.py lines
+            179-186). Returns objective's."""
+            obs = normalize(minibatch.obs, obs_stats, obs_norm)
+            values = critic.apply(params["critic"], obs)[..., 0]
+            clipped = minibatch.value + jnp.clip(values - minibatch.value, -args.clip_coef, args.clip_coef)
+            errors = jnp.maximum((values - minibatch.target) ** 2, (clipped - minibatch.target) ** 2)
+            pi = policy(actor, params, obs, env.discrete)
+            value_loss = 0.5 * jnp.mean(errors)
+            return objective(pi, minibatch.action, minibatch.log_prob, minibatch.advantage, value_loss, noise)
 
     def minibatches_of(x, permutation):
         """x shuffled along shuffle_axis and split into [num_minibatches, ...] minibatches along it."""
@@ -965,7 +909,7 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         """
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
-        permutation = jax.random.permutation(key_perm, n_unrolls if brax_loop else batch_size(args))
+        permutation = jax.random.permutation(key_perm, shuffled)
         minibatches = jax.tree.map(functools.partial(minibatches_of, permutation=permutation), batch)
         # The epoch's entropy noise in one draw: on CPU, jax lowers each random draw to a loop of 5 rounds, which
         # added about 140 thunks (65 of them copies) to every minibatch step. Unused, so compiled away, if discrete.
@@ -982,11 +926,9 @@ def make_train(args: Args, drift: Drift, env_mesh: jax.sharding.Mesh | None = No
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], n_unrolls) + x.shape[3:]), traj)
-        batch = on_env_mesh(batch)  # with env_mesh: one all-gather, then the same SGD on every device
         # As the authors' run_epoch: statistics updated with this batch before the epochs use them.
         obs_stats = update_running_stats(runner.obs_stats, batch.obs[:-1]) if obs_norm else runner.obs_stats
-        if not brax_loop:
-            batch = rollout_samples(runner.train_state.params, batch, obs_stats)
+        batch = prepare(runner.train_state.params, batch, obs_stats)
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
@@ -1018,6 +960,42 @@ def max_chunk(args: Args) -> int:
     return max(1, num_updates(args) // 20)
 
 
+def seed_keys(args: Args):
+    """(train keys [num_seeds, 2], evaluation keys [num_seeds, 2]) derived from --seed."""
+    key_train, key_eval = jax.random.split(jax.random.PRNGKey(args.seed))
+    return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
+
+
+def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
+    """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
+
+    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
+    number of JAX devices that divides num_seeds.
+    """
+    if num_seeds == 1:
+
+        def single(*xs):
+            xs = [jax.tree.map(lambda x: x[0], x) if axis == 0 else x for x, axis in zip(xs, seed_axes)]
+            return jax.tree.map(lambda y: y[None], fn(*xs))
+
+        return jax.jit(single)
+    mapped = jax.vmap(fn, in_axes=seed_axes)
+    n = math.gcd(num_seeds, jax.device_count())
+    if n == 1:
+        return jax.jit(mapped)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
+    spec = jax.sharding.PartitionSpec
+    in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
+    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
+
+
+def init_seeds(init, keys) -> Runner:
+    """Each seed's Runner, built one seed at a time (no batched QR, see make_train), stacked [num_seeds, ...]."""
+    init = jax.jit(init)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
+
+
+# ---- Evaluation.
 def make_evaluate(args: Args):
     """evaluate(params, obs_stats, rng, deterministic) -> mean unscaled return over args.num_eval_envs episodes.
 
@@ -1049,85 +1027,6 @@ def make_evaluate(args: Args):
     return evaluate
 
 
-# ---- Seeds over devices, checkpoints, outputs.
-def seed_keys(args: Args):
-    """(train keys [num_seeds, 2], evaluation keys [num_seeds, 2]) derived from --seed."""
-    key_train, key_eval = jax.random.split(jax.random.PRNGKey(args.seed))
-    return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
-
-
-def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
-    """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
-
-    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
-    number of JAX devices that divides num_seeds.
-    """
-    if num_seeds == 1:
-
-        def single(*xs):
-            xs = [jax.tree.map(lambda x: x[0], x) if axis == 0 else x for x, axis in zip(xs, seed_axes)]
-            return jax.tree.map(lambda y: y[None], fn(*xs))
-
-        return jax.jit(single)
-    mapped = jax.vmap(fn, in_axes=seed_axes)
-    n = math.gcd(num_seeds, jax.device_count())
-    if n == 1:
-        return jax.jit(mapped)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
-    spec = jax.sharding.PartitionSpec
-    in_specs = tuple(spec("seed") if axis == 0 else spec() for axis in seed_axes)
-    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=spec("seed"), check_vma=False))
-
-
-def env_mesh(args: Args) -> jax.sharding.Mesh | None:
-    """The devices over which make_train splits each seed's envs, or None.
-
-    over_seeds splits the seeds over the devices; where it cannot (one seed, or a seed count sharing no factor with
-    the device count), a Brax env's envs are split instead, over every CPU device, if num_envs divides (dpo.py's
-    use_cpu_cores gives one seed one device unless --num-cpu-devices asks for more). Only the rollout is split: the
-    SGD on the gathered batch runs whole on each device, because splitting it would add an all-reduce of the
-    gradients to every minibatch step, which on CPU costs more than a small minibatch's step (docs/dpo.md). None
-    otherwise: on one device, for gymnax envs (too cheap to step for the split to pay), and on accelerators (not
-    measured there).
-    """
-    n = jax.device_count()
-    brax_on_cpu = args.env_id in BRAX_ENVS and jax.default_backend() == "cpu"
-    if not brax_on_cpu or n == 1 or math.gcd(args.num_seeds, n) > 1 or args.num_envs % n:
-        return None
-    return jax.sharding.Mesh(np.array(jax.devices()), ("env",))
-
-
-def init_seeds(init, keys) -> Runner:
-    """Each seed's Runner, built one seed at a time (no batched QR, see make_train), stacked [num_seeds, ...]."""
-    init = jax.jit(init)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *[init(key) for key in keys])
-
-
-def seed_statistics(x, prefix: str) -> dict:
-    """Statistics over seeds of x [num_seeds]: {prefix}_mean, _std (sample std, ddof 1; 0 for one seed), _iqm (the
-    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples drawn
-    with a fixed generator, so a summary is reproducible; the IQM itself for one seed), and {prefix}s, the values."""
-    x = np.asarray(x, dtype=float)
-    iqm = float(scipy.stats.trim_mean(x, 0.25))
-    ci = [iqm, iqm]
-    if len(x) > 1:
-        boot = scipy.stats.bootstrap(
-            (x,),
-            functools.partial(scipy.stats.trim_mean, proportiontocut=0.25),
-            n_resamples=2000,
-            method="percentile",
-            rng=np.random.default_rng(0),
-        )
-        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-    return {
-        f"{prefix}_mean": float(x.mean()),
-        f"{prefix}_std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-        f"{prefix}_iqm": iqm,
-        f"{prefix}_iqm_ci": ci,
-        f"{prefix}s": x.tolist(),
-    }
-
-
 def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
 
@@ -1142,152 +1041,7 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     return out
 
 
-def atomic_write(path: str, data: bytes):
-    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
-    power cut leaves half a file. Does nothing on processes other than 0 (lpo.py's multi-process meta-training)."""
-    if jax.process_index():
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path: str, obj: dict):
-    """obj as indented JSON, written atomically."""
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def load_tree(path: str, template):
-    """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes.
-
-    Raises ArgsError if the file is missing, damaged or of other shapes.
-    """
-    try:
-        with open(path, "rb") as f:
-            tree = flax.serialization.from_bytes(template, f.read())
-        if [np.shape(x) for x in jax.tree.leaves(tree)] != [np.shape(x) for x in jax.tree.leaves(template)]:
-            raise ValueError("shapes differ")
-    except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
-        raise ArgsError(f"{path} is missing, damaged or does not match args.json ({type(e).__name__})") from None
-    return jax.tree.map(jnp.asarray, tree)
-
-
-def load_args(run_dir: str) -> Args:
-    """The Args saved in run_dir/args.json. Raises ArgsError if it is missing or damaged."""
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
-    except (OSError, ValueError, TypeError) as e:
-        raise ArgsError(
-            f"{run_dir}/args.json is missing or damaged ({type(e).__name__}):"
-            " expected a run directory written by dpo.py"
-        ) from None
-
-
-FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
-
-
-def plot_curves(
-    path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)", ylabel: str = "episodic return"
-):
-    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="tight")
-    ax = fig.subplots()
-    for label, (x, y, band) in curves.items():
-        x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
-        ax.plot(x, y, label=label)
-        ax.fill_between(x, y - band, y + band, alpha=0.25)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend()
-    if jax.process_index() == 0:
-        fig.savefig(path)
-
-
-def plot_drifts(path: str, drifts: dict[str, Drift]):
-    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and
-    A ∈ [-2, 2], one panel per named drift f(r, A) (a PNG at path)."""
-    from matplotlib.figure import Figure
-
-    ratios = jnp.linspace(0.01, 2.0, 200)
-    advantages = jnp.linspace(-2.0, 2.0, 161)
-    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
-    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
-
-        def objective(r, a, drift=drift):
-            return r * a - drift(jnp.log(r), a)
-
-        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
-        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
-        image = ax.imshow(
-            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
-        )
-        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
-        fig.colorbar(image, ax=ax)
-    if jax.process_index() == 0:
-        fig.savefig(path)
-
-
-def run_eval_only(args: Args) -> str:
-    saved = dataclasses.replace(resolve_args(load_args(args.load)), num_eval_envs=args.num_eval_envs)
-    template = jax.eval_shape(jax.vmap(make_train(saved, make_drift(saved))[0]), seed_keys(saved)[0])
-    params, obs_stats = load_tree(
-        os.path.join(args.load, "params.msgpack"), (template.train_state.params, template.obs_stats)
-    )
-    run_dir = args.run_dir or os.path.join("runs", f"{saved.env_id}__eval__{saved.drift}__{int(time.time())}")
-    summary = dict(
-        loaded_from=os.path.abspath(args.load),
-        env_id=saved.env_id,
-        drift=saved.drift,
-        num_eval_envs=saved.num_eval_envs,
-        **evaluate_seeds(saved, params, obs_stats),
-    )
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    print(
-        f"return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions), "
-        f"{summary['final_mode_return_mean']:.2f} (mode actions)"
-    )
-    return run_dir
-
-
-def run_comparison(args: Args) -> str:
-    """Train each drift of --compare with the same seeds and flags, each into run_dir/<drift>/ (a finished run is
-    kept and an interrupted one resumed when the command runs again with the same --run-dir); summary.json holds
-    every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
-    name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
-    base = args.run_dir or os.path.join("runs", name)
-    summary = dict(env_id=args.env_id, drifts={})
-    curves = {}
-    for drift in args.compare:
-        run_dir = os.path.join(base, drift)
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):
-            resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
-            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary["drifts"][drift] = json.load(f)
-        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
-        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
-    write_json(os.path.join(base, "summary.json"), summary)
-    title = f"{args.env_id}, {args.num_seeds} seed(s)"
-    plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")
-    for drift, r in summary["drifts"].items():
-        low, high = r["final_return_iqm_ci"]
-        print(
-            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} (sample std), "
-            f"IQM {r['final_return_iqm']:.2f} [{low:.2f}, {high:.2f}] (sampled actions)"
-        )
-    if len(args.compare) == 2 and args.num_seeds > 1:
-        a, b = (summary["drifts"][d]["final_returns"] for d in args.compare)
-        p = float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue)
-        verdict = "different at p < 0.05" if p < 0.05 else f"no difference detected at n = {args.num_seeds}"
-        print(f"Welch's t-test {args.compare[0].upper()} vs {args.compare[1].upper()}: p = {p:.3g} ({verdict})")
-    return base
-
-
+# ---- The run: train chunk by chunk, logging and checkpointing between chunks, then evaluate.
 def run_training(args: Args) -> str:
     """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
     run_dir = (
@@ -1298,8 +1052,7 @@ def run_training(args: Args) -> str:
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     drift = make_drift(args)
-    mesh = env_mesh(args)
-    init, train_chunk = make_train(args, drift, mesh)
+    init, train_chunk = make_train(args, drift)
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
@@ -1311,25 +1064,10 @@ def run_training(args: Args) -> str:
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
-    writer = None
-    if args.tensorboard or args.track:
-        from tensorboardX import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                config=dataclasses.asdict(args),
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                sync_tensorboard=True,
-            )
-        writer = SummaryWriter(run_dir)
     print(
         f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
         f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
-        f"{', each seed with its envs split over them' if mesh else ''}: {n_updates} updates"
+        f": {n_updates} updates"
         f" of {steps_per_update:,} steps per seed",
         flush=True,
     )
@@ -1360,9 +1098,6 @@ def run_training(args: Args) -> str:
         with open(metrics_path, "a", newline="") as f:
             csv.writer(f).writerows(new_rows)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(runners))
-        for row in new_rows if writer else []:
-            for name, value in zip(FIELDS[1:], row[1:]):
-                writer.add_scalar(("losses/" if name in LOSS_METRICS else "charts/") + name, value, int(row[0]))
         rows += new_rows
         updates_done += n
         eta = (n_updates - updates_done) * seconds / n / 60
@@ -1374,13 +1109,6 @@ def run_training(args: Args) -> str:
         chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
     params, obs_stats = runners.train_state.params, runners.obs_stats
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
-    steps, mean, std = np.array(rows, dtype=float).T[:3]
-    plot_curves(
-        os.path.join(run_dir, "learning_curve.png"),
-        {"mean over seeds ± 1 std": (steps, mean, std)},
-        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
-    )
-    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
     summary = dict(
         env_id=args.env_id,
         drift=args.drift,
@@ -1393,8 +1121,13 @@ def run_training(args: Args) -> str:
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    if writer:
-        writer.close()
+    steps, mean, std = np.array(rows, dtype=float).T[:3]
+    plot_curves(
+        os.path.join(run_dir, "learning_curve.png"),
+        {"mean over seeds ± 1 std": (steps, mean, std)},
+        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
+    )
+    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
     print(
         f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
         f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
@@ -1402,44 +1135,7 @@ def run_training(args: Args) -> str:
     return run_dir
 
 
-# ---- LPO: drift files, the ES outer loop, the transfer experiment and the drift pictures.
-_NAMES = [f.name for f in dataclasses.fields(Args)]
-INNER_FIELDS = ("env_ids", "num_eval_envs", *_NAMES[_NAMES.index("env_id") : _NAMES.index("activation") + 1])
-INNER_FIELDS = tuple(k for k in INNER_FIELDS if k not in ("drift", "compare", "drift_file", "dpo_alpha", "dpo_beta"))
-"""the flags a drift file records: its meta-training envs, the inner runs' settings and their evaluation"""
-
-
-def save_drift(path: str, net: list, ppo_init: bool, settings: dict | None = None):
-    """A drift file: the network's weights, its form (LPO or LPO-Zero) and the INNER_FIELDS of settings (the first
-    meta-training env's resolved Args), msgpack, written atomically."""
-    inner = json.dumps({k: v for k, v in (settings or {}).items() if k in INNER_FIELDS})
-    state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init, "settings": inner}
-    atomic_write(path, flax.serialization.msgpack_serialize(state))
-
-
-def load_drift(path: str) -> tuple[list, bool, dict]:
-    """(net, ppo_init, settings) from a drift file, or from a meta-training run directory's drift.msgpack (the ES
-    mean); settings are the recorded inner-loop flags ({} in files written before they were recorded).
-
-    Raises ArgsError if the file is missing, damaged or not a drift network's weights.
-    """
-    file = os.path.join(path, "drift.msgpack") if os.path.isdir(path) else str(path)
-    try:
-        with open(file, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        net = [jnp.asarray(state["net"][str(i)]) for i in range(len(state["net"]))]
-        ppo_init = bool(state["ppo_init"])
-        sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
-        if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
-            raise ValueError("shapes differ")
-        settings = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state.get("settings", "{}")).items()
-        }
-    except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
-        raise ArgsError(f"drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})") from None
-    return net, ppo_init, settings
-
-
+# ---- LPO's outer loop: OpenAI-ES over the drift network, each member scored by whole inner training runs.
 def make_es(args: Args, solution: list):
     """evosax OpenAI-ES over drift weights shaped as solution, set as the authors' evosax 0.0.4 OpenES defaults:
     antithetic sampling, Adam (β1 --es-beta1) on the mean, a learning rate and σ decaying per generation to a floor."""
@@ -1471,67 +1167,6 @@ def es_signal(per_run: np.ndarray) -> float:
     return float(np.corrcoef(first, second)[0, 1]) if min(first.std(), second.std()) > 0 else float("nan")
 
 
-def start_processes(args: Args):
-    """Join the other processes of a multi-process run (JAX's multi-controller runtime): with --coordinator-address
-    as process --process-id of --num-processes, with --distributed as the cluster's launcher says. Afterwards
-    jax.devices() lists every process's devices, and this process's stdout is silenced unless it is process 0 (which
-    alone prints and writes files). One process needs nothing and this does nothing.
-
-    Raises ArgsError within about --init-timeout seconds: a process id outside [0, --num-processes), a coordinator
-    address that process 0 cannot serve or another process cannot reach, or processes launched with different flags
-    (they would take different branches and wait for each other for ever). Launches that still fail inside the
-    runtime (process 0 told of more processes than start) end with its own message after --init-timeout.
-    """
-    if args.coordinator_address is None and not args.distributed:
-        if (args.num_processes, args.process_id) != (1, 0):
-            raise ArgsError("--num-processes and --process-id need --coordinator-address (or --distributed)")
-        return
-    if args.coordinator_address is not None:
-        if not 0 <= args.process_id < args.num_processes:
-            raise ArgsError(f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})")
-        host, _, port = args.coordinator_address.rpartition(":")
-        if not port.isdigit():
-            raise ArgsError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
-        deadline = time.time() + args.init_timeout
-        while args.process_id > 0:  # the coordinator must be up before the runtime's client tries it
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise ArgsError(
-                        f"no coordinator at {args.coordinator_address} after {args.init_timeout} s "
-                        "(is process 0 running, with the same --coordinator-address?)"
-                    ) from None
-                time.sleep(0.2)
-        if args.process_id == 0:
-            try:
-                socket.create_server((host, int(port))).close()
-            except OSError as e:
-                raise ArgsError(
-                    f"process 0 cannot serve the coordinator at {args.coordinator_address} ({os.strerror(e.errno)}): "
-                    "give an address of this machine and a free port"
-                ) from None
-        jax.distributed.initialize(
-            args.coordinator_address, args.num_processes, args.process_id, initialization_timeout=args.init_timeout
-        )
-    else:
-        jax.distributed.initialize(initialization_timeout=args.init_timeout)
-    from jax.experimental import multihost_utils
-
-    launch = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
-    digest = np.frombuffer(hashlib.sha256(launch.encode()).digest()[:8], np.int32)
-    digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
-    if jax.process_index():
-        sys.stdout = open(os.devnull, "w")
-    differ = np.flatnonzero((digests != digests[0]).any(1))
-    if differ.size:
-        raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
-    if args.coordinator_address is not None and jax.process_count() != args.num_processes:
-        raise ArgsError(f"--num-processes {args.num_processes}, but the coordinator counts {jax.process_count()}")
-
-
-LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "distributed", "init_timeout")
 VALIDATION_STREAM = 2**31 - 1  # fold_in index of the validation seeds' key; generations use 0 .. num_generations - 1
 
 
@@ -1600,6 +1235,8 @@ def run_meta_training(args: Args) -> str:
     --env-ids (with one env, the authors' z-scored return). PPO's and the untrained policy's returns on the same
     inner runs are logged beside the members' mean, to show where the population stands.
     """
+    if args.num_generations is None:
+        args = dataclasses.replace(args, num_generations=1025)  # the authors' script
     if args.pop_size < 2 or args.pop_size % 2:
         raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
     if jax.process_count() > 1 and args.pop_size % jax.device_count():
@@ -1700,6 +1337,232 @@ def run_meta_training(args: Args) -> str:
     return run_dir
 
 
+# ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
+def use_cpu_cores(args: Args) -> Args:
+    """args with --num-cpu-devices filled in, after splitting the host CPU into that many JAX devices.
+
+    JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a small
+    PPO minibatch (the benchmark's 80 rows) are too small for that to pay. With one device per core, over_seeds runs
+    each device's seeds on its own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command
+    against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores, so one seed
+    keeps one device. The float rounding of a seed's run differs between device counts, which is why args.json
+    records the count.
+    JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
+    with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
+    args name the count that runs.
+
+    Raises: ArgsError if --num-cpu-devices is negative.
+    """
+    if (args.num_cpu_devices or 0) < 0:
+        raise ArgsError(f"--num-cpu-devices {args.num_cpu_devices} is negative")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = args.num_cpu_devices or max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # JAX has already started in this process
+            pass
+    cpu = jax.default_backend() == "cpu"  # jax.devices("cpu") fails where JAX_PLATFORMS names accelerators only
+    return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else n)  # the count that runs
+
+
+def seed_statistics(x, prefix: str) -> dict:
+    """Statistics over seeds of x [num_seeds]: {prefix}_mean, _std (sample std, ddof 1; 0 for one seed), _iqm (the
+    interquartile mean, rliable's IQM) and _iqm_ci (its percentile-bootstrap 95% interval, 2,000 resamples drawn
+    with a fixed generator, so a summary is reproducible; the IQM itself for one seed), and {prefix}s, the values."""
+    x = np.asarray(x, dtype=float)
+    iqm = float(scipy.stats.trim_mean(x, 0.25))
+    ci = [iqm, iqm]
+    if len(x) > 1:
+        boot = scipy.stats.bootstrap(
+            (x,),
+            functools.partial(scipy.stats.trim_mean, proportiontocut=0.25),
+            n_resamples=2000,
+            method="percentile",
+            rng=np.random.default_rng(0),
+        )
+        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    return {
+        f"{prefix}_mean": float(x.mean()),
+        f"{prefix}_std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+        f"{prefix}_iqm": iqm,
+        f"{prefix}_iqm_ci": ci,
+        f"{prefix}s": x.tolist(),
+    }
+
+
+def atomic_write(path: str, data: bytes):
+    """Write bytes to path (its directory created) via a temporary file, fsync and a rename: neither a kill nor a
+    power cut leaves half a file. Does nothing on processes other than 0 (lpo.py's multi-process meta-training)."""
+    if jax.process_index():
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: dict):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def load_tree(path: str, template):
+    """Restore a tree written with flax.serialization.to_bytes into template's structure and shapes. A finished run's
+    policies reload from Python with load_tree(f"{run_dir}/params.msgpack", (t.train_state.params, t.obs_stats)), t
+    = jax.eval_shape(jax.vmap(init), seed_keys(args)[0]), init from make_train and args from resumed_args.
+
+    Raises ArgsError if the file is missing, damaged or of other shapes.
+    """
+    try:
+        with open(path, "rb") as f:
+            tree = flax.serialization.from_bytes(template, f.read())
+        if [np.shape(x) for x in jax.tree.leaves(tree)] != [np.shape(x) for x in jax.tree.leaves(template)]:
+            raise ValueError("shapes differ")
+    except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
+        raise ArgsError(f"{path} is missing, damaged or does not match args.json ({type(e).__name__})") from None
+    return jax.tree.map(jnp.asarray, tree)
+
+
+FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
+
+
+def plot_curves(
+    path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)", ylabel: str = "episodic return"
+):
+    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
+    for label, (x, y, band) in curves.items():
+        x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
+        ax.plot(x, y, label=label)
+        ax.fill_between(x, y - band, y + band, alpha=0.25)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    if jax.process_index() == 0:
+        fig.savefig(path)
+
+
+def plot_drifts(path: str, drifts: dict[str, Drift]):
+    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and
+    A ∈ [-2, 2], one panel per named drift f(r, A) (a PNG at path)."""
+    from matplotlib.figure import Figure
+
+    ratios = jnp.linspace(0.01, 2.0, 200)
+    advantages = jnp.linspace(-2.0, 2.0, 161)
+    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
+    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
+
+        def objective(r, a, drift=drift):
+            return r * a - drift(jnp.log(r), a)
+
+        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
+        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
+        image = ax.imshow(
+            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
+        )
+        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
+        fig.colorbar(image, ax=ax)
+    if jax.process_index() == 0:
+        fig.savefig(path)
+
+
+def run_comparison(args: Args) -> str:
+    """Train each drift of --compare with the same seeds and flags, each into run_dir/<drift>/ (a finished run is
+    kept and an interrupted one resumed when the command runs again with the same --run-dir); summary.json holds
+    every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
+    name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
+    base = args.run_dir or os.path.join("runs", name)
+    summary = dict(env_id=args.env_id, drifts={})
+    curves = {}
+    for drift in args.compare:
+        run_dir = os.path.join(base, drift)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
+            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary["drifts"][drift] = json.load(f)
+        steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
+        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
+    write_json(os.path.join(base, "summary.json"), summary)
+    title = f"{args.env_id}, {args.num_seeds} seed(s)"
+    plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")
+    for drift, r in summary["drifts"].items():
+        low, high = r["final_return_iqm_ci"]
+        print(
+            f"{drift.upper():4s} final return {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} (sample std), "
+            f"IQM {r['final_return_iqm']:.2f} [{low:.2f}, {high:.2f}] (sampled actions)"
+        )
+    if len(args.compare) == 2 and args.num_seeds > 1:
+        a, b = (summary["drifts"][d]["final_returns"] for d in args.compare)
+        p = float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue)
+        verdict = "different at p < 0.05" if p < 0.05 else f"no difference detected at n = {args.num_seeds}"
+        print(f"Welch's t-test {args.compare[0].upper()} vs {args.compare[1].upper()}: p = {p:.3g} ({verdict})")
+    return base
+
+
+def resumed_args(args: Args) -> Args:
+    """The Args saved in the run directory --resume names (its args.json: lists back to tuples, keys this version
+    does not know dropped), with resume and run_dir set to it. A dpo.py run keeps every other saved flag; lpo.py's
+    meta-training takes this command's LAUNCH_FIELDS, and its --num-generations where given (to extend the run).
+
+    Raises ArgsError if args.json is missing or damaged.
+    """
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+        names = {field.name for field in dataclasses.fields(Args)}
+        saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError) as e:
+        raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
+    launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
+    extend = {} if args.num_generations is None else dict(num_generations=args.num_generations)
+    return dataclasses.replace(saved, **launch, **extend, resume=args.resume, run_dir=args.resume)
+
+
+# ---- LPO's files and start-up.
+_NAMES = [f.name for f in dataclasses.fields(Args)]
+INNER_FIELDS = ("num_eval_envs", "env_id", "backend", "episode_length", "action_repeat", "clip_coef")
+INNER_FIELDS += (*_NAMES[_NAMES.index("ppo_loop") : _NAMES.index("activation") + 1], "env_ids")
+"""the flags a drift file records, in this order: the inner runs' settings, their evaluation and the meta-training
+envs"""
+
+
+def save_drift(path: str, net: list, ppo_init: bool, settings: dict | None = None):
+    """A drift file: the network's weights, its form (LPO or LPO-Zero) and the INNER_FIELDS of settings (the first
+    meta-training env's resolved Args), msgpack, written atomically."""
+    inner = json.dumps({k: settings[k] for k in INNER_FIELDS if k in (settings or {})})
+    state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init, "settings": inner}
+    atomic_write(path, flax.serialization.msgpack_serialize(state))
+
+
+def load_drift(path: str) -> tuple[list, bool, dict]:
+    """(net, ppo_init, settings) from a drift file, or from a meta-training run directory's drift.msgpack (the ES
+    mean); settings are the recorded inner-loop flags ({} in files written before they were recorded).
+
+    Raises ArgsError if the file is missing, damaged or not a drift network's weights.
+    """
+    file = os.path.join(path, "drift.msgpack") if os.path.isdir(path) else str(path)
+    try:
+        with open(file, "rb") as f:
+            state = flax.serialization.msgpack_restore(f.read())
+        net = [jnp.asarray(state["net"][str(i)]) for i in range(len(state["net"]))]
+        ppo_init = bool(state["ppo_init"])
+        sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
+        if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
+            raise ValueError("shapes differ")
+        settings = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state.get("settings", "{}")).items()
+        }
+    except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
+        raise ArgsError(f"drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})") from None
+    return net, ppo_init, settings
+
+
 def plot_drift_file(path: str, args: Args, folder: str | None = None) -> str:
     """drift.png in folder (default: the run directory path, or beside the drift file path): PPO's, DPO's and the
     learned drift side by side, its PPO term at --clip-coef (0.2 when not given). Returns the folder."""
@@ -1711,18 +1574,75 @@ def plot_drift_file(path: str, args: Args, folder: str | None = None) -> str:
     return folder
 
 
+def eval_drift_args(args: Args) -> Args:
+    """--eval-drift's Args: the drift file's recorded inner-run settings (INNER_FIELDS) for each flag this command
+    leaves at its default, unless --env-id names another env than the file's (that env's family defaults then), and
+    the file as --drift-file. Raises ArgsError if the file is missing or damaged, before any training."""
+    settings = load_drift(args.eval_drift)[2]
+    settings = settings if args.env_id in (Args().env_id, settings.get("env_id")) else {}  # another env
+    recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given flags win
+    return dataclasses.replace(args, **recorded, drift_file=os.path.abspath(args.eval_drift), eval_drift=None)
+
+
+def start_processes(args: Args):
+    """Join the other processes of a multi-process run (JAX's multi-controller runtime, docs/distributed.md): with
+    --coordinator-address host:port as process --process-id of --num-processes, or with --coordinator-address auto
+    as the cluster's launcher says (SLURM, Open MPI, Cloud TPU). Afterwards jax.devices() lists every process's
+    devices and only process 0 prints. One process (no --coordinator-address) needs nothing and this does nothing.
+
+    Raises ArgsError within about --init-timeout seconds when no coordinator answers (the runtime itself would abort
+    the process without a Python error) or when the processes were launched with different flags (they would take
+    different branches and wait for each other for ever).
+    """
+    if args.coordinator_address is None:
+        return
+    auto = args.coordinator_address == "auto"
+    host, _, port = args.coordinator_address.rpartition(":")
+    deadline = time.time() + args.init_timeout
+    while not auto and args.process_id > 0:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except (OSError, ValueError):
+            if time.time() > deadline:
+                raise ArgsError(f"no coordinator at {args.coordinator_address} after {args.init_timeout} s") from None
+            time.sleep(0.2)
+    jax.distributed.initialize(
+        None if auto else args.coordinator_address,
+        None if auto else args.num_processes,
+        None if auto else args.process_id,
+        initialization_timeout=args.init_timeout,
+    )
+    from jax.experimental import multihost_utils
+
+    flags = json.dumps({k: v for k, v in dataclasses.asdict(args).items() if k != "process_id"}, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(flags.encode()).digest()[:8], np.int32)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 2]: the one exchange before the run
+    differ = np.flatnonzero((digests != digests[0]).any(1))
+    if differ.size:
+        raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
+"""the flags a resumed run takes from its command, not from its args.json"""
+
+
 def main(args: Args) -> str:
-    """Meta-train (default; --resume continues), --eval-drift, --plot-drift, --load --eval-only; returns the run dir.
+    """Run the command the flags describe (see Args); returns the run directory.
 
     A bad argument or file is one line on stderr and exit code 2 (tyro's code for its own usage errors).
     """
     try:
-        meta = not (args.eval_drift or args.eval_only or args.plot_drift)
-        start_processes(args)
         if args.resume:
-            meta = os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
-            launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
-            args = dataclasses.replace(load_args(args.resume), **launch, resume=args.resume, run_dir=args.resume)
+            args = resumed_args(args)
+        start_processes(args)
+        meta = (
+            os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
+            if args.resume
+            else not (args.eval_drift or args.plot_drift)
+        )
         if jax.process_count() > 1 and not meta:
             raise ArgsError("several processes run the meta-training only; run the other commands as one process")
         if args.plot_drift:
@@ -1731,17 +1651,9 @@ def main(args: Args) -> str:
             run_dir = run_meta_training(args)
         else:
             if args.eval_drift:  # the transfer test: the learned drift and --compare's others on the same seeds
-                settings = load_drift(args.eval_drift)[2]  # refuses a bad file before any training
-                settings = settings if args.env_id in (Args().env_id, settings.get("env_id")) else {}  # another env
-                recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given win
-                args = dataclasses.replace(
-                    args, **recorded, drift_file=os.path.abspath(args.eval_drift), eval_drift=None
-                )
-            args = resolve_args(args)
-            if args.eval_only:
-                run_dir = run_eval_only(args)
-            else:
-                run_dir = run_comparison(args) if args.compare else run_training(args)
+                args = eval_drift_args(args)
+            args = use_cpu_cores(resolve_args(args))
+            run_dir = run_comparison(args) if args.compare else run_training(args)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -124,7 +124,8 @@ def main(report: Report):
     right.plot(
         table["generation"][checked], table[f"{env}_validation_return"][checked], "o-", label="ES mean, validation"
     )
-    args = lpo.resolve_args(dataclasses.replace(lpo.load_args(report.run), env_id=settings["env_id"]))
+    saved = lpo.resumed_args(lpo.Args(resume=report.run))
+    args = lpo.resolve_args(dataclasses.replace(saved, env_id=settings["env_id"]))
     v = args.num_validation_seeds  # PPO on the validation seeds, drawn as run_meta_training draws them
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), lpo.VALIDATION_STREAM), 2 * v)
     init, _, _, baselines = lpo.make_env_fitness(args)

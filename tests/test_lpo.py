@@ -121,20 +121,18 @@ SHARED = (
     "make_evaluate",
     "seed_keys",
     "over_seeds",
-    "env_mesh",
     "init_seeds",
     "seed_statistics",
     "evaluate_seeds",
     "atomic_write",
     "load_tree",
-    "run_eval_only",
     "run_training",
     "run_comparison",
     "plot_curves",
     "plot_drifts",
     "write_json",
     "ArgsError",
-    "load_args",
+    "use_cpu_cores",
     "ppo_drift",
     "dpo_drift",
     "actor_loss",
@@ -210,13 +208,13 @@ def test_eval_drift_runs_at_the_settings_the_drift_file_records(tmp_path):
     recorded = lpo.resolve_args(lpo.Args(env_id="CartPole-v1", total_timesteps=1024, num_envs=2, update_epochs=3))
     lpo.save_drift(str(tmp_path / "drift.msgpack"), net, True, dataclasses.asdict(recorded))
     flags = ["--eval-drift", str(tmp_path / "drift.msgpack"), "--compare", "lpo", "--num-eval-envs", "2"]
-    base = lpo.main(tyro.cli(lpo.Args, args=flags + ["--update-epochs", "2", "--run-dir", str(tmp_path / "eval")]))
-    ran = lpo.load_args(os.path.join(base, "lpo"))
+    ran = lpo.eval_drift_args(tyro.cli(lpo.Args, args=flags + ["--update-epochs", "2"]))
     assert (ran.env_id, ran.total_timesteps, ran.num_envs) == ("CartPole-v1", 1024, 2)  # from the file
     assert ran.update_epochs == 2 and ran.num_eval_envs == 2  # given on the command line: they win
-    other = flags + ["--env-id", "Acrobot-v1", "--total-timesteps", "512", "--run-dir", str(tmp_path / "other")]
-    ran = lpo.load_args(os.path.join(lpo.main(tyro.cli(lpo.Args, args=other)), "lpo"))
+    assert ran.drift_file == str(tmp_path / "drift.msgpack") and ran.eval_drift is None
+    ran = lpo.resolve_args(lpo.eval_drift_args(tyro.cli(lpo.Args, args=flags + ["--env-id", "Acrobot-v1"])))
     assert (ran.num_envs, ran.update_epochs) == (4, 4)  # another env: its family's defaults, not the file's
+    # the run itself: test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit
 
 
 TWO_PROCESSES = """
@@ -237,18 +235,19 @@ print(json.dumps([jax.process_count(), jax.device_count(), processes.collectives
 """
 
 
-def test_meta_training_writes_its_run_dir_resume_reproduces_it_and_two_processes_match(tmp_path):
-    """Three generations of a tiny meta-training: the run directory; a run stopped after 2 and resumed gives the
-    same files; 2 processes of 1 device give the same drift, ES checkpoint and generations.csv (timings aside) bit
-    for bit, and their compiled fitness exchanges the returns f32[pop, R] and nothing else. (A run on 2 forced host
-    devices gave the same bytes too, commit 40eab99; left out to keep the suite short.)"""
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+def test_meta_training_writes_its_run_dir_and_resumed_and_two_process_runs_agree(tmp_path):
+    """A tiny meta-training stopped after 2 generations and resumed (--resume, --num-generations 3) writes its run
+    directory and the same drift, ES checkpoint and generations.csv (timings aside), bit for bit, as an uninterrupted
+    run of 3 generations as 2 processes of 1 device, whose compiled fitness exchanges the returns f32[pop, R] and
+    nothing else. One comparison checks both the resume and the processes: either breaking makes them differ. (A run
+    on 2 forced host devices gave the same bytes too, commit 40eab99; left out to keep the suite short.)"""
+    part, two = str(tmp_path / "part"), str(tmp_path / "two")
     tiny = TINY + ["--num-rollouts", "2", "--validate-every", "2", "--num-validation-seeds", "2", "--drift-hidden"]
     driver = [sys.executable, "-c", TWO_PROCESSES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    two = tiny + ["--num-generations", "3", "--run-dir", str(tmp_path / "two")]
-    launched = pool.submit(processes.launch, driver + two, 2, 600)
-    lpo.main(tyro.cli(lpo.Args, args=tiny + ["--num-generations", "3", "--run-dir", full]))
+    launched = pool.submit(processes.launch, driver + tiny + ["--num-generations", "3", "--run-dir", two], 2, 600)
+    lpo.main(tyro.cli(lpo.Args, args=tiny + ["--num-generations", "2", "--run-dir", part]))  # interrupted after 2
+    lpo.main(tyro.cli(lpo.Args, args=["--resume", part, "--num-generations", "3"]))  # extended to 3
     for name in (
         "args.json",
         "generations.csv",
@@ -258,38 +257,27 @@ def test_meta_training_writes_its_run_dir_resume_reproduces_it_and_two_processes
         "fitness_CartPole-v1.png",
         "drift.png",
     ):
-        assert os.path.getsize(os.path.join(full, name)) > 0, name
-    net, ppo_init, settings = lpo.load_drift(full)
+        assert os.path.getsize(os.path.join(part, name)) > 0, name
+    net, ppo_init, settings = lpo.load_drift(part)
     assert ppo_init and net[0].shape == (16, 1) and float(jnp.abs(net[0]).sum()) > 0  # the mean left PPO
     assert settings["env_ids"] == ("CartPole-v1",) and settings["total_timesteps"] == 2048
     assert settings["num_envs"] == 4 and settings["learning_rate"] == 2.5e-4  # given, and the family default
-
-    lpo.main(tyro.cli(lpo.Args, args=tiny + ["--num-generations", "2", "--run-dir", part]))  # interrupted after 2
-    with open(os.path.join(part, "args.json")) as f:
-        saved = json.load(f)
-    with open(os.path.join(part, "args.json"), "w") as f:
-        json.dump(dict(saved, num_generations=3), f)
-    lpo.main(tyro.cli(lpo.Args, args=["--resume", part]))
 
     def rows(run_dir):
         with open(os.path.join(run_dir, "generations.csv")) as f:
             return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
-    assert rows(part) == rows(full) and len(rows(full)) == 3
-    assert [r["CartPole-v1_validation_return"] != "" for r in rows(full)] == [False, True, False]
-    assert all("CartPole-v1_signal" in r for r in rows(full))  # es_signal itself: test_es_signal_...
-    with open(os.path.join(full, "drift.msgpack"), "rb") as a, open(os.path.join(part, "drift.msgpack"), "rb") as b:
-        assert a.read() == b.read()
-
+    assert [r["CartPole-v1_validation_return"] != "" for r in rows(part)] == [False, True, False]
+    assert all("CartPole-v1_signal" in r for r in rows(part))  # es_signal itself: test_es_signal_...
     results = launched.result()
     pool.shutdown()
     for code, _, err in results:
         assert code == 0, err[-3000:]
     assert json.loads(results[0][1].strip().splitlines()[-1]) == [2, 2, ["f32[4,2]{1,0} all-gather"]]
     for name in ("drift.msgpack", "best_drift.msgpack", "es_checkpoint.msgpack"):
-        with open(os.path.join(full, name), "rb") as a, open(tmp_path / "two" / name, "rb") as b:
+        with open(os.path.join(part, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
             assert a.read() == b.read(), name
-    assert rows(tmp_path / "two") == rows(full)
+    assert rows(two) == rows(part) and len(rows(part)) == 3
 
 
 def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(tmp_path):
@@ -303,6 +291,8 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
     with open(os.path.join(base, "summary.json")) as f:
         summary = json.load(f)
     assert set(summary["drifts"]) == {"lpo", "ppo"} and len(summary["drifts"]["lpo"]["final_returns"]) == 2
+    ran = lpo.resumed_args(lpo.Args(resume=os.path.join(base, "lpo")))  # the settings the run took: given, recorded
+    assert (ran.total_timesteps, ran.num_eval_envs, ran.update_epochs, ran.learning_rate) == (4096, 8, 10, 5e-4)
     assert os.path.getsize(os.path.join(base, "learning_curves.png")) > 0
     recorded = ["--update-epochs", "10", "--learning-rate", "5e-4", "--anneal-lr", "False"]  # what the file records
     dpo.main(tyro.cli(dpo.Args, args=flags + recorded + ["--drift", "ppo", "--run-dir", str(tmp_path / "dpo")]))
@@ -329,7 +319,7 @@ def test_plot_drift_draws_the_shipped_drift(tmp_path):
         (["--fitness-shaping", "rank"], "centered_rank"),
         (["--plot-drift", "/nonexistent/drift.msgpack"], "missing"),
         (["--eval-drift", "/nonexistent/drift.msgpack", "--env-id", "CartPole-v1"], "missing"),
-        (["--resume", "/nonexistent/run"], "missing"),
+        (["--resume", "/nonexistent/run"], "no readable args.json"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
