@@ -1110,14 +1110,16 @@ def start_processes(args: Args):
 
 
 def resumed_args(args: Args) -> Args:
-    """The saved arguments of the --resume run directory (its args.json: lists back to tuples, unknown keys
-    dropped), with this command's launch flags, resume and run_dir set to --resume, and --num-generations where
-    given (a longer run). Raises ArgsError if args.json is missing or damaged."""
+    """The Args saved in the run directory --resume names (its args.json: lists back to tuples, keys this version
+    does not know dropped), with this command's LAUNCH_FIELDS, resume and run_dir set to --resume, and this
+    command's --num-generations where given (to extend the run). Raises ArgsError if args.json is missing or
+    damaged."""
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
-            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        saved = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-    except Exception as e:
+            saved = json.load(f)
+        names = {field.name for field in dataclasses.fields(Args)}
+        saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError) as e:
         raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
     launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
     extend = {} if args.num_generations is None else dict(num_generations=args.num_generations)
