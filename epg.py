@@ -308,10 +308,46 @@ def make_es_optimizer(args: Args) -> optax.GradientTransformation:
     return optax.adam(schedule, b1=0.0)
 
 
-# Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the family's
-# environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task) -> (obs,
-# state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode ended
-# (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
+# ---- Defaults for the Args fields left at None, and the checks tyro cannot make.
+class ArgsError(ValueError):
+    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
+
+
+NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_anneal_frac")  # other numbers: > 0
+
+
+def resolve_args(args: Args) -> Args:
+    """args with the None fields at their defaults (--num-generations 500, the family's --episode-length, the ES
+    learning rate σ/(2·√num_generations)), checked for what tyro cannot check. Raises ArgsError naming the problem."""
+    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.es_learning_rate is None and args.num_generations > 0:
+        args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
+    for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
+        if type(value) in (int, float, tuple) and name not in NON_NEGATIVE and not np.all(np.asarray(value) > 0):
+            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
+        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
+    for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
+        if rollout % args.minibatch_size or args.lifetime % rollout:
+            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
+    if args.buffer_size < max(args.update_every, MIN_BUFFER):
+        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
+    if args.lifetime < args.buffer_size:
+        raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
+    if args.test and args.load_loss is None:
+        raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
+    if not args.test and args.pop_size % 2:
+        raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
+    if not args.test and args.pop_size % jax.device_count():
+        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
+    return args
+
+
+# ---- Task families. A task is a small pytree of arrays drawn by the pure `sample_tasks`, so tasks vmap; the
+# family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task)
+# -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode
+# ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
 SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
 GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
@@ -1030,41 +1066,6 @@ def run_test(args: Args) -> str:
 
 
 # ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
-class ArgsError(ValueError):
-    """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
-
-
-NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_anneal_frac")  # other numbers: > 0
-
-
-def resolve_args(args: Args) -> Args:
-    """args with the None fields at their defaults (--num-generations 500, the family's --episode-length, the ES
-    learning rate σ/(2·√num_generations)), checked for what tyro cannot check. Raises ArgsError naming the problem."""
-    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    if args.es_learning_rate is None and args.num_generations > 0:
-        args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
-    for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
-        if type(value) in (int, float, tuple) and name not in NON_NEGATIVE and not np.all(np.asarray(value) > 0):
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
-    for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
-        if rollout % args.minibatch_size or args.lifetime % rollout:
-            raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")
-    if args.buffer_size < max(args.update_every, MIN_BUFFER):
-        raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
-    if args.lifetime < args.buffer_size:
-        raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
-    if args.test and args.load_loss is None:
-        raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
-    if not args.test and args.pop_size % 2:
-        raise ArgsError(f"--pop-size must be even (antithetic pairs), got {args.pop_size}")
-    if not args.test and args.pop_size % jax.device_count():
-        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
-    return args
-
-
 LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
 
 
