@@ -302,28 +302,12 @@ def test_cma_es_run_stops_cleanly_and_writes_every_output(tmp_path, capsys):
         assert json.load(f)["stop_reason"] == summary["stop_reason"]
 
 
-def test_cli_writes_run_dir(tmp_path):
+def test_cli_writes_run_dir(tmp_path, capsys):
+    """main on parsed flags, in this process (the SIGKILL test runs the script itself)."""
     run_dir = str(tmp_path / "run")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "es_basics.py"),
-            "--algo",
-            "snes",
-            "--problem",
-            "rastrigin",
-            "--num-generations",
-            "30",
-            "--run-dir",
-            run_dir,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    flags = ["--algo", "snes", "--problem", "rastrigin", "--num-generations", "30", "--run-dir", run_dir]
+    eb.main(tyro.cli(eb.Args, args=flags))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run directory: {run_dir}"
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_generations"] == 30 and summary["best_fitness"] >= summary["final_mean_fitness"]
