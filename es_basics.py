@@ -61,18 +61,7 @@ Algo = Literal[
     "evosax:xNES",
     "evosax:Open_ES",
 ]
-EnvId = Literal[
-    "ant",
-    "halfcheetah",
-    "hopper",
-    "humanoid",
-    "humanoidstandup",
-    "inverted_pendulum",
-    "inverted_double_pendulum",
-    "pusher",
-    "reacher",
-    "swimmer",
-    "walker2d",
+GymnaxEnvId = Literal[  # dpo.py's gymnax envs, in its order (Brax envs: see dpo.py)
     "CartPole-v1",
     "Acrobot-v1",
     "MountainCar-v0",
@@ -84,15 +73,14 @@ EnvId = Literal[
     "SpaceInvaders-MinAtar",
     "Seaquest-MinAtar",
 ]
-BRAX_ENVS = get_args(EnvId)[:11]  # the rest are gymnax envs
-ProblemName = Literal["sphere", "rosenbrock", "rastrigin", EnvId]
+ProblemName = Literal["sphere", "rosenbrock", "rastrigin", GymnaxEnvId]
 TEST_FUNCTIONS = get_args(ProblemName)[:3]
 
 
 @dataclasses.dataclass
 class Args:
     """es_basics.py's flags. The fields left None take the defaults of the method and the kind of problem
-    (FUNCTION_DEFAULTS, POLICY_DEFAULTS, OWN_DEFAULTS, TARGETS); args.json records the values a run used."""
+    (DEFAULTS, TARGETS); args.json records the values a run used."""
 
     exp_name: str = "es_basics"
     """name of this experiment, part of the run name"""
@@ -116,7 +104,7 @@ class Args:
 
     # ---- problem ----
     problem: ProblemName = "sphere"
-    """test function, Brax env name or gymnax env id (ite and poet bring their own: the arm, the track)"""
+    """test function or gymnax env id (ite and poet bring their own: the arm, the track)"""
     num_dims: int | None = None
     """test functions: dimension of x (default 10); policies: set by the network"""
     num_rollouts: int = 1
@@ -129,10 +117,6 @@ class Args:
     """policies: normalise observations by running statistics (default: on for openai-es, off otherwise)"""
     obs_stats_fraction: float = 0.01
     """policies: fraction of the population's episodes whose observations update the statistics (Salimans et al.)"""
-    backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
-    """Brax physics backend"""
-    episode_length: int = 1000
-    """Brax: steps per episode (gymnax envs use their own time limit)"""
     target: float | None = None
     """centre fitness at which a run counts as solved, for evaluations-to-target (default: TARGETS)"""
 
@@ -655,9 +639,9 @@ def normalize_obs(obs: jax.Array, stats: ObsStats, enabled: bool) -> jax.Array:
     return jnp.clip((obs - mean) / std, -5.0, 5.0)
 
 
-# ---- Environments: dpo.py's interface over gymnax and Brax, for a single environment (vmap for many).
+# ---- Environments: dpo.py's gymnax interface, for a single environment (vmap for many).
 #   reset(key) -> (obs, state);  step(key, state, action) -> (obs, state, reward, done, truncated)
-# Both reset an ended episode inside step; an episode here ends at its first done (make_policy_problem masks the rest).
+# step resets an ended episode; an episode here ends at its first done (make_policy_problem masks the rest).
 class GymnaxEnv:
     """A gymnax env (classic control or MinAtar); observations flattened to float vectors."""
 
@@ -685,33 +669,6 @@ class GymnaxEnv:
         done = jnp.logical_or(terminated, truncated).astype(jnp.float32)
         truncated = jnp.logical_and(truncated, jnp.logical_not(terminated)).astype(jnp.float32)
         return obs.reshape(-1).astype(jnp.float32), state, jnp.squeeze(reward).astype(jnp.float32), done, truncated
-
-
-class BraxEnv:
-    """A Brax env in Brax's EpisodeWrapper (time limit, action repeat) and AutoResetWrapper, as Brax PPO trains.
-
-    An ended episode restarts from that env's first start state, as in Brax (and the authors' brax 0.0.x).
-    """
-
-    def __init__(self, env_id: str, backend: str, episode_length: int, action_repeat: int):
-        from brax import envs
-        from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper
-
-        base = envs.get_environment(env_id, backend=backend)
-        self.env = AutoResetWrapper(EpisodeWrapper(base, episode_length, action_repeat))
-        self.obs_dim, self.action_dim, self.discrete = int(base.observation_size), int(base.action_size), False
-        self.action_low, self.action_high = -1.0, 1.0
-        self.max_episode_steps = math.ceil(episode_length / action_repeat)
-
-    def reset(self, key):
-        """-> (obs [obs_dim], state)."""
-        state = self.env.reset(key)
-        return state.obs, state
-
-    def step(self, key, state, action):
-        """-> (obs [obs_dim], state, reward, done, truncated); key unused (Brax is deterministic)."""
-        state = self.env.step(state, action)
-        return state.obs, state, state.reward, state.done, state.info["truncation"]
 
 
 def init_policy(key: jax.Array, obs_dim: int, hidden: tuple[int, ...], action_dim: int) -> list:
@@ -778,10 +735,7 @@ def make_policy_problem(args: Args) -> Problem:
     """Policy search: x is the flattened MLP; fitness = mean return over --num-rollouts episodes, each run to
     its end or the time limit. Members evaluated with the same key share their episodes' reset and step keys
     (common random numbers). The starting mean is init_policy(PRNGKey(seed)), flattened."""
-    if args.problem in BRAX_ENVS:
-        env = BraxEnv(args.problem, args.backend, args.episode_length, 1)
-    else:
-        env = GymnaxEnv(args.problem)
+    env = GymnaxEnv(args.problem)
     init_mean, unravel = ravel_pytree(
         init_policy(jax.random.PRNGKey(args.seed), env.obs_dim, args.hidden, env.action_dim)
     )
@@ -927,45 +881,31 @@ def run_track(params: list, env: jax.Array) -> jax.Array:
     return jnp.minimum(x, TRACK_END) / TRACK_END
 
 
-# ---- Defaults for the None fields, by method and kind of problem; pop_size None: 4 + ⌊3 ln n⌋ (Hansen; Schaul) ----
+# ---- Defaults for the None fields: DEFAULTS[kind of problem][method]; pop_size None: 4 + ⌊3 ln n⌋ (Hansen; Schaul)
 ON_FUNCTIONS, ON_POLICIES = dict(pop_size=50, num_generations=1000), dict(pop_size=64, num_generations=50)
-FUNCTION_DEFAULTS = {
-    "cem": dict(ON_FUNCTIONS, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
-    "cma-es": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
-    "plain-es": dict(
-        ON_FUNCTIONS, sigma_init=0.5, sigma_decay=0.99, sigma_limit=1e-3, learning_rate=0.1, lr_decay=0.98
-    ),
-    "openai-es": dict(
-        ON_FUNCTIONS,
-        sigma_init=0.2,
-        sigma_decay=0.99,
-        sigma_limit=1e-3,
-        learning_rate=0.1,
-        lr_decay=0.99,
-        weight_decay=0.0,
-    ),
-    "snes": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
-    "map-elites": dict(ON_FUNCTIONS, sigma_init=0.3),
+ES_ON_FUNCTIONS = dict(ON_FUNCTIONS, sigma_decay=0.99, sigma_limit=1e-3, learning_rate=0.1)  # plain-es, openai-es
+ES_ON_POLICIES = dict(ON_POLICIES, sigma_init=0.1, sigma_decay=1.0, sigma_limit=0.01, lr_decay=1.0)
+DEFAULTS = {
+    "function": {
+        "cem": dict(ON_FUNCTIONS, sigma_init=2.0, elite_ratio=0.2, cem_noise=1e-4),
+        "cma-es": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
+        "plain-es": dict(ES_ON_FUNCTIONS, sigma_init=0.5, lr_decay=0.98),
+        "openai-es": dict(ES_ON_FUNCTIONS, sigma_init=0.2, lr_decay=0.99, weight_decay=0.0),
+        "snes": dict(pop_size=None, num_generations=2000, sigma_init=1.0),
+        "map-elites": dict(ON_FUNCTIONS, sigma_init=0.3),
+    },
+    "policy": {
+        "cem": dict(ON_POLICIES, sigma_init=0.5, elite_ratio=0.2, cem_noise=1e-3),
+        "cma-es": dict(ON_POLICIES, sigma_init=0.5),
+        "plain-es": dict(ES_ON_POLICIES, learning_rate=0.05),
+        "openai-es": dict(ES_ON_POLICIES, learning_rate=0.03, weight_decay=0.005),
+        "snes": dict(ON_POLICIES, sigma_init=0.1),
+        "map-elites": dict(ON_POLICIES, sigma_init=0.1),
+    },
 }
-POLICY_DEFAULTS = {
-    "cem": dict(ON_POLICIES, sigma_init=0.5, elite_ratio=0.2, cem_noise=1e-3),
-    "cma-es": dict(ON_POLICIES, sigma_init=0.5),
-    "plain-es": dict(ON_POLICIES, sigma_init=0.1, sigma_decay=1.0, sigma_limit=0.01, learning_rate=0.05, lr_decay=1.0),
-    "openai-es": dict(
-        ON_POLICIES,
-        sigma_init=0.1,
-        sigma_decay=1.0,
-        sigma_limit=0.01,
-        learning_rate=0.03,
-        lr_decay=1.0,
-        weight_decay=0.005,
-    ),
-    "snes": dict(ON_POLICIES, sigma_init=0.1),
-    "map-elites": dict(ON_POLICIES, sigma_init=0.1),
-}
-OWN_DEFAULTS = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
+DEFAULTS["own"] = {  # the methods that bring their own problem: the planar arm (ite) and the track family (poet)
     "ite": dict(pop_size=256, num_generations=1000, sigma_init=0.1, num_bins=64),
-    "poet": dict(POLICY_DEFAULTS["openai-es"], num_generations=800),
+    "poet": dict(DEFAULTS["policy"]["openai-es"], num_generations=800),
 }
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
 TARGETS = {
@@ -979,7 +919,7 @@ TARGETS = {
 }
 
 
-POSITIVE = ("pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "num_bins", "episode_length")
+POSITIVE = ("num_dims", "pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "hidden", "num_bins")
 POSITIVE += ("sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio", "ite_max_trials")
 POSITIVE += ("ite_length_scale", "poet_mutate_every", "poet_transfer_every", "poet_children")
 
@@ -996,10 +936,10 @@ def resolve_args(args: Args) -> Args:
             CMA-ES's parents, odd where antithetic pairs need it, or not dividing over the devices;
             MAP-Elites on a problem without a behaviour descriptor.
     """
-    on_function = args.problem in TEST_FUNCTIONS and args.algo not in OWN_DEFAULTS
+    kind = "own" if args.algo in DEFAULTS["own"] else "function" if args.problem in TEST_FUNCTIONS else "policy"
+    on_function = kind == "function"
     twin = EVOSAX_TWIN.get(args.algo[7:], args.algo)  # evosax:<Name> takes its written-out twin's defaults
-    table = OWN_DEFAULTS if twin in OWN_DEFAULTS else FUNCTION_DEFAULTS if on_function else POLICY_DEFAULTS
-    filled = {k: v for k, v in dict(dict(num_bins=20), **table[twin]).items() if getattr(args, k) is None}
+    filled = {k: v for k, v in dict(dict(num_bins=20), **DEFAULTS[kind][twin]).items() if getattr(args, k) is None}
     if on_function and args.num_dims is None:
         filled["num_dims"] = 10
     if args.normalize_observations is None:
@@ -1007,17 +947,13 @@ def resolve_args(args: Args) -> Args:
     if args.target is None and args.problem in TARGETS:
         filled["target"] = TARGETS[args.problem]
     args = dataclasses.replace(args, **filled)
-    if on_function and not args.num_dims > 0:
-        raise ArgsError(f"--num-dims must be positive, got {args.num_dims}")
+    for name, value in dataclasses.asdict(args).items():  # pop_size is still None for CMA-ES and SNES on functions
+        if name in POSITIVE and not all(v is None or v > 0 for v in (value if isinstance(value, tuple) else [value])):
+            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
         args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
-    for name, value in dataclasses.asdict(args).items():
-        if name in POSITIVE and value is not None and not value > 0:
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.poet_max_pairs < 2:
         raise ArgsError(f"--poet-max-pairs must be at least 2 (transfers need another pair), got {args.poet_max_pairs}")
-    if any(h <= 0 for h in args.hidden):
-        raise ArgsError(f"--hidden sizes must be positive, got {args.hidden}")
     if not 0 <= args.obs_stats_fraction <= 1:
         raise ArgsError(f"--obs-stats-fraction must lie in [0, 1], got {args.obs_stats_fraction}")
     if args.algo == "cem" and not (args.elite_ratio <= 1 and int(args.elite_ratio * args.pop_size) >= 2):
