@@ -41,18 +41,9 @@ import tyro
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-TaskFamily = Literal[
-    "goal-point", "random-pendulum", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper", "goal-reacher"
-]
-BRAX_BASE = {
-    "goal-ant": "ant",
-    "dir-hopper": "hopper",
-    "dir-cheetah": "halfcheetah",
-    "random-hopper": "hopper",
-    "goal-reacher": "reacher",
-}  # Brax family -> the Brax environment it changes
+TaskFamily = Literal["goal-point", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper"]
+BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfcheetah", "random-hopper": "hopper"}
 LOSS_SIZES = {"small": ((8, 16), 16), "reference": ((16, 32), 32)}  # conv channels, context width
-EPISODE_LENGTHS = {"goal-point": 50, "random-pendulum": 200, "goal-reacher": 200}  # the other families: 1000
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
 GENERATION_STREAM, EVAL_STREAM, TEST_STREAM, SWEEP_STREAM, SELECT_STREAM = range(5)  # fold_in(PRNGKey(seed), STREAM)
@@ -83,7 +74,7 @@ class Args:
     init_timeout: int = 60
     """seconds to wait for every process to join"""
     task_family: TaskFamily = "goal-point"
-    """goal-point (pure JAX, CPU-sized), random-pendulum (gymnax), or a Brax family"""
+    """goal-point (pure JAX, CPU-sized) or a Brax family (the paper's)"""
     backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
     """Brax physics backend (ignored by the other families)"""
     lifetime: int = 8192
@@ -111,7 +102,7 @@ class Args:
     num_eval_episodes: int = 3
     """fitness: the mean return of this many fresh episodes of the final policy after the lifetime (rollout.py:66)"""
     episode_length: int | None = None
-    """steps before a time-limit truncation (default: goal-point 50, random-pendulum, goal-reacher 200, others 1000)"""
+    """steps before a time-limit truncation (default: goal-point 50, the Brax families 1000)"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
     loss_init: Literal["zero-output", "flax"] = "zero-output"
@@ -319,7 +310,7 @@ NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_annea
 def resolve_args(args: Args) -> Args:
     """args with the None fields at their defaults (--num-generations 500, the family's --episode-length, the ES
     learning rate σ/(2·√num_generations)), checked for what tyro cannot check. Raises ArgsError naming the problem."""
-    defaults = dict(num_generations=500, episode_length=EPISODE_LENGTHS.get(args.task_family, 1000))
+    defaults = dict(num_generations=500, episode_length=50 if args.task_family == "goal-point" else 1000)
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.es_learning_rate is None and args.num_generations > 0:
         args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
@@ -348,9 +339,9 @@ def resolve_args(args: Args) -> Args:
 # family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task)
 # -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode
 # ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
-SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73), pendulum mass and length: × U(0.5, 2)
+SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73): × U(0.5, 2)
 GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
-GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0), "goal-reacher": (0.05, 0.2)}  # metres
+GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0)}  # metres
 GOAL_HALF_ANGLE = 0.45 * math.pi  # --goal-split half: goals within ±81° of +x (training) or of -x (--test)
 QUADRANT = 0.25 * math.pi  # half-width of a 90° sector
 
@@ -373,8 +364,8 @@ def sample_tasks(
     """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
     GOAL_RADIUS, angle from goal_angles(`split`) (training or `test` goals). dir-*: {"direction": [n]}, ±1 equally
     likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
-    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled.
-    random-pendulum: {"mass", "length", "gravity": [n]}; other `test` tasks: new draws. ValueError if unknown."""
+    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled; its
+    `test` tasks are new draws. ValueError if unknown."""
     keys = jax.random.split(key, 4)
 
     def uniform(k, shape, bounds):
@@ -395,12 +386,6 @@ def sample_tasks(
             "mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
             "friction_scale": scale(keys[1], (n, num_geoms, 3)),
             "thickness_scale": scale(keys[3], (n, num_geoms)),
-            "gravity": uniform(keys[2], (n,), GRAVITY_RANGE),
-        }
-    if family == "random-pendulum":
-        return {
-            "mass": uniform(keys[0], (n,), SCALE_RANGE),
-            "length": uniform(keys[1], (n,), SCALE_RANGE),
             "gravity": uniform(keys[2], (n,), GRAVITY_RANGE),
         }
     raise ValueError(f"unknown task family {family!r}")
@@ -434,34 +419,6 @@ class GoalPointEnv:
             lambda r, s: jnp.where(truncated > 0, r, s), reset_state, {"pos": pos, "vel": vel, "t": state["t"] + 1}
         )
         return jnp.where(truncated > 0, reset_obs, final_obs), state, reward, jnp.float32(0.0), truncated, final_obs
-
-
-class PendulumTaskEnv:
-    """random-pendulum: gymnax Pendulum-v1 whose mass, length and gravity are the task's."""
-
-    family, obs_dim, action_dim, num_links, num_geoms = "random-pendulum", 3, 1, 0, 0
-
-    def __init__(self, episode_length: int):
-        import gymnax
-
-        self.env, params = gymnax.make("Pendulum-v1")
-        self.params = params.replace(max_steps_in_episode=episode_length)
-        self.action_low, self.action_high = -float(params.max_torque), float(params.max_torque)
-
-    def _params(self, task):
-        return self.params.replace(m=task["mass"], l=task["length"], g=task["gravity"])
-
-    def reset(self, key, task):
-        """(obs [3], state) of a new episode of the task's pendulum."""
-        obs, state = self.env.reset(key, self._params(task))
-        return obs.astype(jnp.float32), state
-
-    def step(self, key, state, action, task):
-        """(obs, state, reward, terminated, truncated, final_obs), float32, as the task families' interface."""
-        obs, state, reward, terminated, truncated, info = self.env.step(key, state, action, self._params(task))
-        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-        final_obs = info["final_observation"]
-        return f32(obs), state, f32(jnp.squeeze(reward)), f32(terminated), f32(truncated), f32(final_obs)
 
 
 class BraxTaskEnv:
@@ -502,10 +459,6 @@ class BraxTaskEnv:
     def reset(self, key, task):
         """(obs [obs_dim], Brax state) of a new episode of the task."""
         state = self._with_task(task, lambda: self.env.reset(key))
-        if self.family == "goal-reacher":  # this project's family: the target (joints 2:) at the goal, at rest
-            ps = state.pipeline_state
-            ps = self.base.pipeline_init(ps.q.at[2:].set(task["goal"]), ps.qd.at[2:].set(0.0))
-            state = state.replace(pipeline_state=ps, obs=self.base._get_obs(ps))
         return state.obs, state
 
     def _task_reward(self, state, task):
@@ -516,8 +469,7 @@ class BraxTaskEnv:
             return (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
         if self.family in ("dir-hopper", "dir-cheetah"):  # direction × forward velocity (hopper.py:89)
             return task["direction"] * m["x_velocity"]
-        # random-hopper: forward velocity (hopper.py:51, direction always +1); goal-reacher: Brax's reacher reward
-        return m["x_velocity"] if self.family == "random-hopper" else state.reward
+        return m["x_velocity"]  # random-hopper: forward velocity (hopper.py:51, direction always +1)
 
     def step(self, key, state, action, task):
         """(obs, state, task reward, terminated, truncated, final_obs) of one step, auto-reset on done."""
@@ -533,7 +485,7 @@ def make_task_env(args: Args):
     functions that need it."""
     if args.task_family in BRAX_BASE:
         return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
-    return (PendulumTaskEnv if args.task_family == "random-pendulum" else GoalPointEnv)(args.episode_length)
+    return GoalPointEnv(args.episode_length)
 
 
 # ---- Observation normalisation and the agent: Gaussian policy, memory units, PPO's value function.
