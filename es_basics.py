@@ -46,33 +46,12 @@ import numpy as np
 import tyro
 from jax.flatten_util import ravel_pytree
 
-Algo = Literal[
-    "cem",
-    "cma-es",
-    "plain-es",
-    "openai-es",
-    "snes",
-    "map-elites",
-    "ite",
-    "poet",
-    "evosax:CMA_ES",
-    "evosax:Sep_CMA_ES",
-    "evosax:SNES",
-    "evosax:xNES",
-    "evosax:Open_ES",
-]
-GymnaxEnvId = Literal[  # dpo.py's gymnax envs, in its order (Brax envs: see dpo.py)
-    "CartPole-v1",
-    "Acrobot-v1",
-    "MountainCar-v0",
-    "Pendulum-v1",
-    "MountainCarContinuous-v0",
-    "Breakout-MinAtar",
-    "Asterix-MinAtar",
-    "Freeway-MinAtar",
-    "SpaceInvaders-MinAtar",
-    "Seaquest-MinAtar",
-]
+WrittenOut = Literal["cem", "cma-es", "plain-es", "openai-es", "snes", "map-elites", "ite", "poet"]
+EvosaxName = Literal["evosax:CMA_ES", "evosax:Sep_CMA_ES", "evosax:SNES", "evosax:xNES", "evosax:Open_ES"]
+Algo = Literal[WrittenOut, EvosaxName]
+ClassicControl = Literal["CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0"]
+MinAtar = Literal["Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar", "Seaquest-MinAtar"]
+GymnaxEnvId = Literal[ClassicControl, MinAtar]  # dpo.py's gymnax envs, in its order (Brax envs: see dpo.py)
 ProblemName = Literal["sphere", "rosenbrock", "rastrigin", GymnaxEnvId]
 TEST_FUNCTIONS = get_args(ProblemName)[:3]
 
@@ -107,8 +86,6 @@ class Args:
     """test function or gymnax env id (ite and poet bring their own: the arm, the track)"""
     num_dims: int | None = None
     """test functions: dimension of x (default 10); policies: set by the network"""
-    num_rollouts: int = 1
-    """policies: episodes per member, fitness = their mean return; every member gets the same reset keys"""
     num_eval_episodes: int = 10
     """policies: episodes of the noiseless centre (mean policy, MAP-Elites' best elite) every generation"""
     hidden: tuple[int, ...] = (32, 32)
@@ -732,8 +709,8 @@ class Problem(NamedTuple):
 
 
 def make_policy_problem(args: Args) -> Problem:
-    """Policy search: x is the flattened MLP; fitness = mean return over --num-rollouts episodes, each run to
-    its end or the time limit. Members evaluated with the same key share their episodes' reset and step keys
+    """Policy search: x is the flattened MLP; fitness = the return of one episode, run to its end or the time
+    limit. Members evaluated with the same key share their episodes' reset and step keys
     (common random numbers). The starting mean is init_policy(PRNGKey(seed)), flattened."""
     env = GymnaxEnv(args.problem)
     init_mean, unravel = ravel_pytree(
@@ -768,7 +745,7 @@ def make_policy_problem(args: Args) -> Problem:
         return jax.vmap(episode, in_axes=(None, 0, None))(x, jax.random.split(key, n), obs_stats)
 
     def evaluate(x, key, obs_stats):
-        eps = episodes(x, key, obs_stats, args.num_rollouts)
+        eps = episodes(x, key, obs_stats, 1)
         return (
             eps.ret.mean(),
             jax.vmap(descriptor_fn)(eps).mean(0),
@@ -919,7 +896,7 @@ TARGETS = {
 }
 
 
-POSITIVE = ("num_dims", "pop_size", "num_generations", "num_rollouts", "num_eval_episodes", "hidden", "num_bins")
+POSITIVE = ("num_dims", "pop_size", "num_generations", "num_eval_episodes", "hidden", "num_bins")
 POSITIVE += ("sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio", "ite_max_trials")
 POSITIVE += ("ite_length_scale", "poet_mutate_every", "poet_transfer_every", "poet_children")
 
@@ -1077,8 +1054,8 @@ def run_generations(
     checkpoint: str | None = None,
     resume: bool = False,
 ) -> tuple[LoopState, GenerationOutput]:
-    """Run resolved args for --num-generations, `chunk` per compiled call (default: 100 on test functions, 1 on
-    policies) between progress reports, ending early after the generation whose update returned a stop code.
+    """Run resolved args for --num-generations, `chunk` per compiled call (default: 1 on policies, 100 on
+    the rest) between progress reports, ending early after the generation whose update returned a stop code.
     Returns the final loop state and every generation's output (numpy, stacked over the generations run);
     on_chunk(first_generation, outputs, restored) after each call (restored: outputs read from the checkpoint).
 
@@ -1099,7 +1076,7 @@ def run_generations(
     every = max(1, args.num_generations // 50) if checkpoint else args.num_generations
     while generations_done < args.num_generations and not stopped:
         count = min(
-            chunk or (100 if args.problem in TEST_FUNCTIONS else 1),
+            chunk or (1 if args.problem in get_args(GymnaxEnvId) else 100),
             every - generations_done % every,
             args.num_generations - generations_done,
         )
@@ -1437,34 +1414,12 @@ def columns(out: GenerationOutput, first: int, pop_size: int) -> dict:
     )
 
 
-def save_figure(path: str, draw: Callable, ncols: int = 1):
-    """Call draw(*axes) on a new figure of ncols panels (matplotlib's Agg backend: no display) and save it as PNG.
-    Process 0 only."""
-    if jax.process_index():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 if ncols == 1 else 11, 4.2), squeeze=False)
-    draw(*axes[0])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
-    """One ES run (resolved args) into run_dir: args.json, generations.csv, checkpoint.msgpack (continued with
-    --resume), params.npz, summary.json (also returned), then fitness_curve.png."""
+def evolve(args: Args, problem: Problem, run_dir: str, quiet: bool = False) -> tuple[LoopState, GenerationOutput, dict]:
+    """run_generations into run_dir behind a progress bar: generations.csv written chunk by chunk, checkpoint.msgpack
+    (continued with --resume). Returns the final loop state, the outputs, and the timings wall_seconds,
+    first_call_seconds (compilation included) and generations_per_second (after the first call; None for one call)."""
     from tqdm import tqdm
 
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    problem = make_problem(args)
-    print(
-        f"{args.algo} on {args.problem}: {problem.num_dims} parameters, population {args.pop_size} over "
-        f"{jax.device_count()} {jax.default_backend()} device(s), up to {args.num_generations} generations"
-    )
     csv_path, start = os.path.join(run_dir, "generations.csv"), time.time()
     bar = tqdm(total=args.num_generations, desc=args.algo, file=sys.stdout, mininterval=0.5, disable=quiet)
     ran = []  # (time, generations) of each chunk this process ran, not restored from the checkpoint
@@ -1480,7 +1435,47 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
     checkpoint = os.path.join(run_dir, "checkpoint.msgpack")
     loop, out = run_generations(args, problem, on_chunk, checkpoint=checkpoint, resume=bool(args.resume))
     bar.close()
-    seconds, table = time.time() - start, columns(out, 0, args.pop_size)
+    return (
+        loop,
+        out,
+        dict(
+            wall_seconds=time.time() - start,
+            first_call_seconds=ran[0][0] - start if ran else 0.0,
+            generations_per_second=sum(n for _, n in ran[1:]) / (ran[-1][0] - ran[0][0]) if len(ran) > 1 else None,
+        ),
+    )
+
+
+def report(run_dir: str, summary: dict, figure: str, draw: Callable, ncols: int = 1) -> dict:
+    """Write summary to run_dir/summary.json (non-finite numbers as null), and only then import matplotlib (Agg
+    backend: no display) and save draw(*axes) on a figure of ncols panels as run_dir/figure, so that a plotting
+    failure cannot lose the results. Process 0 only draws. Returns the summary as written."""
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    if jax.process_index() == 0:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, ncols, figsize=(6.5 if ncols == 1 else 11, 4.2), squeeze=False)
+        draw(*axes[0])
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, figure), dpi=110)
+        plt.close(fig)
+    return summary
+
+
+def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
+    """One ES run (resolved args) into run_dir: generations.csv and checkpoint.msgpack (evolve), params.npz,
+    summary.json (also returned), then fitness_curve.png."""
+    problem = make_problem(args)
+    print(
+        f"{args.algo} on {args.problem}: {problem.num_dims} parameters, population {args.pop_size} over "
+        f"{jax.device_count()} {jax.default_backend()} device(s), up to {args.num_generations} generations"
+    )
+    loop, out, timings = evolve(args, problem, run_dir, quiet)
+    table = columns(out, 0, args.pop_size)
     stop = STOP_REASONS[int(out.stop[-1])] or None
     if stop:
         print(f"stopped after generation {len(out.stop)}: {stop} (Hansen's termination criterion)")
@@ -1506,14 +1501,10 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         generations_to_target=int(reached[0]) + 1 if reached.size else None,
         evaluations_to_target=(int(reached[0]) + 1) * args.pop_size if reached.size else None,
         final_archive_cells=int(out.archive_cells[-1]) if args.algo == "map-elites" else None,
-        wall_seconds=seconds,
-        first_call_seconds=ran[0][0] - start if ran else 0.0,
-        generations_per_second=sum(n for _, n in ran[1:]) / (ran[-1][0] - ran[0][0]) if len(ran) > 1 else None,
+        **timings,
         num_devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
     )
-    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # JSON
-    write_json(os.path.join(run_dir, "summary.json"), summary)
     print(
         f"best member {summary['best_fitness']}; final centre {summary['final_center_fitness']}; "
         f"target {args.target} reached at generation {summary['generations_to_target']}"
@@ -1527,24 +1518,14 @@ def run(args: Args, run_dir: str, quiet: bool = False) -> dict:
         ax.set(xlabel="generation", ylabel=ylabel, title=args.problem, yscale="log" if sign < 0 else "linear")
         ax.legend(fontsize=8)
 
-    save_figure(os.path.join(run_dir, "fitness_curve.png"), draw)
-    return summary
+    return report(run_dir, summary, "fitness_curve.png", draw)
 
 
 def run_ite(args: Args, run_dir: str) -> dict:
     """--algo ite into run_dir: MAP-Elites maps the intact arm (hand position -> smoothest posture, --num-generations
-    of --pop-size; checkpointed, continued with --resume), then ite_damages. Writes args.json, generations.csv (the
-    map), ite_damages.csv, summary.json (performances as fractions of the undamaged best; also returned), ite.png."""
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
-    loop, out = run_generations(
-        dataclasses.replace(args, algo="map-elites", problem="arm"),
-        arm_problem(),
-        chunk=100,
-        checkpoint=os.path.join(run_dir, "checkpoint.msgpack"),
-        resume=bool(args.resume),
-    )
-    table = columns(out, 0, args.pop_size)
-    write_csv(os.path.join(run_dir, "generations.csv"), [list(table)] + list(zip(*table.values())))
+    of --pop-size; generations.csv and checkpoint.msgpack by evolve), then ite_damages. Writes ite_damages.csv,
+    summary.json (performances as fractions of the undamaged best; also returned), ite.png."""
+    loop, out, _ = evolve(dataclasses.replace(args, algo="map-elites", problem="arm"), arm_problem(), run_dir)
     filled = np.asarray(jnp.isfinite(loop.es.fitness))
     behaviours, prior, rows = ite_damages(args, loop.es)
     undamaged = float(prior.max())
@@ -1565,7 +1546,6 @@ def run_ite(args: Args, run_dir: str) -> dict:
         summary[f"{name}_recovered_fraction_per_damage"] = fraction.round(4).tolist()
         if f"{name}_trials" in rows[0]:
             summary[f"{name}_trials"] = float(np.mean([r[f"{name}_trials"] for r in rows]))
-    write_json(os.path.join(run_dir, "summary.json"), summary)
 
     def draw(left, right):  # the map, coloured by predicted reach; the recovered fraction per damage
         dots = left.scatter(*np.asarray(behaviours)[filled].T, c=np.asarray(prior)[filled], s=2)
@@ -1580,8 +1560,7 @@ def run_ite(args: Args, run_dir: str) -> dict:
         right.set(ylabel="recovered / undamaged best", title="damages (s: stuck joints, o: offset joints)")
         right.legend(fontsize=8, loc="lower left")
 
-    save_figure(os.path.join(run_dir, "ite.png"), draw, ncols=2)
-    return summary
+    return report(run_dir, summary, "ite.png", draw, ncols=2)
 
 
 def restore_poet(saved: dict, template: PoetState) -> PoetState:
@@ -1594,20 +1573,20 @@ def restore_poet(saved: dict, template: PoetState) -> PoetState:
 
 
 def run_poet(args: Args, run_dir: str) -> dict:
-    """--algo poet into run_dir: poet_loop from one pair on the flat track (checkpointed every 2% of the
-    iterations, continued with --resume), then direct_es with POET's whole evaluation budget on the POET_HARDEST
-    hardest solved environments. Writes args.json, poet_envs.csv, poet_history.csv, summary.json (also returned),
+    """--algo poet into run_dir: poet_loop from one pair on the flat track behind a progress bar (checkpointed every
+    2% of the iterations, continued with --resume), then direct_es with POET's whole evaluation budget on the
+    POET_HARDEST hardest solved environments. Writes poet_envs.csv, poet_history.csv, summary.json (also returned),
     poet.png."""
-    write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
+    from tqdm import tqdm
+
     poet, checkpoint = poet_init(args), os.path.join(run_dir, "checkpoint.msgpack")
     if args.resume and os.path.exists(checkpoint):
         poet = read_checkpoint(checkpoint, lambda saved: restore_poet(saved, poet))
-    every, start, done = max(1, args.num_generations // 50), time.time(), poet.iteration
+    bar = tqdm(total=args.num_generations, initial=poet.iteration, desc="poet", file=sys.stdout, mininterval=0.5)
 
     def on_iteration(poet):
-        it = poet.iteration
-        if it % every == 0:
-            records = [poet.created, poet.rejected, poet.history, poet.evaluations, poet.transfers, it]
+        if poet.iteration % max(1, args.num_generations // 50) == 0:
+            records = [poet.created, poet.rejected, poet.history, poet.evaluations, poet.transfers, poet.iteration]
             state = dict(
                 agents=jax.tree.map(np.asarray, poet.agents),
                 envs=poet.envs,
@@ -1616,16 +1595,12 @@ def run_poet(args: Args, run_dir: str) -> dict:
                 records=json.dumps(records),
             )
             write_checkpoint(checkpoint, state)
-        if it % 100 == 0 or it == args.num_generations:
-            rate = (it - done) / (time.time() - start)
-            print(
-                f"iteration {it}/{args.num_generations}: {int((poet.slot_env >= 0).sum())} active pairs, "
-                f"{len(poet.created)} environments, {sum(e['best_score'] >= 1 for e in poet.created)} solved, "
-                f"{poet.transfers} transfers, {rate:.2f} iterations/s, ETA {(args.num_generations - it) / rate:.0f} s",
-                flush=True,
-            )
+        bar.update(1)
+        solved = sum(e["best_score"] >= 1 for e in poet.created)
+        bar.set_postfix(pairs=int((poet.slot_env >= 0).sum()), envs=len(poet.created), solved=solved)
 
     poet = poet_loop(args, poet, on_iteration)
+    bar.close()
     created, history = poet.created, poet.history
     solved = [e for e in created if e["best_score"] >= 1.0]
     hardest = sorted(solved, key=lambda e: -(e["wall"] + e["gap"]))[:POET_HARDEST]
@@ -1656,7 +1631,6 @@ def run_poet(args: Args, run_dir: str) -> dict:
         hardest_solved=hardest,
         direct_es_solved=sum(e["direct_es_best_score"] >= 1 for e in hardest),
     )
-    write_json(os.path.join(run_dir, "summary.json"), summary)
 
     def draw(left, right):  # the environments created and the children rejected; each pair's score
         left.scatter(*np.array(poet.rejected).reshape(-1, 2).T, c="0.7", marker="x", s=12, label="failed the criterion")
@@ -1676,8 +1650,7 @@ def run_poet(args: Args, run_dir: str) -> dict:
             right.plot(*rows[rows[:, 1] == env_id][:, [0, 4]].T, lw=0.8)
         right.set(xlabel="iteration", ylabel="score of the pair's agent (1 = solved)", title="pairs")
 
-    save_figure(os.path.join(run_dir, "poet.png"), draw, ncols=2)
-    return summary
+    return report(run_dir, summary, "poet.png", draw, ncols=2)
 
 
 LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
@@ -1713,6 +1686,7 @@ def main(args: Args) -> str:
         run_dir = args.run_dir or os.path.join(
             "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
+        write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
         dict(ite=run_ite, poet=run_poet).get(args.algo, run)(args, run_dir)
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
