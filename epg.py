@@ -52,8 +52,7 @@ PPO_GAMMA, PPO_LAMBDA, PPO_CLIP, PPO_KL = 0.99, 0.95, 0.2, 1e-3  # the reference
 
 @dataclasses.dataclass
 class Args:
-    """epg.py's command line (tyro): meta-training by default, --resume, or --test; None fields get their defaults
-    in resolve_args."""
+    """epg.py's command line (tyro): meta-training by default, --resume, or --test; resolve_args fills the Nones."""
 
     exp_name: str = "epg"
     """name of this experiment, part of the run name"""
@@ -92,13 +91,11 @@ class Args:
     inner_optimizer: Literal["adam", "sgd"] = "adam"
     """the agent's optimiser: Adam (the reference's, agents.py:208) or SGD, whose step follows the loss's scale"""
     memory_units: int = 0
-    """size of the memory vector tanh(W·1 + b), whose W and b the loss reads and moves (0: none, as the
-    reference's default launch, launch_local.py:84; the paper's 32)"""
+    """size of the memory vector tanh(W·1 + b) that only the loss reads and moves (0: none; the paper's 32)"""
     loss_size: Literal["small", "reference"] = "small"
     """the loss network's widths (LOSS_SIZES): small (1.9k parameters on goal-point) or the reference's (8.6k)"""
     goal_split: Literal["sides", "sector", "half"] = "sides"
-    """goal families: training goals in the ±y quadrants (sides), everywhere but the -x quadrant (sector), or the
-    +x half (half, the paper's); --test goals in the -x quadrant (sides, sector) or the -x half (half)"""
+    """goal families: which goals train and which are held out for --test (docs/epg.md); half is the paper's"""
     num_eval_episodes: int = 3
     """fitness: the mean return of this many fresh episodes of the final policy after the lifetime (rollout.py:66)"""
     episode_length: int | None = None
@@ -116,8 +113,7 @@ class Args:
     sigma: float = 0.01
     """ES noise standard deviation σ"""
     es_learning_rate: float | None = None
-    """Adam (β1 = 0) learning rate of the ES update, divided by 10 after half of the generations (default
-    σ/(2·√num_generations), so a random walk of the generations' steps stays near σ/2; the reference's: 1e-2)"""
+    """Adam (β1 = 0) learning rate of the ES update, ÷10 at half the generations (default σ/(2·√num_generations))"""
     weight_decay: float = 1e-3
     """L2 coefficient subtracted in the ES gradient, on the scale of the rank term ranks·ε / n (no 1/σ)"""
     ppo_anneal_frac: float = 0.125
@@ -856,7 +852,7 @@ def run_meta_training(args: Args) -> str:
     best = dict(fitness=-np.inf, theta=theta, candidates=candidates)
     opt_state, rows = make_es_optimizer(args).init(theta), []
     if args.resume is not None:
-        theta, opt_state, rows, best = restore_checkpoint(run_dir, theta, opt_state)
+        theta, opt_state, rows, best = restore_checkpoint(run_dir, theta, opt_state, best)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     print(
         f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
@@ -869,50 +865,42 @@ def run_meta_training(args: Args) -> str:
     evaluate = make_scorer(args, env, EVAL_STREAM, args.num_eval_tasks)  # the curve of eval_fitness
     print(f"compiled in {time.time() - start:.1f}s", flush=True)
 
-    with tqdm(
-        range(len(rows), args.num_generations),
-        initial=len(rows),
-        total=args.num_generations,
-        desc="generations",
-        file=sys.stdout,
-        mininterval=0,
-    ) as bar:
-        try:
-            for g in bar:
-                t0, alpha = time.time(), ppo_alpha(args, g)
-                new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
-                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
-                seconds = time.time() - t0  # the generation alone, without the evaluation below
-                eval_fitness, new_best = float("nan"), best
-                if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
-                    eval_fitness = evaluate(new_theta)
-                    candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
-                    new_best = dict(best, candidates=candidates)
-                    if eval_fitness > best["fitness"]:
-                        new_best.update(fitness=eval_fitness, theta=new_theta)
-                row = dict(
-                    generation=g + 1,
-                    alpha=alpha,
-                    best_fitness=float(np.nanmax(fitness)),
-                    mean_fitness=float(np.nanmean(fitness)),
-                    eval_fitness=eval_fitness,
-                    seconds=seconds,
-                )
-                # commit the generation in one assignment, so an interruption sees it whole or not at all
-                theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
-                bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}")
-                if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-        except KeyboardInterrupt:
-            save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-            print(
-                f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
-                f"--resume {run_dir}",
-                file=sys.stderr,
+    bar = tqdm(range(len(rows), args.num_generations), initial=len(rows), total=args.num_generations, file=sys.stdout)
+    try:
+        for g in bar:
+            t0, alpha = time.time(), ppo_alpha(args, g)
+            new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
+            fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+            seconds = time.time() - t0  # the generation alone, without the evaluation below
+            eval_fitness, new_best = float("nan"), best
+            if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
+                eval_fitness = evaluate(new_theta)
+                candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
+                new_best = dict(best, candidates=candidates)
+                if eval_fitness > best["fitness"]:
+                    new_best.update(fitness=eval_fitness, theta=new_theta)
+            row = dict(
+                generation=g + 1,
+                alpha=alpha,
+                best_fitness=float(np.nanmax(fitness)),
+                mean_fitness=float(np.nanmean(fitness)),
+                eval_fitness=eval_fitness,
+                seconds=seconds,
             )
-            sys.exit(130)
+            # commit the generation in one assignment, so an interruption sees it whole or not at all
+            theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
+            bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}")
+            if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
+                save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+    except KeyboardInterrupt:
+        save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+        print(
+            f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
+            f"--resume {run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
-    # the shipped loss: the ES mean, among those evaluated, that scores best on tasks drawn for this choice alone
     select = make_scorer(args, env, SELECT_STREAM, args.num_select_tasks)
     scores = [select(c) for c in best["candidates"]]
     chosen = int(np.nanargmax(scores))
@@ -1120,14 +1108,12 @@ def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best
     save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
 
 
-def restore_checkpoint(run_dir: str, theta, opt_state):
+def restore_checkpoint(run_dir: str, theta, opt_state, best: dict):
     """(theta, opt_state, rows, best) of save_checkpoint's file, restored into the given templates; ArgsError if
     it is missing or damaged."""
 
     def parse(data):
-        best = {"fitness": 0.0, "theta": theta, "candidates": np.zeros((0, theta.shape[0]), np.float32)}
-        template = dict(theta=theta, opt_state=opt_state, rows="", best=best)
-        state = flax.serialization.from_bytes(template, data)
+        state = flax.serialization.from_bytes(dict(theta=theta, opt_state=opt_state, rows="", best=best), data)
         if state["theta"].shape != theta.shape or state["best"]["theta"].shape != theta.shape:
             raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
         return state["theta"], state["opt_state"], json.loads(state["rows"]), state["best"]
