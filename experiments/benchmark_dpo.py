@@ -21,7 +21,7 @@ Every other function is compiled first and then timed; each of those timings is 
     python experiments/benchmark_dpo.py --env-id CartPole-v1 --num-seeds 4
     python experiments/benchmark_dpo.py --env-id ant --backend spring --num-envs 256 --num-steps 10 --num-unrolls 1 \
         --num-minibatches 32 --actor-hidden 256 256 --critic-hidden 256 256 --activation tanh \
-        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only   # add --num-cpu-devices 2
+        --total-timesteps 256000 --purejaxrl /tmp/purejaxrl/purejaxrl --purejaxrl-only
 """
 
 import dataclasses
