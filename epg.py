@@ -894,11 +894,7 @@ def run_meta_training(args: Args) -> str:
                 save_checkpoint(run_dir, args, theta, opt_state, rows, best)
     except KeyboardInterrupt:
         save_checkpoint(run_dir, args, theta, opt_state, rows, best)
-        print(
-            f"interrupted after generation {len(rows)}; checkpoint saved; continue with: python epg.py "
-            f"--resume {run_dir}",
-            file=sys.stderr,
-        )
+        print(f"interrupted after generation {len(rows)}; resume: python epg.py --resume {run_dir}", file=sys.stderr)
         sys.exit(130)
     seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
     select = make_scorer(args, env, SELECT_STREAM, args.num_select_tasks)
@@ -922,10 +918,7 @@ def run_meta_training(args: Args) -> str:
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)
     plot_fitness(run_dir, args, rows)  # after the results: a failing plot loses nothing
-    print(
-        f"best_loss.msgpack: the ES mean of generation {evaluated[chosen]}, {scores[chosen]:.2f} on "
-        f"{args.num_select_tasks} fresh tasks; last generation's mean fitness {summary['final_mean_fitness']:.2f}"
-    )
+    print(f"best_loss.msgpack: the ES mean of generation {evaluated[chosen]}, {scores[chosen]:.2f} on fresh tasks")
     return run_dir
 
 
@@ -969,18 +962,17 @@ def run_test(args: Args) -> str:
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
     sweep, configs, sweep_tasks = [], [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
-        configs.append(
-            dataclasses.replace(
-                args,
-                update_every=rollout,
-                update_epochs=epochs,
-                inner_learning_rate=lr,
-                buffer_size=max(args.buffer_size, rollout),
-                reward_blind=False,
-                inner_optimizer="adam",
-            )
+        cfg = dataclasses.replace(
+            args,
+            update_every=rollout,
+            update_epochs=epochs,
+            inner_learning_rate=lr,
+            buffer_size=max(args.buffer_size, rollout),
+            reward_blind=False,
+            inner_optimizer="adam",
         )
-        score = float(np.mean(np.asarray(run(configs[-1], 0 * theta, 1.0, sweep_tasks).final_return)))
+        configs.append(cfg)
+        score = float(np.mean(np.asarray(run(cfg, 0 * theta, 1.0, sweep_tasks).final_return)))
         sweep.append(dict(rollout=rollout, epochs=epochs, learning_rate=lr, final_return_mean=score))
         print(f"PPO sweep, training tasks: rollout {rollout:4d}, epochs {epochs}, lr {lr:g}: {score:9.3f}", flush=True)
     ppo = configs[max(range(len(sweep)), key=lambda i: sweep[i]["final_return_mean"])]  # the first of the best
