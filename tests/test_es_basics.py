@@ -5,6 +5,7 @@ normalisation on the reference code's scale; OpenAI-ES on CartPole; MAP-Elites a
 device against two forced host devices and two processes; SIGKILL and --resume; bad multi-process launches; the
 CLI's outputs and its refusal of bad input."""
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -231,42 +232,55 @@ def test_openai_es_solves_cartpole_and_gathers_statistics_from_a_fraction_of_the
     assert 0.01 * 20 * 64 * 8 < float(loop.obs_stats.count) < 0.3 * 20 * 64 * 500, float(loop.obs_stats.count)
 
 
+def devices_report(launch: eb.Args) -> list:
+    """What the device test compares, in whatever process layout this runs: a map-elites run with observation
+    statistics (every gather: fitness, descriptors, each member's Σo, Σo², steps) into launch.run_dir, then the
+    compiled generation's collectives (openai-es on sphere, no observation statistics). Returns [devices,
+    processes, collectives]."""
+    eb.start_processes(launch)
+    args = eb.resolve_args(
+        eb.Args(
+            algo="map-elites",
+            problem="CartPole-v1",
+            pop_size=8,
+            num_generations=3,
+            normalize_observations=True,
+            obs_stats_fraction=0.5,
+        )
+    )
+    eb.run(args, launch.run_dir, quiet=True)
+    args = eb.resolve_args(eb.Args(algo="openai-es", problem="sphere", pop_size=8))
+    problem = eb.make_problem(args)
+    hlo = eb.make_generations(args, problem).lower(eb.init_loop_state(args, problem), eb.generation_keys(1, 0, 1))
+    return [jax.device_count(), jax.process_count(), processes.collectives(hlo.compile().as_text())]
+
+
 DEVICES = """
-import json, os, sys
+import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import jax, tyro
-import es_basics as eb, processes
-launch = tyro.cli(eb.Args)  # --run-dir and, for several processes, the launch flags
-eb.start_processes(launch)
-# map-elites with observation statistics: every gather (fitness, descriptors, each member's Σo, Σo², steps)
-args = eb.resolve_args(eb.Args(algo="map-elites", problem="CartPole-v1", pop_size=8, num_generations=3,
-                               normalize_observations=True, obs_stats_fraction=0.5))
-eb.run(args, launch.run_dir, quiet=True)
-# the compiled generation's collectives (openai-es on sphere, no observation statistics)
-args = eb.resolve_args(eb.Args(algo="openai-es", problem="sphere", pop_size=8))
-problem = eb.make_problem(args)
-hlo = eb.make_generations(args, problem).lower(eb.init_loop_state(args, problem), eb.generation_keys(1, 0, 1))
-collectives = processes.collectives(hlo.compile().as_text())
-print(json.dumps([jax.device_count(), jax.process_count(), collectives]))
+import tyro
+import es_basics as eb
+from test_es_basics import devices_report
+print(json.dumps(devices_report(tyro.cli(eb.Args))))  # --run-dir and, for several processes, the launch flags
 """
 
 
 def test_two_processes_and_two_devices_reproduce_one_device_bit_for_bit(tmp_path):
     """The same run (map-elites with observation statistics, so that fitness, descriptors and statistics are all
-    gathered) on 1 device, 2 forced host devices and 2 processes of 1 device: the same generations.csv, params.npz
-    and summary.json (timings aside). Without statistics or descriptors (openai-es on sphere) the compiled
-    generation exchanges the fitness vector f32[pop] and nothing else."""
+    gathered) on 1 device (this process), 2 forced host devices and 2 processes of 1 device: the same
+    generations.csv, params.npz and summary.json (timings aside). Without statistics or descriptors (openai-es on
+    sphere) the compiled generation exchanges the fitness vector f32[pop] and nothing else."""
     driver = [sys.executable, "-c", DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))]
-    reports, started = {}, {}
-    for name, count in (("one", 1), ("two_devices", 2)):  # all four processes at once
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        command = ["timeout", "-s", "KILL", "300", *driver, "--run-dir", str(tmp_path / name)]
-        started[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    results = processes.launch(driver + ["--run-dir", str(tmp_path / "two_processes")], 2, timeout=300)
-    for name, proc in started.items():
-        out, err = proc.communicate()
-        assert proc.returncode == 0, err[-3000:]
-        reports[name] = json.loads(out.strip().splitlines()[-1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    command = ["timeout", "-s", "KILL", "300", *driver, "--run-dir", str(tmp_path / "two_devices")]
+    two_devices = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the three layouts at once
+        launched = pool.submit(processes.launch, driver + ["--run-dir", str(tmp_path / "two_processes")], 2, 300)
+        reports = {"one": devices_report(eb.Args(run_dir=str(tmp_path / "one")))}
+        results = launched.result()
+    out, err = two_devices.communicate()
+    assert two_devices.returncode == 0, err[-3000:]
+    reports["two_devices"] = json.loads(out.strip().splitlines()[-1])
     for code, _, err in results:
         assert code == 0, err[-3000:]
     reports["two_processes"] = json.loads(results[0][1].strip().splitlines()[-1])
