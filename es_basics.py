@@ -1657,23 +1657,20 @@ LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_tim
 
 
 def resumed_args(args: Args) -> Args:
-    """The --resume run directory's saved arguments (its args.json; lists back to tuples, unknown keys dropped),
-    with this command's launch flags, and its --num-generations where given. Raises ArgsError when the directory
-    has no readable args.json."""
+    """The Args saved in the run directory --resume names (its args.json: lists back to tuples, keys this version
+    does not know dropped), with this command's LAUNCH_FIELDS, resume and run_dir set to --resume, and this
+    command's --num-generations where given (to extend the run). Raises ArgsError if args.json is missing or
+    damaged."""
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
             saved = json.load(f)
-    except (OSError, ValueError) as e:
+        names = {field.name for field in dataclasses.fields(Args)}
+        saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError) as e:
         raise ArgsError(f"--resume {args.resume}: no readable args.json ({type(e).__name__})") from None
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
-    return dataclasses.replace(
-        saved,
-        **{k: getattr(args, k) for k in LAUNCH_FIELDS},
-        resume=args.resume,
-        run_dir=args.resume,
-        num_generations=saved.num_generations if args.num_generations is None else args.num_generations,
-    )
+    launch = {k: getattr(args, k) for k in LAUNCH_FIELDS}  # this command's, not the saved run's
+    extend = {} if args.num_generations is None else dict(num_generations=args.num_generations)
+    return dataclasses.replace(saved, **launch, **extend, resume=args.resume, run_dir=args.resume)
 
 
 def main(args: Args) -> str:
