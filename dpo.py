@@ -80,8 +80,7 @@ class Args:
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
     num_cpu_devices: int | None = None
-    """CPU: JAX devices to split the host's cores into, each training its share of the seeds (default: the largest
-    divisor of --num-seeds up to the number of cores; 1: JAX's own single CPU device). No effect on accelerators"""
+    """CPU: JAX devices to split the cores into, each training its share of the seeds (see use_cpu_cores)"""
     run_dir: str | None = None
     """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
     resume: str | None = None
@@ -100,10 +99,6 @@ class Args:
     """Brax: physics steps per agent step; None: the env family's"""
 
     # ---- the method ----
-    dpo_alpha: float = 2.0
-    """DPO drift α, the scale of the positive-advantage branch (eq. 9)"""
-    dpo_beta: float = 0.6
-    """DPO drift β, the scale of the negative-advantage branch (eq. 9)"""
     clip_coef: float | None = None
     """PPO clipping ε of --drift ppo (the purejaxrl loop also clips the value loss by it); None: the env family's"""
     drift: Literal["dpo", "ppo"] = "dpo"
@@ -113,12 +108,9 @@ class Args:
 
     # ---- PPO loop ----
     ppo_loop: Literal["brax", "purejaxrl"] | None = None
-    """brax: Brax PPO's loop (minibatches of whole unrolls, GAE recomputed per minibatch, unclipped value loss);
-    purejaxrl: PureJaxRL's ppo.py (GAE once per rollout, minibatches of shuffled samples, value loss clipped by ε);
-    None: the env family's"""
+    """brax: Brax PPO's loop; purejaxrl: PureJaxRL's ppo.py (docs/dpo.md item 4); None: the env family's"""
     log_frequency: int | None = None
-    """Brax: the authors' loop runs (log_frequency + 1) × (n // log_frequency) updates where n updates fit in
-    --total-timesteps (brax_drift.py lines 330-349); 0 runs n; None: the env family's"""
+    """Brax: the authors' update count (see num_updates); 0: as many as fit in --total-timesteps"""
     total_timesteps: int | None = None
     """environment steps per seed, action repeats included; None: the env family's"""
     num_envs: int | None = None
@@ -213,7 +205,7 @@ def make_drift(args: Args) -> Drift:
     """The drift f(r, A) chosen by --drift, with its coefficients bound."""
     if args.drift == "ppo":
         return functools.partial(ppo_drift, clip_coef=args.clip_coef)
-    return functools.partial(dpo_drift, alpha=args.dpo_alpha, beta=args.dpo_beta)
+    return dpo_drift
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
@@ -608,8 +600,7 @@ class EpisodeStats(NamedTuple):
     """Per-env episode bookkeeping for the logged episodic return."""
 
     episode_return: jax.Array  # [num_envs], unscaled return of the running episode
-    last_return: jax.Array  # [num_envs], unscaled return of the last finished episode
-    finished: jax.Array  # [num_envs], episodes finished so far
+    last_return: jax.Array  # [num_envs], unscaled return of the last finished episode, NaN before the first
 
 
 class Runner(NamedTuple):
@@ -668,24 +659,19 @@ def make_train(args: Args, drift: Drift):
             "critic": critic.init(key_critic, jnp.zeros((1, env.obs_dim))),
         }
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
         stats = RunningStats(jnp.zeros(env.obs_dim), jnp.ones(env.obs_dim), 1e-4)
         return Runner(
             TrainState.create(apply_fn=None, params=params, tx=tx),
             jax.tree.map(jnp.asarray, stats),
             env_state,
             obs,
-            EpisodeStats(zeros, zeros, zeros),
+            EpisodeStats(jnp.zeros(args.num_envs), jnp.full(args.num_envs, jnp.nan)),
             rng,
             jnp.int32(0),
         )
 
     def env_step(runner: Runner, key):
-        """One step of the num_envs environments under the current policy (a scan body over the unroll).
-
-        Returns the runner with the new env states, observations [num_envs, obs_dim] and episode statistics,
-        and the Transition of this step (each field [num_envs, ...]; obs is the observation acted on).
-        """
+        """One step of the num_envs envs under the current policy: the runner after it, and its Transition."""
         key_action, key_env = jax.random.split(key)
         pi = policy(actor, runner.train_state.params, normalize(runner.obs, runner.obs_stats, obs_norm), env.discrete)
         action = pi.sample(key_action)
@@ -698,7 +684,6 @@ def make_train(args: Args, drift: Drift):
         episodes = EpisodeStats(
             episode_return * (1.0 - done),
             jnp.where(done > 0, episode_return, runner.episodes.last_return),
-            runner.episodes.finished + done,
         )
         transition = Transition(runner.obs, action, pi.log_prob(action), reward * args.reward_scaling, done, truncated)
         return runner._replace(env_state=env_state, obs=obs, episodes=episodes), transition
@@ -775,12 +760,7 @@ def make_train(args: Args, drift: Drift):
         return jnp.moveaxis(x, shuffle_axis, 0)
 
     def update_minibatch(carry, minibatch_and_noise):
-        """One Adam step on one minibatch (a scan body over the epoch's minibatches).
-
-        carry = (train_state, obs_stats); minibatch: Transition fields [T, B, ...] (obs [T + 1, B, ...]) in the
-        brax loop, Sample fields [B, ...] in the purejaxrl loop; noise: standard normals of the minibatch's action
-        shape, for the entropy estimate. Returns the new carry and loss_fn's scalars.
-        """
+        """One Adam step on one minibatch (of loss_fn's shapes); carry = (train_state, obs_stats)."""
         minibatch, noise = minibatch_and_noise
         train_state, obs_stats = carry
         grads, aux = jax.grad(loss_fn, has_aux=True)(train_state.params, minibatch, obs_stats, noise)
@@ -788,13 +768,8 @@ def make_train(args: Args, drift: Drift):
         return (train_state.apply_gradients(grads=grads), obs_stats), aux
 
     def update_epoch(carry, key):
-        """One epoch: the batch's unrolls (brax) or samples (purejaxrl) shuffled into num_minibatches minibatches,
-        one Adam step on each.
-
-        carry = (train_state, obs_stats, batch), batch a Transition with fields [T, num_envs·num_unrolls, ...]
-        (obs [T + 1, ...]) or a Sample with fields [batch_size(args), ...]. Returns the new carry and loss_fn's
-        scalars [num_minibatches].
-        """
+        """One epoch: the batch (prepare's) shuffled into num_minibatches minibatches, one Adam step on each;
+        carry = (train_state, obs_stats, batch). Returns the carry and loss_fn's scalars [num_minibatches]."""
         train_state, obs_stats, batch = carry
         key_perm, key_mb = jax.random.split(key)
         permutation = jax.random.permutation(key_perm, shuffled)
@@ -806,10 +781,7 @@ def make_train(args: Args, drift: Drift):
         return (train_state, obs_stats, batch), aux
 
     def update(runner: Runner) -> tuple[Runner, dict]:
-        """One PPO update: num_unrolls unrolls of every env, then update_epochs epochs over that batch.
-
-        Returns the new runner and this update's scalar metrics {name: []} for the names in METRICS.
-        """
+        """One PPO update: num_unrolls unrolls of every env, then update_epochs epochs; metrics {name: scalar}."""
         rng, key_unrolls, key_epochs = jax.random.split(runner.rng, 3)
         runner, traj = jax.lax.scan(unroll, runner, jax.random.split(key_unrolls, args.num_unrolls))
         # [U, T(+1), E, ...] -> [T(+1), U·E, ...]: time first, then every env's every unroll
@@ -820,13 +792,7 @@ def make_train(args: Args, drift: Drift):
         (train_state, _, _), aux = jax.lax.scan(
             update_epoch, (runner.train_state, obs_stats, batch), jax.random.split(key_epochs, args.update_epochs)
         )
-        episodes = runner.episodes
-        any_finished = episodes.finished > 0
-        episodic_return = jnp.where(
-            jnp.any(any_finished),
-            jnp.sum(jnp.where(any_finished, episodes.last_return, 0.0)) / jnp.maximum(jnp.sum(any_finished), 1),
-            jnp.nan,
-        )
+        episodic_return = jnp.nanmean(runner.episodes.last_return)  # over the envs that finished an episode
         metrics = dict(zip(METRICS, (episodic_return, *jax.tree.map(jnp.mean, aux))))
         return runner._replace(train_state=train_state, obs_stats=obs_stats, rng=rng, update=runner.update + 1), metrics
 
@@ -939,8 +905,7 @@ def run_training(args: Args) -> str:
     )
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
-    drift = make_drift(args)
-    init, train_chunk = make_train(args, drift)
+    init, train_chunk = make_train(args, make_drift(args))
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
@@ -952,11 +917,10 @@ def run_training(args: Args) -> str:
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
+    family = f"Brax {args.backend}" if args.env_id in BRAX_ENVS else "gymnax"
     print(
-        f"{args.env_id} ({'Brax ' + args.backend if args.env_id in BRAX_ENVS else 'gymnax'}), drift {args.drift},"
-        f" {args.num_seeds} seed(s) on {jax.device_count()} {jax.default_backend()} device(s)"
-        f": {n_updates} updates"
-        f" of {steps_per_update:,} steps per seed",
+        f"{args.env_id} ({family}), drift {args.drift}, {args.num_seeds} seed(s) on {jax.device_count()} "
+        f"{jax.default_backend()} device(s): {n_updates} updates of {steps_per_update:,} steps per seed",
         flush=True,
     )
     start = time.time()
@@ -1015,7 +979,6 @@ def run_training(args: Args) -> str:
         {"mean over seeds ± 1 std": (steps, mean, std)},
         f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
     )
-    plot_drifts(os.path.join(run_dir, "drift.png"), {args.drift.upper(): drift})
     print(
         f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
         f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
@@ -1027,15 +990,11 @@ def run_training(args: Args) -> str:
 def use_cpu_cores(args: Args) -> Args:
     """args with --num-cpu-devices filled in, after splitting the host CPU into that many JAX devices.
 
-    JAX gives the whole CPU one device, whose every matrix product is split over all cores; the products of a small
-    PPO minibatch (the benchmark's 80 rows) are too small for that to pay. With one device per core, over_seeds runs
-    each device's seeds on its own core: 4 ant seeds on 2 cores train 1.48 times faster (docs/dpo.md, "The command
-    against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores, so one seed
-    keeps one device. The float rounding of a seed's run differs between device counts, which is why args.json
-    records the count.
-    JAX reads the setting (jax_num_cpu_devices) when it starts: after JAX's first operation in this process, or
-    with --xla_force_host_platform_device_count in XLA_FLAGS, the devices stay as they are, and the returned
-    args name the count that runs.
+    With one device per core, over_seeds runs each device's seeds on its own core (docs/dpo.md, "The command
+    against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores; 1 keeps JAX's
+    one CPU device; no effect on accelerators. JAX reads the setting when it starts, so after its first operation
+    (or with XLA_FLAGS' device count) the devices stay as they are: the returned args name the count that runs,
+    since a seed's float rounding differs between device counts.
 
     Raises: ArgsError if --num-cpu-devices is negative.
     """
@@ -1129,30 +1088,6 @@ def plot_curves(
         ax.fill_between(x, y - band, y + band, alpha=0.25)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    if jax.process_index() == 0:
-        fig.savefig(path)
-
-
-def plot_drifts(path: str, drifts: dict[str, Drift]):
-    """The paper's drift pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and
-    A ∈ [-2, 2], one panel per named drift f(r, A) (a PNG at path)."""
-    from matplotlib.figure import Figure
-
-    ratios = jnp.linspace(0.01, 2.0, 200)
-    advantages = jnp.linspace(-2.0, 2.0, 161)
-    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
-    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
-
-        def objective(r, a, drift=drift):
-            return r * a - drift(jnp.log(r), a)
-
-        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
-        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
-        image = ax.imshow(
-            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
-        )
-        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
-        fig.colorbar(image, ax=ax)
     if jax.process_index() == 0:
         fig.savefig(path)
 

@@ -306,7 +306,6 @@ RUN_FILES = (
     "params.msgpack",
     "checkpoint.msgpack",
     "summary.json",
-    "drift.png",
 )
 EVAL_KEYS = ("final_returns", "final_mode_returns")
 

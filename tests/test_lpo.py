@@ -129,7 +129,6 @@ SHARED = (
     "run_training",
     "run_comparison",
     "plot_curves",
-    "plot_drifts",
     "write_json",
     "ArgsError",
     "use_cpu_cores",
