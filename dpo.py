@@ -992,9 +992,9 @@ def use_cpu_cores(args: Args) -> Args:
 
     With one device per core, over_seeds runs each device's seeds on its own core (docs/dpo.md, "The command
     against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores; 1 keeps JAX's
-    one CPU device; no effect on accelerators. JAX reads the setting when it starts, so after its first operation
-    (or with XLA_FLAGS' device count) the devices stay as they are: the returned args name the count that runs,
-    since a seed's float rounding differs between device counts.
+    one CPU device. JAX reads the setting when it starts, so after its first operation (or with XLA_FLAGS' device
+    count) the devices stay as they are: the returned args name the count that runs, since a seed's float rounding
+    differs between device counts; on an accelerator the CPU split has no effect and they name none (None).
 
     Raises: ArgsError if --num-cpu-devices is negative.
     """
@@ -1008,7 +1008,7 @@ def use_cpu_cores(args: Args) -> Args:
         except RuntimeError:  # JAX has already started in this process
             pass
     cpu = jax.default_backend() == "cpu"  # jax.devices("cpu") fails where JAX_PLATFORMS names accelerators only
-    return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else n)  # the count that runs
+    return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else None)  # the count that runs
 
 
 def seed_statistics(x, prefix: str) -> dict:
