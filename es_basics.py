@@ -1579,7 +1579,8 @@ def run_poet(args: Args, run_dir: str) -> dict:
     poet.png."""
     from tqdm import tqdm
 
-    poet, checkpoint = poet_init(args), os.path.join(run_dir, "checkpoint.msgpack")
+    poet = poet_init(args)
+    checkpoint = os.path.join(run_dir, "checkpoint.msgpack")
     if args.resume and os.path.exists(checkpoint):
         poet = read_checkpoint(checkpoint, lambda saved: restore_poet(saved, poet))
     bar = tqdm(total=args.num_generations, initial=poet.iteration, desc="poet", file=sys.stdout, mininterval=0.5)
