@@ -73,12 +73,10 @@ def test_centered_ranks_put_nan_and_minus_inf_last():
 CONVERGENCE = [
     ("cem", "sphere", 5, 100, 1e-3),
     ("cma-es", "sphere", 5, 120, 1e-8),
-    ("plain-es", "sphere", 5, 120, 1e-3),
     ("openai-es", "sphere", 5, 120, 1e-3),
     ("snes", "sphere", 5, 150, 1e-8),
     ("cem", "rosenbrock", 2, 200, 1e-2),
     ("cma-es", "rosenbrock", 2, 200, 1e-8),
-    ("plain-es", "rosenbrock", 2, 300, 0.5),  # plain gradient ascent crawls along the curved valley
     ("openai-es", "rosenbrock", 2, 300, 1e-2),
     ("snes", "rosenbrock", 2, 300, 0.5),  # separable: the valley is not aligned with the axes
 ]
@@ -119,7 +117,6 @@ def test_map_elites_survives_a_long_run_and_fills_more_cells_than_random_search(
 ALL_ALGOS = [
     "cem",
     "cma-es",
-    "plain-es",
     "openai-es",
     "snes",
     "map-elites",
@@ -132,7 +129,7 @@ ALL_ALGOS = [
 @pytest.mark.parametrize("algo", ALL_ALGOS)
 def test_nan_and_minus_inf_fitness_rank_last(algo):
     """One tell with member 1 NaN and member 3 -inf equals the tell where both have the worst fitness (rank
-    methods: below every other; plain ES: the lowest finite one; MAP-Elites: they never enter the archive)."""
+    methods: below every other; MAP-Elites: they never enter the archive)."""
     args = eb.resolve_args(eb.Args(algo=algo, problem="sphere", pop_size=10))
     init, ask, tell = eb.METHODS[algo.split(":")[0]]
     key = jax.random.PRNGKey(3)
@@ -140,7 +137,7 @@ def test_nan_and_minus_inf_fitness_rank_last(algo):
     population, state = ask(key, state, args)
     fitness = jax.vmap(eb.FUNCTIONS["sphere"])(population)
     injected = fitness.at[1].set(jnp.nan).at[3].set(-jnp.inf)
-    worst = jnp.min(fitness) - (0.0 if algo == "plain-es" else 1.0)
+    worst = jnp.min(fitness) - 1.0
     replaced = fitness.at[1].set(worst).at[3].set(worst)
     descriptors = population[:, :2]
     told, _ = tell(key, state, population, injected, descriptors, args)
@@ -157,7 +154,7 @@ def test_nan_and_minus_inf_fitness_rank_last(algo):
     assert np.isfinite(np.asarray(told.mean)).all() and np.isfinite(np.asarray(told.sigma)).all()
 
 
-@pytest.mark.parametrize("algo", ["cem", "cma-es", "plain-es", "openai-es", "snes"])
+@pytest.mark.parametrize("algo", ["cem", "cma-es", "openai-es", "snes"])
 def test_methods_carry_on_when_a_fifth_of_the_members_fail(algo, monkeypatch):
     """Every generation about 10% of the members get NaN and 10% -inf; every method still solves the sphere."""
     init, ask, tell = eb.METHODS[algo]
@@ -189,7 +186,13 @@ def test_snes_update_equals_evosax_and_converges_alike():
     np.testing.assert_allclose(mine.sigma, theirs.std, rtol=1e-5)
     generations = {}  # generations to 1e-8 on 10-D sphere, summed over 3 seeds
     for algo in ("snes", "evosax:SNES"):
-        runs = [run(algo=algo, problem="sphere", num_generations=300, chunk=300, seed=s)[3] for s in (1, 2, 3)]
+        args = eb.resolve_args(eb.Args(algo=algo, problem="sphere", num_generations=300))
+        problem = eb.make_problem(args)
+        generations_300 = eb.make_generations(args, problem)  # compiled once, run for each seed (neither stops)
+        runs = []
+        for seed in (1, 2, 3):
+            loop = eb.init_loop_state(dataclasses.replace(args, seed=seed), problem)
+            runs.append(jax.tree.map(np.asarray, generations_300(loop, eb.generation_keys(seed, 0, 300))[1]))
         generations[algo] = sum(int(np.argmax(-out.center_fitness < 1e-8)) + 1 for out in runs)
         assert all((-out.center_fitness < 1e-8).any() for out in runs), algo
     assert 0.75 < generations["snes"] / generations["evosax:SNES"] < 1.33, generations
@@ -306,7 +309,7 @@ def test_cma_es_run_stops_cleanly_and_writes_every_output(tmp_path, capsys):
     args = eb.resolve_args(eb.Args(algo="cma-es", problem="sphere", num_generations=5000))
     summary = eb.run(args, str(tmp_path), quiet=True)
     assert summary["stop_reason"] in ("tolfun", "tolx", "sigma-underflow") and summary["num_generations"] < 5000
-    assert summary["final_center_fitness"] > -1e-10 and summary["evaluations_to_target"] > 0
+    assert summary["final_center_fitness"] > -1e-10
     assert "stopped after generation" in capsys.readouterr().out
     for name in ("generations.csv", "fitness_curve.png", "params.npz", "summary.json"):  # main writes args.json
         assert os.path.getsize(tmp_path / name) > 0, name
@@ -494,11 +497,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, flags, files)
     full = subprocess.Popen(
         command + ["--run-dir", str(tmp_path / "full")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    deadline = time.time() + 300
+
+    def wait_for(checkpoint, proc):
+        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+
+    wait_for(tmp_path / "full" / "checkpoint.msgpack", full)  # compiled: the killed run's compilation is cached
     killed = subprocess.Popen(command + ["--run-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, cwd=ROOT)
     checkpoint = tmp_path / "killed" / "checkpoint.msgpack"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(checkpoint, killed)
     killed.kill()  # SIGKILL at the first checkpoint (2% of the run)
     killed.wait()
     assert checkpoint.exists() and not (tmp_path / "killed" / "summary.json").exists()
