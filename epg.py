@@ -10,15 +10,13 @@ Pieter Abbeel, "Evolved Policy Gradients", NeurIPS 2018, arXiv:1802.04821 (secti
 Relative to a policy-gradient method, the hand-written surrogate objective is replaced by L_φ; during the
 first part of meta-training it is mixed with a PPO loss, (1 - α)·L_φ + α·L_PPO, α annealed from 1 to 0.
 
-Example (more in docs/epg.md: --test on held-out goals, the design checks, --resume, the Brax families):
+Example (more in docs/epg.md: --test on held-out goals, the design checks, --resume):
     python epg.py --task-family goal-point --num-generations 200        # meta-train on the CPU family
 """
 
-import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -41,8 +39,6 @@ import tyro
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-TaskFamily = Literal["goal-point", "goal-ant", "dir-hopper", "dir-cheetah", "random-hopper"]
-BRAX_BASE = {"goal-ant": "ant", "dir-hopper": "hopper", "dir-cheetah": "halfcheetah", "random-hopper": "hopper"}
 LOSS_SIZES = {"small": ((8, 16), 16), "reference": ((16, 32), 32)}  # conv channels, context width
 MIN_BUFFER = 21  # the two strided convolutions (kernel 6 stride 5, kernel 4 stride 2) need 21 steps
 MEMORY_INPUTS = 64  # memory = tanh(W·1 + b) with W [64, memory_units] (the reference's Memory(64, size))
@@ -72,10 +68,8 @@ class Args:
     """this process's index in [0, --num-processes), with --coordinator-address host:port"""
     init_timeout: int = 60
     """seconds to wait for every process to join"""
-    task_family: TaskFamily = "goal-point"
-    """goal-point (pure JAX, CPU-sized) or a Brax family (the paper's)"""
-    backend: Literal["generalized", "positional", "spring", "mjx"] = "positional"
-    """Brax physics backend (ignored by the other families)"""
+    task_family: Literal["goal-point"] = "goal-point"
+    """the task family (GoalPointEnv; docs/epg.md: adding one), recorded in every loss file"""
     lifetime: int = 8192
     """environment steps in one agent's lifetime, across episodes (64 × 128, the reference's)"""
     buffer_size: int = 512
@@ -95,11 +89,11 @@ class Args:
     loss_size: Literal["small", "reference"] = "small"
     """the loss network's widths (LOSS_SIZES): small (1.9k parameters on goal-point) or the reference's (8.6k)"""
     goal_split: Literal["sides", "sector", "half"] = "sides"
-    """goal families: which goals train and which are held out for --test (docs/epg.md); half is the paper's"""
+    """which goals train and which are held out for --test (docs/epg.md); half is the paper's"""
     num_eval_episodes: int = 3
     """fitness: the mean return of this many fresh episodes of the final policy after the lifetime (rollout.py:66)"""
-    episode_length: int | None = None
-    """steps before a time-limit truncation (default: goal-point 50, the Brax families 1000)"""
+    episode_length: int = 50
+    """steps before a time-limit truncation"""
     reward_blind: bool = False
     """zero the reward input of the learned loss (a control: learning from reward, or an imprinted behaviour?)"""
     loss_init: Literal["zero-output", "flax"] = "zero-output"
@@ -227,15 +221,16 @@ def loss_inputs(
     )
 
 
-def window_gae(rewards, values, next_values, terminated, cuts, gamma: float, gae_lambda: float):
-    """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T]:
-    δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the true next
-    state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns (A, A + V)."""
+def window_gae(rewards, values, next_values, terminated, cuts):
+    """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16) by reverse scan, all arrays [T], γ = PPO_GAMMA,
+    λ = PPO_LAMBDA: δ_t = r_t + γ·(1 - terminated_t)·V(s'_t) - V(s_t), A_t = δ_t + γ·λ·(1 - cut_t)·A_{t+1}, s'_t the
+    true next state (a truncation bootstraps), cut_t = 1 at episode ends and the window's last step. Returns
+    (A, A + V)."""
 
     def backward(next_advantage, step):
         reward, value, next_value, term, cut = step
-        delta = reward + gamma * (1.0 - term) * next_value - value
-        advantage = delta + gamma * gae_lambda * (1.0 - cut) * next_advantage
+        delta = reward + PPO_GAMMA * (1.0 - term) * next_value - value
+        advantage = delta + PPO_GAMMA * PPO_LAMBDA * (1.0 - cut) * next_advantage
         return advantage, advantage
 
     _, advantages = jax.lax.scan(
@@ -304,10 +299,14 @@ NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_annea
 
 
 def resolve_args(args: Args) -> Args:
-    """args with the None fields at their defaults (--num-generations 500, the family's --episode-length, the ES
-    learning rate σ/(2·√num_generations)), checked for what tyro cannot check. Raises ArgsError naming the problem."""
-    defaults = dict(num_generations=500, episode_length=50 if args.task_family == "goal-point" else 1000)
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    """args with the None fields at their defaults (--num-generations 500, the ES learning rate
+    σ/(2·√num_generations), the run directory), checked for what tyro cannot check. Raises ArgsError naming the
+    problem."""
+    if args.num_generations is None:
+        args = dataclasses.replace(args, num_generations=500)
+    if args.run_dir is None:
+        name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args = dataclasses.replace(args, run_dir=os.path.join("runs", name))
     if args.es_learning_rate is None and args.num_generations > 0:
         args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
     for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
@@ -335,9 +334,7 @@ def resolve_args(args: Args) -> Args:
 # family's environment takes it as an argument: reset(key, task) -> (obs, state) and step(key, state, action, task)
 # -> (obs, state, reward, terminated, truncated, final_obs), `obs` already the next episode's first when the episode
 # ended (auto-reset), `final_obs` the true last one, from which a time-limit truncation is bootstrapped.
-SCALE_RANGE = (0.5, 2.0)  # masses, frictions, thicknesses (hopper.py:58-73): × U(0.5, 2)
-GRAVITY_RANGE = (2.0, 20.0)  # magnitude, m/s²: g_z = -U(2, 20), as the reference's RandomWeightHopperEnv
-GOAL_RADIUS = {"goal-point": (0.5, 1.5), "goal-ant": (1.0, 3.0)}  # metres
+GOAL_RADIUS = {"goal-point": (0.5, 1.5)}  # metres
 GOAL_HALF_ANGLE = 0.45 * math.pi  # --goal-split half: goals within ±81° of +x (training) or of -x (--test)
 QUADRANT = 0.25 * math.pi  # half-width of a 90° sector
 
@@ -354,37 +351,14 @@ def goal_angles(key: jax.Array, n: int, test: bool, split: str) -> jax.Array:
     return u * (GOAL_HALF_ANGLE if split == "half" else 3.0 * QUADRANT)
 
 
-def sample_tasks(
-    family: str, key: jax.Array, n: int, test: bool, num_links: int = 0, num_geoms: int = 0, split: str = "sides"
-) -> dict:
-    """n tasks of a family, a dict of arrays with leading axis n. Goal families: {"goal": [n, 2]}, radius in
-    GOAL_RADIUS, angle from goal_angles(`split`) (training or `test` goals). dir-*: {"direction": [n]}, ±1 equally
-    likely (the reference's randint(0, 1), hopper.py:82, always gave -1). random-hopper: {"mass_scale": [n, links],
-    "friction_scale": [n, geoms, 3], "thickness_scale": [n, geoms], "gravity": [n]}, floor (geom 0) unscaled; its
-    `test` tasks are new draws. ValueError if unknown."""
-    keys = jax.random.split(key, 4)
-
-    def uniform(k, shape, bounds):
-        return jax.random.uniform(k, shape, minval=bounds[0], maxval=bounds[1])
-
-    if family in GOAL_RADIUS:
-        angle = goal_angles(keys[1], n, test, split)
-        r = uniform(keys[0], (n,), GOAL_RADIUS[family])
-        return {"goal": jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)}
-    if family in ("dir-hopper", "dir-cheetah"):
-        return {"direction": jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)}
-    if family == "random-hopper":
-
-        def scale(k, shape):
-            return uniform(k, shape, SCALE_RANGE).at[:, 0].set(1.0)  # geom 0, the floor, unscaled
-
-        return {
-            "mass_scale": uniform(keys[0], (n, num_links), SCALE_RANGE),
-            "friction_scale": scale(keys[1], (n, num_geoms, 3)),
-            "thickness_scale": scale(keys[3], (n, num_geoms)),
-            "gravity": uniform(keys[2], (n,), GRAVITY_RANGE),
-        }
-    raise ValueError(f"unknown task family {family!r}")
+def sample_tasks(family: str, key: jax.Array, n: int, test: bool, split: str = "sides") -> dict:
+    """n tasks of a family, {"goal": [n, 2]} (m): radius uniform in GOAL_RADIUS[family], angle from
+    goal_angles(`split`) (training or `test` goals). KeyError if the family is unknown."""
+    key_radius, key_angle = jax.random.split(key)
+    low, high = GOAL_RADIUS[family]
+    r = jax.random.uniform(key_radius, (n,), minval=low, maxval=high)
+    angle = goal_angles(key_angle, n, test, split)
+    return {"goal": jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +369,7 @@ class GoalPointEnv:
     (|g - p_before| - |g - p_after|)/dt (m/s), so a return is at most 10·|g - p_0|. Time limit only."""
 
     episode_length: int
-    family, obs_dim, action_dim, action_low, action_high, num_links, num_geoms = "goal-point", 4, 2, -1.0, 1.0, 0, 0
+    family, obs_dim, action_dim, action_low, action_high = "goal-point", 4, 2, -1.0, 1.0
     DT, DAMPING = 0.1, 0.1
 
     def reset(self, key, task):
@@ -417,70 +391,9 @@ class GoalPointEnv:
         return jnp.where(truncated > 0, reset_obs, final_obs), state, reward, jnp.float32(0.0), truncated, final_obs
 
 
-class BraxTaskEnv:
-    """A Brax family: the base environment with a time limit, its reward or physics set by the task. Rewards
-    follow the reference's MuJoCo envs (epg/envs/mujoco/hopper.py), the forward velocity (x_after - x_before)/dt
-    alone, with no alive bonus and no control cost; docs/epg.md lists each family's reward and ranges."""
-
-    def __init__(self, family: str, backend: str, episode_length: int):
-        from brax import envs
-        from brax.envs.wrappers.training import EpisodeWrapper
-
-        self.family = family
-        self.base = envs.get_environment(BRAX_BASE[family], backend=backend)
-        self.env = EpisodeWrapper(self.base, episode_length, 1)
-        self.obs_dim, self.action_dim = int(self.base.observation_size), int(self.base.action_size)
-        self.action_low, self.action_high = -1.0, 1.0
-        self.sys = self.base.sys
-        self.num_links = int(self.sys.link.inertia.mass.shape[0])
-        self.num_geoms = int(np.asarray(self.sys.geom_friction).shape[0])
-
-    def _with_task(self, task, fn):
-        """Run fn() with the task's physics system swapped into the env (random-hopper, hopper.py:58-73)."""
-        if self.family != "random-hopper":
-            return fn()
-        self.base.sys = self.sys.tree_replace(
-            {
-                "link.inertia.mass": self.sys.link.inertia.mass * task["mass_scale"],
-                "geom_friction": jnp.asarray(self.sys.geom_friction) * task["friction_scale"],
-                "geom_size": jnp.asarray(self.sys.geom_size).at[:, 0].multiply(task["thickness_scale"]),
-                "gravity": jnp.array([0.0, 0.0, -1.0]) * task["gravity"],
-            }
-        )
-        try:
-            return fn()
-        finally:
-            self.base.sys = self.sys
-
-    def reset(self, key, task):
-        """(obs [obs_dim], Brax state) of a new episode of the task."""
-        state = self._with_task(task, lambda: self.env.reset(key))
-        return state.obs, state
-
-    def _task_reward(self, state, task):
-        m = state.metrics
-        if self.family == "goal-ant":  # the paper's GoalAnt: progress of the torso's (x, y) to the unobserved goal
-            position = jnp.stack([m["x_position"], m["y_position"]])
-            before = position - jnp.stack([m["x_velocity"], m["y_velocity"]]) * self.base.dt
-            return (jnp.linalg.norm(task["goal"] - before) - jnp.linalg.norm(task["goal"] - position)) / self.base.dt
-        if self.family in ("dir-hopper", "dir-cheetah"):  # direction × forward velocity (hopper.py:89)
-            return task["direction"] * m["x_velocity"]
-        return m["x_velocity"]  # random-hopper: forward velocity (hopper.py:51, direction always +1)
-
-    def step(self, key, state, action, task):
-        """(obs, state, task reward, terminated, truncated, final_obs) of one step, auto-reset on done."""
-        next_state = self._with_task(task, lambda: self.env.step(state, action))
-        truncated = next_state.info["truncation"]
-        terminated = next_state.done * (1.0 - truncated)
-        state = jax.tree.map(lambda r, n: jnp.where(next_state.done > 0, r, n), self.reset(key, task)[1], next_state)
-        return state.obs, state, self._task_reward(next_state, task), terminated, truncated, next_state.obs
-
-
 def make_task_env(args: Args):
     """The environment of --task-family, whose reset and step take a task; build it once and pass it to the
     functions that need it."""
-    if args.task_family in BRAX_BASE:
-        return BraxTaskEnv(args.task_family, args.backend, args.episode_length)
     return GoalPointEnv(args.episode_length)
 
 
@@ -666,9 +579,7 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, final_obs = obs_stats.normalize(recent.obs), obs_stats.normalize(recent.final_obs)
         values, next_values = value_fn(state.agent, obs), value_fn(state.agent, final_obs)
         cuts = recent.done.at[-1].set(1.0)  # episode ends and the window's last step
-        advantage, target = window_gae(
-            recent.reward, values, next_values, recent.terminated, cuts, PPO_GAMMA, PPO_LAMBDA
-        )
+        advantage, target = window_gae(recent.reward, values, next_values, recent.terminated, cuts)
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         pi = policy_distribution(state.agent, obs)
         old_pi = DiagGaussian(pi.mean, jnp.broadcast_to(pi.log_std, pi.mean.shape))  # per row, for minibatching
@@ -751,25 +662,8 @@ def generation_key(args: Args, generation: int) -> jax.Array:
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
     key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    tasks = sample_tasks(env.family, key_tasks, n, test, env.num_links, env.num_geoms, args.goal_split)
+    tasks = sample_tasks(env.family, key_tasks, n, test, args.goal_split)
     return tasks, jax.random.split(key_lives, n)
-
-
-def shard_leading(fn: Callable, n: int, mapped: tuple[bool, ...]) -> Callable:
-    """fn with axis 0 (of size n) of the arguments flagged in `mapped` split over the largest number of JAX devices
-    that divides n (shard_map), the other arguments copied to every device; every output is all-gathered along
-    axis 0, so that each device holds all of it: the one exchange. Over several processes the split takes every
-    device or none (each process then computes all n, the same numbers)."""
-    k = math.gcd(n, jax.device_count())
-    if k == 1 or (k < jax.device_count() and jax.process_count() > 1):
-        return fn
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:k]), ("d",))
-    specs = tuple(jax.sharding.PartitionSpec("d") if m else jax.sharding.PartitionSpec() for m in mapped)
-
-    def gathered(*args):
-        return jax.tree.map(lambda y: jax.lax.all_gather(y, "d", tiled=True), fn(*args))
-
-    return jax.shard_map(gathered, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec(), check_vma=False)
 
 
 def make_population(args: Args, env) -> Callable:
@@ -798,38 +692,32 @@ def make_generation(args: Args, env) -> Callable:
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = mirrored_noise(key_noise, args.pop_size, theta.shape[0])
-        tasks = sample_tasks(
-            env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms, args.goal_split
-        )
-        first = jax.lax.axis_index("d") * per_device if num_devices > 1 else 0
-        mine = jax.lax.dynamic_slice_in_dim(eps, first, per_device)  # this device's members
+        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split)
+        mine = jax.lax.dynamic_slice_in_dim(eps, jax.lax.axis_index("d") * per_device, per_device)
         keys = jax.random.split(key_lives, args.num_tasks)
         returns = population(theta + args.sigma * mine, tasks, keys, InnerSettings.of(args, alpha))
-        if num_devices > 1:
-            returns = jax.lax.all_gather(returns, "d", tiled=True)
+        returns = jax.lax.all_gather(returns, "d", tiled=True)  # [pop, num_tasks], every device's members
         fitness = returns.mean(axis=1)
         direction = es_ascent_direction(theta, eps, fitness, args.weight_decay)
         updates, opt_state = optimizer.update(-direction, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, fitness, returns
 
-    if num_devices == 1:
-        return jax.jit(generation)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("d",))
     replicated = jax.sharding.PartitionSpec()
     return jax.jit(jax.shard_map(generation, mesh=mesh, in_specs=replicated, out_specs=replicated, check_vma=False))
 
 
-def make_runner(args: Args, env, n: int) -> Callable:
+def make_runner(args: Args, env) -> Callable:
     """run(theta [dim], tasks [n, ...], keys [n, 2], settings) -> LifetimeOutput with leading axis n: n lifetimes
-    of one flattened loss θ, on their own tasks and seeds, jit compiled and sharded over the devices."""
-    lifetimes = jax.vmap(make_lifetime(args, env), (None, 0, 0, None))
-    return jax.jit(shard_leading(lifetimes, n, (False, True, True, False)))
+    of one flattened loss θ, on their own tasks and seeds, jit compiled (once per n) on one device; every process
+    of a multi-process run computes all n, the same numbers."""
+    return jax.jit(jax.vmap(make_lifetime(args, env), (None, 0, 0, None)))
 
 
 def make_scorer(args: Args, env, stream: int, n: int) -> Callable:
     """score(theta [dim]) -> float: the mean final return (NaN ignored) of loss θ at α = 0, as at test time, on n
     training tasks and lifetime seeds drawn once from `stream` of --seed."""
-    run = make_runner(args, env, n)
+    run = make_runner(args, env)
     tasks = fixed_tasks(args, env, stream, n, False) + (InnerSettings.of(args, 0.0),)
 
     def score(theta) -> float:
@@ -843,16 +731,13 @@ def run_meta_training(args: Args) -> str:
     --eval-every generations the ES mean is scored on fixed tasks (eval_fitness); at the end the shipped loss,
     best_loss.msgpack, is the evaluated ES mean that scores best on --num-select-tasks tasks drawn for this choice
     alone. Writes the run directory (checkpoints every --save-every generations and on Ctrl-C) and returns it."""
-    name = f"{args.task_family}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    args = dataclasses.replace(args, run_dir=args.run_dir or os.path.join("runs", name))
     run_dir = args.run_dir
     env = make_task_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
     candidates = np.zeros((0, theta.shape[0]), np.float32)  # the ES mean at each evaluation
-    best = dict(fitness=-np.inf, theta=theta, candidates=candidates)
     opt_state, rows = make_es_optimizer(args).init(theta), []
     if args.resume is not None:
-        theta, opt_state, rows, best = restore_checkpoint(run_dir, theta, opt_state, best)
+        theta, opt_state, rows, candidates = restore_checkpoint(run_dir, theta, opt_state, candidates)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     print(
         f"meta-training a loss of {theta.shape[0]:,} parameters on {args.task_family}"
@@ -872,13 +757,10 @@ def run_meta_training(args: Args) -> str:
             new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
             fitness = np.where(np.isfinite(fitness), fitness, np.nan)
             seconds = time.time() - t0  # the generation alone, without the evaluation below
-            eval_fitness, new_best = float("nan"), best
+            eval_fitness, new_candidates = float("nan"), candidates
             if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
                 eval_fitness = evaluate(new_theta)
-                candidates = np.concatenate([best["candidates"], np.asarray(new_theta)[None]])
-                new_best = dict(best, candidates=candidates)
-                if eval_fitness > best["fitness"]:
-                    new_best.update(fitness=eval_fitness, theta=new_theta)
+                new_candidates = np.concatenate([candidates, np.asarray(new_theta)[None]])
             row = dict(
                 generation=g + 1,
                 alpha=alpha,
@@ -888,20 +770,19 @@ def run_meta_training(args: Args) -> str:
                 seconds=seconds,
             )
             # commit the generation in one assignment, so an interruption sees it whole or not at all
-            theta, opt_state, rows, best = new_theta, new_opt_state, rows + [row], new_best
+            theta, opt_state, rows, candidates = new_theta, new_opt_state, rows + [row], new_candidates
             bar.set_postfix(mean=f"{row['mean_fitness']:.2f}", eval=f"{eval_fitness:.2f}", alpha=f"{alpha:.2f}")
             if (g + 1) % args.save_every == 0 or g + 1 == args.num_generations:
-                save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+                save_checkpoint(run_dir, args, theta, opt_state, rows, candidates)
     except KeyboardInterrupt:
-        save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+        save_checkpoint(run_dir, args, theta, opt_state, rows, candidates)
         print(f"interrupted after generation {len(rows)}; resume: python epg.py --resume {run_dir}", file=sys.stderr)
         sys.exit(130)
     seconds = np.median([r["seconds"] for r in rows[-max(1, len(rows) // 2) :]])
     select = make_scorer(args, env, SELECT_STREAM, args.num_select_tasks)
-    scores = [select(c) for c in best["candidates"]]
+    scores = [select(c) for c in candidates]
     chosen = int(np.nanargmax(scores))
-    best = dict(best, fitness=scores[chosen], theta=jnp.asarray(best["candidates"][chosen]))
-    save_checkpoint(run_dir, args, theta, opt_state, rows, best)
+    save_loss(os.path.join(run_dir, "best_loss.msgpack"), candidates[chosen], args)
     evaluated = [r["generation"] for r in rows if np.isfinite(r["eval_fitness"])]
     summary = dict(
         task_family=args.task_family,
@@ -924,30 +805,29 @@ def run_meta_training(args: Args) -> str:
 
 # ---- The test: the evolved loss against its reward-ablated self, tuned PPO and the zero loss, on held-out tasks.
 def run_test(args: Args) -> str:
-    """The paper's test on held-out tasks (the held-out goals of --goal-split for the goal families), the same tasks
-    and seeds for every trainer: the evolved loss (α = 0), the same loss with its reward input zeroed
-    (evolved-no-reward: does it learn from the reward?), a zero loss (the initial policy), the reward-blind loss if
-    given, and tuned PPO (α = 1): the best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes
-    summary.json, test_curves.csv and test_curves.png; returns the run directory."""
+    """The paper's test on held-out tasks (the held-out goals of --goal-split), the same tasks and seeds for every
+    trainer: the evolved loss (α = 0), the same loss with its reward input zeroed (evolved-no-reward: does it learn
+    from the reward?), a zero loss (the initial policy), the reward-blind loss if given, and tuned PPO (α = 1): the
+    best of the --ppo-* grid on --num-sweep-tasks training tasks. Writes summary.json, test_curves.csv and
+    test_curves.png; returns the run directory."""
     theta, args = load_loss(args.load_loss, args)
     env = make_task_env(args)
     size = ravel_pytree(loss_template(args, env))[0].shape[0]
     if theta.shape[0] != size:  # a damaged file, or one of an earlier epg.py whose settings had no --loss-size
         raise ArgsError(f"{args.load_loss}: a loss of {theta.shape[0]:,} parameters, its settings give {size:,}")
-    run_dir = args.run_dir or f"runs/{args.task_family}__epg_test__{args.seed}__{int(time.time())}"
-    args = dataclasses.replace(args, run_dir=run_dir)
+    run_dir = args.run_dir
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
 
     @functools.cache
-    def runner(every: int, size: int, optimizer: str, n: int) -> Callable:  # compiled once per shape
+    def runner(every: int, size: int, optimizer: str) -> Callable:  # compiled once per shape
         cfg = dataclasses.replace(args, update_every=every, buffer_size=size, inner_optimizer=optimizer)
-        return make_runner(cfg, env, n)
+        return make_runner(cfg, env)
 
     def run(cfg: Args, theta, alpha: float, tasks=tasks):
         """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
-        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer, tasks[1].shape[0])
+        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer)
         return compiled(theta, *tasks, InnerSettings.of(cfg, alpha))
 
     outputs = {
@@ -978,8 +858,7 @@ def run_test(args: Args) -> str:
     ppo = configs[max(range(len(sweep)), key=lambda i: sweep[i]["final_return_mean"])]  # the first of the best
     outputs["ppo"] = run(ppo, 0 * theta, 1.0)
     trainers, curves = compare_trainers(outputs, args.lifetime)
-    held_out = "the -x half" if args.goal_split == "half" else "the -x quadrant"
-    split = f"goals in {held_out}" if args.task_family in GOAL_RADIUS else "unseen tasks of the training distribution"
+    split = "goals in the -x half" if args.goal_split == "half" else "goals in the -x quadrant"
     summary = dict(
         task_family=args.task_family,
         split=f"test: {split}",
@@ -1077,6 +956,12 @@ def write_json(path: str, obj: dict):
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def write_table(path: str, header, rows):
+    """A CSV table, header [k] then rows [n, k] of numbers (each written as str writes it), written atomically."""
+    lines = [",".join(header)] + [",".join(str(x) for x in row) for row in rows]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
 def read_file(path: str, what: str, parse: Callable):
     """parse(the bytes of path); ArgsError, one line starting with `what`, if the file is missing or damaged."""
     if not os.path.isfile(path):
@@ -1088,27 +973,26 @@ def read_file(path: str, what: str, parse: Callable):
         raise ArgsError(f"{what}: damaged {os.path.basename(path)} ({type(e).__name__}: {e})") from None
 
 
-def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, best: dict):
-    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, best: the best evaluated loss and every
-    evaluated ES mean [k, dim]), generations.csv, loss.msgpack (θ) and best_loss.msgpack."""
-    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), best=best)
+def save_checkpoint(run_dir: str, args: Args, theta, opt_state, rows: list, candidates):
+    """All atomic: checkpoint.msgpack (θ, Adam state, generation rows, the ES mean of every evaluation so far
+    [k, dim]), generations.csv and loss.msgpack (θ)."""
+    state = dict(theta=theta, opt_state=opt_state, rows=json.dumps(rows), candidates=candidates)
     atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
     fields = ("generation", "alpha", "best_fitness", "mean_fitness", "eval_fitness", "seconds")
-    lines = [",".join(fields)] + [",".join(str(r[k]) for k in fields) for r in rows]
-    atomic_write(os.path.join(run_dir, "generations.csv"), ("\n".join(lines) + "\n").encode())
+    write_table(os.path.join(run_dir, "generations.csv"), fields, [[r[k] for k in fields] for r in rows])
     save_loss(os.path.join(run_dir, "loss.msgpack"), theta, args)
-    save_loss(os.path.join(run_dir, "best_loss.msgpack"), best["theta"], args)
 
 
-def restore_checkpoint(run_dir: str, theta, opt_state, best: dict):
-    """(theta, opt_state, rows, best) of save_checkpoint's file, restored into the given templates; ArgsError if
-    it is missing or damaged."""
+def restore_checkpoint(run_dir: str, theta, opt_state, candidates):
+    """(theta, opt_state, rows, candidates) of save_checkpoint's file, restored into the given templates;
+    ArgsError if it is missing or damaged."""
 
     def parse(data):
-        state = flax.serialization.from_bytes(dict(theta=theta, opt_state=opt_state, rows="", best=best), data)
-        if state["theta"].shape != theta.shape or state["best"]["theta"].shape != theta.shape:
+        template = dict(theta=theta, opt_state=opt_state, rows="", candidates=candidates)
+        state = flax.serialization.from_bytes(template, data)
+        if state["theta"].shape != theta.shape or state["candidates"].shape[1:] != theta.shape:
             raise ValueError(f"a loss of {state['theta'].size} parameters, the arguments need {theta.size}")
-        return state["theta"], state["opt_state"], json.loads(state["rows"]), state["best"]
+        return state["theta"], state["opt_state"], json.loads(state["rows"]), state["candidates"]
 
     return read_file(os.path.join(run_dir, "checkpoint.msgpack"), f"--resume {run_dir}", parse)
 
@@ -1197,9 +1081,8 @@ def save_curves(run_dir: str, args: Args, series: dict, split: str):
     for name, (steps, curve) in series.items():
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             columns[f"{name}_mean"] = np.interp(grid, steps, np.nanmean(curve, axis=0))
-    table = io.StringIO()
-    csv.writer(table).writerows([["lifetime_step", *columns]] + np.column_stack([grid, *columns.values()]).tolist())
-    atomic_write(os.path.join(run_dir, "test_curves.csv"), table.getvalue().encode())
+    rows = np.column_stack([grid, *columns.values()]).tolist()
+    write_table(os.path.join(run_dir, "test_curves.csv"), ["lifetime_step", *columns], rows)
     title = f"{args.task_family}, {split}, {args.num_seeds} agents per trainer"
     save_plot(
         os.path.join(run_dir, "test_curves.png"), series, "lifetime step", "return of the last finished episode", title

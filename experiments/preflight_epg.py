@@ -45,9 +45,7 @@ def pair_differences(args: epg.Args, env, run, theta, eps, key, reward_blind: bo
     """(d [num_pairs], F [2·num_pairs]) on one task set drawn from key: d_i = F(θ + σ·ε_i) - F(θ - σ·ε_i), eps
     [num_pairs, dim], run the jitted make_population of 2·num_pairs members."""
     key_tasks, key_lives = jax.random.split(key)
-    tasks = epg.sample_tasks(
-        env.family, key_tasks, args.num_tasks, False, env.num_links, env.num_geoms, args.goal_split
-    )
+    tasks = epg.sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split)
     settings = epg.InnerSettings.of(dataclasses.replace(args, reward_blind=reward_blind), 0.0)
     members = np.concatenate([theta + args.sigma * eps, theta - args.sigma * eps])
     fitness = np.asarray(run(members, tasks, jax.random.split(key_lives, args.num_tasks), settings)).mean(axis=1)

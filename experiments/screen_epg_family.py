@@ -76,7 +76,7 @@ def main(screen: Screen):
     @functools.cache
     def runner(update_every: int, buffer_size: int):  # learning rate, epochs and α are run-time settings
         cfg = epg.resolve_args(epg.Args(lifetime=screen.lifetime, update_every=update_every, buffer_size=buffer_size))
-        return epg.make_runner(cfg, epg.make_task_env(cfg), screen.num_goals)
+        return epg.make_runner(cfg, epg.make_task_env(cfg))
 
     for split in screen.splits:
         args = epg.resolve_args(epg.Args(goal_split=split, lifetime=screen.lifetime))
