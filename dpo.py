@@ -209,16 +209,17 @@ def make_drift(args: Args) -> Drift:
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
-    """Brax PPO's generalised advantage estimation, the brax loop's (Schulman et al. 2016, eq. 16, in V-trace form),
-    by reverse scan.
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) by reverse scan, in Brax PPO's V-trace form
+    (brax/training/agents/ppo/losses.py) for the brax loop and in PureJaxRL's for the purejaxrl loop.
 
         δ_t  = (r_t + γ(1 - term_t)·V_{t+1} - V_t)·(1 - trunc_t)
-        v_t  = V_t + δ_t + γλ(1 - term_t)(1 - trunc_t)·(v_{t+1} - V_{t+1})        (λ-returns, value targets)
-        A_t  = (r_t + γ(1 - term_t)·v_{t+1} - V_t)·(1 - trunc_t)
+        Â_t  = δ_t + γλ(1 - term_t)(1 - trunc_t)·Â_{t+1},   v_t = V_t + Â_t        (λ-returns, value targets)
+        A_t  = (r_t + γ(1 - term_t)·v_{t+1} - V_t)·(1 - trunc_t)                    (Brax's advantage)
 
-    A time-limit truncation gets no advantage and cuts the trace, as in brax/training/agents/ppo/losses.py.
+    Brax gives a time-limit truncation no advantage and cuts the trace there. PureJaxRL (purejaxrl/ppo.py lines
+    142-164) treats every episode end as terminal (line 150: terminated or truncated, no truncation) and uses Â.
     Args: rewards, values, terminated, truncated [T, B]; bootstrap_value [B] = V(s_T).
-    Returns (value targets v [T, B], advantages A [T, B]), gradients stopped.
+    Returns (value targets v [T, B], Brax's advantages A [T, B], PureJaxRL's advantages Â [T, B]), gradients stopped.
     """
     next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
     deltas = (rewards + gamma * (1.0 - terminated) * next_values - values) * (1.0 - truncated)
@@ -234,29 +235,7 @@ def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: 
     vs = vs_minus_v + values
     next_vs = jnp.concatenate([vs[1:], bootstrap_value[None]])
     advantages = (rewards + gamma * (1.0 - terminated) * next_vs - values) * (1.0 - truncated)
-    return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages)
-
-
-def compute_gae_purejaxrl(rewards, values, bootstrap_value, done, gamma: float, gae_lambda: float):
-    """PureJaxRL's generalised advantage estimation (Schulman et al. 2016, eq. 16), the purejaxrl loop's, once per
-    rollout with the rollout's values (purejaxrl/ppo.py lines 142-164):
-
-        δ_t = r_t + γ(1 - done_t)·V_{t+1} - V_t,    A_t = δ_t + γλ(1 - done_t)·A_{t+1},    targets = A_t + V_t
-
-    Every episode end is terminal, time limits included (ppo.py line 150 uses terminated or truncated).
-    Args: rewards, values, done [T, B]; bootstrap_value [B] = V(s_T). Returns (value targets [T, B], advantages
-    [T, B]), gradients stopped.
-    """
-    next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
-    deltas = rewards + gamma * (1.0 - done) * next_values - values
-
-    def backward(acc, step):
-        delta, d = step
-        acc = delta + gamma * gae_lambda * (1.0 - d) * acc
-        return acc, acc
-
-    _, advantages = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, done), reverse=True)
-    return jax.lax.stop_gradient(advantages + values), jax.lax.stop_gradient(advantages)
+    return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(vs_minus_v)
 
 
 # ---- Defaults per environment family, for the Args fields left at None.
@@ -471,10 +450,6 @@ class Categorical(NamedTuple):
         """An action index, logits' shape without the last axis."""
         return jax.random.categorical(key, self.logits)
 
-    def mode(self):
-        """The most probable action index."""
-        return jnp.argmax(self.logits, axis=-1)
-
     def log_prob(self, action):
         """log π(action), action's shape."""
         log_p = jax.nn.log_softmax(self.logits)
@@ -503,10 +478,6 @@ class TanhGaussian(NamedTuple):
     def sample(self, key):
         """A pre-tanh sample u [..., action_dim]."""
         return self.loc + self.scale * jax.random.normal(key, self.loc.shape)
-
-    def mode(self):
-        """The pre-tanh mode, loc."""
-        return self.loc
 
     @staticmethod
     def log_det_jacobian(u):
@@ -721,7 +692,7 @@ def make_train(args: Args, drift: Drift):
             obs = normalize(minibatch.obs, obs_stats, obs_norm)
             values = critic.apply(params["critic"], obs)[..., 0]
             terminated = minibatch.done * (1.0 - minibatch.truncated)
-            targets, advantages = compute_gae(
+            targets, advantages, _ = compute_gae(
                 minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
             )
             value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
@@ -732,11 +703,12 @@ def make_train(args: Args, drift: Drift):
         shuffle_axis, shuffled = 0, batch_size(args)  # samples [T·U·E], as PureJaxRL's ppo.py
 
         def prepare(params, batch: Transition, obs_stats) -> Sample:
-            """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
-            flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
+            """The purejaxrl loop's batch: the rollout's values, PureJaxRL's GAE once over each unroll, flattened to
+            samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
             values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
-            targets, advantages = compute_gae_purejaxrl(
-                batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
+            no_truncation = jnp.zeros_like(batch.done)
+            targets, _, advantages = compute_gae(
+                batch.reward, values[:-1], values[-1], batch.done, no_truncation, args.gamma, args.gae_lambda
             )
             samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
             return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
@@ -823,8 +795,8 @@ def seed_keys(args: Args):
 def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
 
-    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
-    number of JAX devices that divides num_seeds.
+    One seed is not vmapped (the axis is dropped and restored; vmapped, its float rounding differs); several are
+    vmapped and sharded over the largest number of JAX devices that divides num_seeds.
     """
     if num_seeds == 1:
 
@@ -851,16 +823,16 @@ def init_seeds(init, keys) -> Runner:
 
 # ---- Evaluation.
 def make_evaluate(args: Args):
-    """evaluate(params, obs_stats, rng, deterministic) -> mean unscaled return over args.num_eval_envs episodes.
+    """evaluate(params, obs_stats, rng) -> mean unscaled return over args.num_eval_envs episodes.
 
-    Each episode runs to its end or the time limit; actions are sampled from the policy (Brax's evaluator,
-    deterministic_eval=False) or its mode (deterministic=True, static). Pure; jit and vmap it over seeds.
+    Each episode runs to its end or the time limit, with actions sampled from the policy (Brax's evaluator,
+    deterministic_eval=False). Pure; jit and vmap it over seeds.
     """
     env = make_env(args)
     n = args.num_eval_envs
     actor = make_networks(args, env)[0]
 
-    def evaluate(params, obs_stats, rng, deterministic: bool):
+    def evaluate(params, obs_stats, rng):
         rng, key_reset = jax.random.split(rng)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
 
@@ -868,7 +840,7 @@ def make_evaluate(args: Args):
             obs, env_state, episode_return, alive = carry
             key_action, key_env = jax.random.split(key)
             pi = policy(actor, params, normalize(obs, obs_stats, args.normalize_observations), env.discrete)
-            action = pi.mode() if deterministic else pi.sample(key_action)
+            action = pi.sample(key_action)
             obs, env_state, reward, done, _ = jax.vmap(env.step)(
                 jax.random.split(key_env, n), env_state, pi.env_action(action, env.action_low, env.action_high)
             )
@@ -882,17 +854,9 @@ def make_evaluate(args: Args):
 
 
 def evaluate_seeds(args: Args, params, obs_stats) -> dict:
-    """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
-
-    Returns seed_statistics' final_return_* and final_mode_return_* entries.
-    """
-    out = {}
-    for name, deterministic in (("return", False), ("mode_return", True)):
-        evaluate = over_seeds(
-            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
-        )
-        out.update(seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), f"final_{name}"))
-    return out
+    """Each seed's policy evaluated with sampled actions (as Brax's evaluator): seed_statistics' final_return_*."""
+    evaluate = over_seeds(make_evaluate(args), args.num_seeds, (0, 0, 0))
+    return seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), "final_return")
 
 
 # ---- The run: train chunk by chunk, logging and checkpointing between chunks, then evaluate.
@@ -981,7 +945,7 @@ def run_training(args: Args) -> str:
     )
     print(
         f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
-        f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
+        f"{args.num_eval_envs} episodes per seed)"
     )
     return run_dir
 

@@ -106,17 +106,14 @@ class Args:
     clip_coef: float | None = None
     """PPO clipping ε of --drift ppo (the purejaxrl loop also clips the value loss by it); None: the env family's"""
     drift: Literal["lpo", "dpo", "ppo"] = "lpo"
-    """drift f in r·A - f(r, A) of an agent run: lpo (the network in --drift-file), dpo (eq. 9), ppo (eq. 6)"""
+    """drift f in r·A - f(r, A) of an agent run: lpo (the network in --eval-drift), dpo (eq. 9), ppo (eq. 6)"""
     compare: tuple[Literal["lpo", "dpo", "ppo"], ...] = ("lpo", "dpo", "ppo")
     """train each of these drifts with the same seeds and flags, one run directory each, and compare them"""
-    drift_file: str | None = None
-    """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory"""
 
-    # ---- LPO: --eval-drift or --plot-drift, else meta-training (the authors' main_drift_brax.py, evosax 0.0.4) ----
+    # ---- LPO: --eval-drift, else meta-training (the authors' main_drift_brax.py, evosax 0.0.4) ----
     eval_drift: str | None = None
-    """a learned drift (file or run directory): train fresh agents on --env-id with it and with --compare's drifts"""
-    plot_drift: str | None = None
-    """a learned drift (file or run directory): draw it beside PPO's and DPO's (drift.png)"""
+    """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory; train fresh
+    agents on --env-id with it and with --compare's drifts"""
     env_ids: tuple[EnvId, ...] = ()
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
@@ -137,8 +134,6 @@ class Args:
     """Adam β1 on the ES mean (evosax 0.0.4's default; optax's is 0.9)"""
     fitness_shaping: Literal["z_score", "centered_rank"] = "z_score"
     """how fitness becomes ES weights (the authors: z-score)"""
-    mode_fitness: bool = False
-    """fitness from mode actions instead of sampled ones (Brax's evaluator, the authors' fitness, samples)"""
     validate_every: int = 10
     """every this many generations, the ES mean's return beside PPO's on fixed validation seeds (0: never)"""
     num_validation_seeds: int = 16
@@ -255,7 +250,7 @@ def make_drift(args: Args) -> Drift:
         return functools.partial(ppo_drift, clip_coef=args.clip_coef)
     if args.drift == "dpo":
         return dpo_drift
-    net, ppo_init, _ = load_drift(args.drift_file)
+    net, ppo_init, _ = load_drift(args.eval_drift)
     return functools.partial(lpo_drift, net, ppo_init=ppo_init, clip_coef=args.clip_coef)
 
 
@@ -318,16 +313,17 @@ def lpo_drift(
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
-    """Brax PPO's generalised advantage estimation, the brax loop's (Schulman et al. 2016, eq. 16, in V-trace form),
-    by reverse scan.
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) by reverse scan, in Brax PPO's V-trace form
+    (brax/training/agents/ppo/losses.py) for the brax loop and in PureJaxRL's for the purejaxrl loop.
 
         δ_t  = (r_t + γ(1 - term_t)·V_{t+1} - V_t)·(1 - trunc_t)
-        v_t  = V_t + δ_t + γλ(1 - term_t)(1 - trunc_t)·(v_{t+1} - V_{t+1})        (λ-returns, value targets)
-        A_t  = (r_t + γ(1 - term_t)·v_{t+1} - V_t)·(1 - trunc_t)
+        Â_t  = δ_t + γλ(1 - term_t)(1 - trunc_t)·Â_{t+1},   v_t = V_t + Â_t        (λ-returns, value targets)
+        A_t  = (r_t + γ(1 - term_t)·v_{t+1} - V_t)·(1 - trunc_t)                    (Brax's advantage)
 
-    A time-limit truncation gets no advantage and cuts the trace, as in brax/training/agents/ppo/losses.py.
+    Brax gives a time-limit truncation no advantage and cuts the trace there. PureJaxRL (purejaxrl/ppo.py lines
+    142-164) treats every episode end as terminal (line 150: terminated or truncated, no truncation) and uses Â.
     Args: rewards, values, terminated, truncated [T, B]; bootstrap_value [B] = V(s_T).
-    Returns (value targets v [T, B], advantages A [T, B]), gradients stopped.
+    Returns (value targets v [T, B], Brax's advantages A [T, B], PureJaxRL's advantages Â [T, B]), gradients stopped.
     """
     next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
     deltas = (rewards + gamma * (1.0 - terminated) * next_values - values) * (1.0 - truncated)
@@ -343,29 +339,7 @@ def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: 
     vs = vs_minus_v + values
     next_vs = jnp.concatenate([vs[1:], bootstrap_value[None]])
     advantages = (rewards + gamma * (1.0 - terminated) * next_vs - values) * (1.0 - truncated)
-    return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages)
-
-
-def compute_gae_purejaxrl(rewards, values, bootstrap_value, done, gamma: float, gae_lambda: float):
-    """PureJaxRL's generalised advantage estimation (Schulman et al. 2016, eq. 16), the purejaxrl loop's, once per
-    rollout with the rollout's values (purejaxrl/ppo.py lines 142-164):
-
-        δ_t = r_t + γ(1 - done_t)·V_{t+1} - V_t,    A_t = δ_t + γλ(1 - done_t)·A_{t+1},    targets = A_t + V_t
-
-    Every episode end is terminal, time limits included (ppo.py line 150 uses terminated or truncated).
-    Args: rewards, values, done [T, B]; bootstrap_value [B] = V(s_T). Returns (value targets [T, B], advantages
-    [T, B]), gradients stopped.
-    """
-    next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
-    deltas = rewards + gamma * (1.0 - done) * next_values - values
-
-    def backward(acc, step):
-        delta, d = step
-        acc = delta + gamma * gae_lambda * (1.0 - d) * acc
-        return acc, acc
-
-    _, advantages = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, done), reverse=True)
-    return jax.lax.stop_gradient(advantages + values), jax.lax.stop_gradient(advantages)
+    return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(vs_minus_v)
 
 
 # ---- Defaults per environment family, for the Args fields left at None.
@@ -580,10 +554,6 @@ class Categorical(NamedTuple):
         """An action index, logits' shape without the last axis."""
         return jax.random.categorical(key, self.logits)
 
-    def mode(self):
-        """The most probable action index."""
-        return jnp.argmax(self.logits, axis=-1)
-
     def log_prob(self, action):
         """log π(action), action's shape."""
         log_p = jax.nn.log_softmax(self.logits)
@@ -612,10 +582,6 @@ class TanhGaussian(NamedTuple):
     def sample(self, key):
         """A pre-tanh sample u [..., action_dim]."""
         return self.loc + self.scale * jax.random.normal(key, self.loc.shape)
-
-    def mode(self):
-        """The pre-tanh mode, loc."""
-        return self.loc
 
     @staticmethod
     def log_det_jacobian(u):
@@ -830,7 +796,7 @@ def make_train(args: Args, drift: Drift):
             obs = normalize(minibatch.obs, obs_stats, obs_norm)
             values = critic.apply(params["critic"], obs)[..., 0]
             terminated = minibatch.done * (1.0 - minibatch.truncated)
-            targets, advantages = compute_gae(
+            targets, advantages, _ = compute_gae(
                 minibatch.reward, values[:-1], values[-1], terminated, minibatch.truncated, args.gamma, args.gae_lambda
             )
             value_loss = 0.5 * jnp.mean((targets - values[:-1]) ** 2)
@@ -841,11 +807,12 @@ def make_train(args: Args, drift: Drift):
         shuffle_axis, shuffled = 0, batch_size(args)  # samples [T·U·E], as PureJaxRL's ppo.py
 
         def prepare(params, batch: Transition, obs_stats) -> Sample:
-            """The purejaxrl loop's batch: the rollout's values, GAE once over each unroll (compute_gae_purejaxrl),
-            flattened to samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
+            """The purejaxrl loop's batch: the rollout's values, PureJaxRL's GAE once over each unroll, flattened to
+            samples; batch fields [T, U·E, ...] (obs [T + 1, ...]) -> Sample fields [T·U·E, ...]."""
             values = critic.apply(params["critic"], normalize(batch.obs, obs_stats, obs_norm))[..., 0]
-            targets, advantages = compute_gae_purejaxrl(
-                batch.reward, values[:-1], values[-1], batch.done, args.gamma, args.gae_lambda
+            no_truncation = jnp.zeros_like(batch.done)
+            targets, _, advantages = compute_gae(
+                batch.reward, values[:-1], values[-1], batch.done, no_truncation, args.gamma, args.gae_lambda
             )
             samples = Sample(batch.obs[:-1], batch.action, batch.log_prob, values[:-1], advantages, targets)
             return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), samples)
@@ -932,8 +899,8 @@ def seed_keys(args: Args):
 def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
     """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
 
-    One seed is not vmapped (the axis is dropped and restored); several are vmapped and sharded over the largest
-    number of JAX devices that divides num_seeds.
+    One seed is not vmapped (the axis is dropped and restored; vmapped, its float rounding differs); several are
+    vmapped and sharded over the largest number of JAX devices that divides num_seeds.
     """
     if num_seeds == 1:
 
@@ -960,16 +927,16 @@ def init_seeds(init, keys) -> Runner:
 
 # ---- Evaluation.
 def make_evaluate(args: Args):
-    """evaluate(params, obs_stats, rng, deterministic) -> mean unscaled return over args.num_eval_envs episodes.
+    """evaluate(params, obs_stats, rng) -> mean unscaled return over args.num_eval_envs episodes.
 
-    Each episode runs to its end or the time limit; actions are sampled from the policy (Brax's evaluator,
-    deterministic_eval=False) or its mode (deterministic=True, static). Pure; jit and vmap it over seeds.
+    Each episode runs to its end or the time limit, with actions sampled from the policy (Brax's evaluator,
+    deterministic_eval=False). Pure; jit and vmap it over seeds.
     """
     env = make_env(args)
     n = args.num_eval_envs
     actor = make_networks(args, env)[0]
 
-    def evaluate(params, obs_stats, rng, deterministic: bool):
+    def evaluate(params, obs_stats, rng):
         rng, key_reset = jax.random.split(rng)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
 
@@ -977,7 +944,7 @@ def make_evaluate(args: Args):
             obs, env_state, episode_return, alive = carry
             key_action, key_env = jax.random.split(key)
             pi = policy(actor, params, normalize(obs, obs_stats, args.normalize_observations), env.discrete)
-            action = pi.mode() if deterministic else pi.sample(key_action)
+            action = pi.sample(key_action)
             obs, env_state, reward, done, _ = jax.vmap(env.step)(
                 jax.random.split(key_env, n), env_state, pi.env_action(action, env.action_low, env.action_high)
             )
@@ -991,17 +958,9 @@ def make_evaluate(args: Args):
 
 
 def evaluate_seeds(args: Args, params, obs_stats) -> dict:
-    """Both evaluations of each seed's policy: sampled actions (the headline, as Brax's) and mode actions.
-
-    Returns seed_statistics' final_return_* and final_mode_return_* entries.
-    """
-    out = {}
-    for name, deterministic in (("return", False), ("mode_return", True)):
-        evaluate = over_seeds(
-            functools.partial(make_evaluate(args), deterministic=deterministic), args.num_seeds, (0, 0, 0)
-        )
-        out.update(seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), f"final_{name}"))
-    return out
+    """Each seed's policy evaluated with sampled actions (as Brax's evaluator): seed_statistics' final_return_*."""
+    evaluate = over_seeds(make_evaluate(args), args.num_seeds, (0, 0, 0))
+    return seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), "final_return")
 
 
 # ---- The run: train chunk by chunk, logging and checkpointing between chunks, then evaluate.
@@ -1090,7 +1049,7 @@ def run_training(args: Args) -> str:
     )
     print(
         f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "
-        f"{args.num_eval_envs} episodes per seed), {summary['final_mode_return_mean']:.2f} (mode actions)"
+        f"{args.num_eval_envs} episodes per seed)"
     )
     return run_dir
 
@@ -1157,7 +1116,7 @@ def make_env_fitness(args: Args):
 
     Returns (init, fitness, validate, baselines): init(rng) -> Runner as make_train's;
         fitness(nets [pop_size, ...], runners [R, ...], eval_keys [R, 2]) -> [pop_size, R] each member's final return
-            per run (Brax's evaluator: --num-eval-envs episodes, sampled actions unless --mode-fitness);
+            per run (Brax's evaluator: --num-eval-envs episodes, sampled actions);
         validate(net, runners, eval_keys) -> [R] one drift's final returns (the ES mean's, on validation seeds);
         baselines(runners, eval_keys) -> (PPO's final returns [R], the untrained policy's returns [R]).
     """
@@ -1172,7 +1131,7 @@ def make_env_fitness(args: Args):
             return train_chunk(runner, jnp.minimum(n_chunk, n_updates - i * n_chunk))[0]
 
         runner = jax.lax.fori_loop(0, -(-n_updates // n_chunk), chunk, runner)
-        return evaluate(runner.train_state.params, runner.obs_stats, key, args.mode_fitness)
+        return evaluate(runner.train_state.params, runner.obs_stats, key)
 
     def member(net, runners, keys):
         drift = functools.partial(lpo_drift, net, ppo_init=args.ppo_init, clip_coef=args.clip_coef)
@@ -1180,7 +1139,7 @@ def make_env_fitness(args: Args):
 
     def baselines(runners, keys):
         ppo = make_drift(dataclasses.replace(args, drift="ppo"))
-        untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k, args.mode_fitness))
+        untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k))
         return jax.vmap(lambda r, k: final_return(ppo, r, k))(runners, keys), untrained(runners, keys)
 
     fitness = over_population(member, args.pop_size)
@@ -1290,7 +1249,6 @@ def run_meta_training(args: Args) -> str:
             curves["ES mean, validation seeds"] = (at, table[f"{e}_validation_return"][checked], 0 * at)
             curves["PPO, validation seeds"] = (at, validation_ppo[i] + 0 * at, 0 * at)
         plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), curves, e, "generation", "final return")
-    plot_drift_file(run_dir, env_args[0])
     return run_dir
 
 
@@ -1492,45 +1450,14 @@ def load_drift(path: str) -> tuple[list, bool, dict]:
     return net, ppo_init, settings
 
 
-def plot_drift_file(path: str, args: Args, folder: str | None = None) -> str:
-    """drift.png in folder (default: the run directory path, or beside the drift file path), the paper's drift
-    pictures (Fig. 1 and 3): ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and A ∈ [-2, 2] for PPO's,
-    DPO's and the learned drift side by side, its PPO term at --clip-coef (0.2 when not given). Returns the folder."""
-    from matplotlib.figure import Figure
-
-    folder = folder or (path if os.path.isdir(path) else os.path.dirname(path) or ".")
-    os.makedirs(folder, exist_ok=True)
-    clip_coef = 0.2 if args.clip_coef is None else args.clip_coef
-    learned = make_drift(dataclasses.replace(args, drift="lpo", drift_file=path, clip_coef=clip_coef))
-    drifts = {"PPO": ppo_drift, "DPO": dpo_drift, "learned": learned}
-    ratios = jnp.linspace(0.01, 2.0, 200)
-    advantages = jnp.linspace(-2.0, 2.0, 161)
-    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
-    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
-
-        def objective(r, a, drift=drift):
-            return r * a - drift(jnp.log(r), a)
-
-        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
-        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
-        image = ax.imshow(
-            grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
-        )
-        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
-        fig.colorbar(image, ax=ax)
-    if jax.process_index() == 0:
-        fig.savefig(os.path.join(folder, "drift.png"))
-    return folder
-
-
 def eval_drift_args(args: Args) -> Args:
     """--eval-drift's Args: the drift file's recorded inner-run settings (INNER_FIELDS) for each flag this command
     leaves at its default, unless --env-id names another env than the file's (that env's family defaults then), and
-    the file as --drift-file. Raises ArgsError if the file is missing or damaged, before any training."""
+    the file's absolute path. Raises ArgsError if the file is missing or damaged, before any training."""
     settings = load_drift(args.eval_drift)[2]
     settings = settings if args.env_id in (Args().env_id, settings.get("env_id")) else {}  # another env
     recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given flags win
-    return dataclasses.replace(args, **recorded, drift_file=os.path.abspath(args.eval_drift), eval_drift=None)
+    return dataclasses.replace(args, **recorded, eval_drift=os.path.abspath(args.eval_drift))
 
 
 def start_processes(args: Args):
@@ -1588,15 +1515,11 @@ def main(args: Args) -> str:
             args = resumed_args(args)
         start_processes(args)
         meta = (
-            os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack"))
-            if args.resume
-            else not (args.eval_drift or args.plot_drift)
+            os.path.exists(os.path.join(args.resume, "es_checkpoint.msgpack")) if args.resume else not args.eval_drift
         )
         if jax.process_count() > 1 and not meta:
             raise ArgsError("several processes run the meta-training only; run the other commands as one process")
-        if args.plot_drift:
-            run_dir = plot_drift_file(args.plot_drift, args, args.run_dir)
-        elif meta:  # each env's defaults are filled in per env
+        if meta:  # each env's defaults are filled in per env
             run_dir = run_meta_training(args)
         else:
             if args.eval_drift:  # the transfer test: the learned drift and --compare's others on the same seeds
