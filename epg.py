@@ -86,8 +86,12 @@ class Args:
     """the agent's optimiser: Adam (the reference's, agents.py:208) or SGD, whose step follows the loss's scale"""
     memory_units: int = 0
     """size of the memory vector tanh(W·1 + b) that only the loss reads and moves (0: none; the paper's 32)"""
-    loss_size: Literal["small", "reference"] = "small"
-    """the loss network's widths (LOSS_SIZES): small (1.9k parameters on goal-point) or the reference's (8.6k)"""
+    loss_form: Literal["epg", "pg-weight"] = "epg"
+    """epg: the paper's loss of experience and policy outputs; pg-weight: L = -mean w·log π(a|s), w a function of
+    stop-gradient reward features alone (LPG's and MetaGenRL's slot; docs/epg.md)"""
+    loss_size: Literal["linear", "small", "reference"] = "small"
+    """widths of the loss (or weight) network (LOSS_SIZES): small, the reference's, or linear (pg-weight only: w is a
+    linear map of the PG_FEATURES)"""
     goal_split: Literal["sides", "sector", "half"] = "sides"
     """which goals train and which are held out for --test (docs/epg.md); half is the paper's"""
     num_eval_episodes: int = 3
@@ -102,6 +106,9 @@ class Args:
     """noise vectors per generation (even: antithetic pairs); must divide over the JAX devices"""
     num_tasks: int = 4
     """tasks of a generation, the same for every member; a member's fitness is its mean return over them"""
+    balanced_tasks: bool = False
+    """training goals in mirror quartets {g, -g, (-g_x, g_y), (g_x, -g_y)} (with --goal-split sides):
+    no fixed point gains within a set, to first order"""
     num_generations: int | None = None
     """ES generations (default 500; on --resume, the saved run's unless given)"""
     sigma: float = 0.01
@@ -145,12 +152,13 @@ LOSS_FILE_FIELDS = tuple(_NAMES[_NAMES.index("lifetime") : _NAMES.index("reward_
 
 # ---- The method: the learned loss, its inputs, the auxiliary PPO loss, and the ES update.
 class EPGLoss(nn.Module):
-    """The learned loss L_φ (paper Fig. 2; Conv1DLoss, epg/losses.py:36-93): (inputs [N, D], index [B]) -> scalar,
+    """The learned loss L_φ (paper Fig. 2; Conv1DLoss, epg/losses.py:36-93): (inputs [N, D], index [B]) -> [B],
     `inputs` one row per buffer step (loss_inputs). Context: the whole buffer, features as channels, through
     Conv1d(D→16, kernel 6, stride 5), leaky ReLU, Conv1d(16→32, kernel 4, stride 2), leaky ReLU, mean over time,
-    Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU, Dense(1), mean over
-    the B. Leaky slope 0.2 (chainer's default, which the reference uses). `channels` and `context` set the widths
-    (16, 32 and 32 above, the reference's; LOSS_SIZES)."""
+    Dense(32). Head, for the B steps `index`: [step features, context] → Dense(16), leaky ReLU, Dense(1), one
+    value per step: the loss is their mean (the pg-weight form's weights are the values). Leaky slope 0.2 (chainer's
+    default, which the reference uses). `channels` and `context` set the widths (16, 32 and 32 above, the
+    reference's; LOSS_SIZES)."""
 
     channels: tuple[int, int] = (16, 32)
     context: int = 32
@@ -162,7 +170,7 @@ class EPGLoss(nn.Module):
         x = leaky(nn.Conv(self.channels[1], kernel_size=(4,), strides=(2,), padding="VALID")(x))
         context = nn.Dense(self.context)(x.mean(axis=0))
         h = jnp.concatenate([inputs[index], jnp.broadcast_to(context, index.shape + context.shape)], axis=-1)
-        return nn.Dense(1, name="output")(leaky(nn.Dense(16)(h))).mean()
+        return nn.Dense(1, name="output")(leaky(nn.Dense(16)(h)))[..., 0]
 
 
 class Buffer(NamedTuple):
@@ -175,17 +183,23 @@ class Buffer(NamedTuple):
     terminated: jax.Array  # [N]
     final_obs: jax.Array  # [N, obs_dim], the true next observation (for bootstrapping)
     valid: jax.Array  # [N]
+    episode_step: jax.Array  # [N], steps taken in the episode before this one (0 at its first)
 
 
-def loss_network(args: Args) -> EPGLoss:
-    """The EPGLoss of --loss-size."""
-    return EPGLoss(*LOSS_SIZES[args.loss_size])
+def loss_network(args: Args) -> EPGLoss | None:
+    """The EPGLoss of --loss-size (None for linear, which has no network)."""
+    return EPGLoss(*LOSS_SIZES[args.loss_size]) if args.loss_size in LOSS_SIZES else None
 
 
 def loss_template(args: Args, env) -> dict:
-    """EPGLoss parameters for the environment's sizes: the generation-0 loss θ₀, flax's default init from --seed,
-    with the output layer's kernel at zero for --loss-init zero-output."""
+    """The loss's parameters for the environment's sizes: the generation-0 loss θ₀, flax's default init from --seed,
+    with the output layer's kernel at zero for --loss-init zero-output. pg-weight: the weight network reads the
+    normalised observation and the PG_FEATURES; linear: {"weight": [6]}, zeros."""
+    if args.loss_form == "pg-weight" and args.loss_size == "linear":
+        return {"weight": jnp.zeros(len(PG_FEATURES))}
     dim = env.obs_dim + env.action_dim + 2 + 2 * env.action_dim + args.memory_units  # D, as in loss_inputs
+    if args.loss_form == "pg-weight":
+        dim = env.obs_dim + len(PG_FEATURES)
     inputs = jnp.zeros((args.buffer_size, dim))
     params = loss_network(args).init(jax.random.PRNGKey(args.seed), inputs, jnp.arange(args.minibatch_size))
     if args.loss_init == "zero-output":
@@ -219,6 +233,55 @@ def loss_inputs(
         )
         * buffer.valid[:, None]
     )
+
+
+PG_FEATURES = ("reward_to_go_0.9", "reward_to_go_0.99", "reward", "done", "step_in_episode", "constant")
+REINFORCE = {"reinforce-0.9": 0, "reinforce-0.99": 1}  # hand-set linear weights: w = the z-scored reward-to-go
+
+
+def pg_features(buffer: Buffer, episode_length: int, reward_blind=False) -> jax.Array:
+    """The pg-weight form's inputs [N, 6] (PG_FEATURES), none a function of the policy: the reward-to-go within the
+    buffer at γ 0.9 and 0.99 (summed to the episode's end or the buffer's, no bootstrap) and the reward, each
+    z-scored over the filled rows; done; the step in the episode / episode_length; 1. Zero on unfilled rows. With
+    `reward_blind` the reward is zero, so the three reward features are zero (this project's form, docs/epg.md)."""
+    valid = buffer.valid
+    reward = jnp.where(reward_blind, 0.0, buffer.reward) * valid
+
+    def reward_to_go(gamma):
+        def backward(following, step):
+            r, done = step
+            value = r + gamma * (1.0 - done) * following
+            return value, value
+
+        return jax.lax.scan(backward, jnp.float32(0.0), (reward, buffer.done), reverse=True)[1]
+
+    def z_score(x):
+        count = jnp.maximum(valid.sum(), 1.0)
+        mean = (x * valid).sum() / count
+        std = jnp.sqrt((((x - mean) * valid) ** 2).sum() / count)
+        return (x - mean) / (std + 1e-8)
+
+    columns = [z_score(reward_to_go(0.9)), z_score(reward_to_go(0.99)), z_score(reward)]
+    columns += [buffer.done, buffer.episode_step / episode_length, jnp.ones_like(reward)]
+    return jnp.stack(columns, axis=-1) * valid[:, None]
+
+
+def pg_weight_loss(
+    loss_params, agent: dict, buffer: Buffer, obs_stats: "Normalizer", index: jax.Array, args: Args, reward_blind=False
+) -> jax.Array:
+    """The pg-weight form, L = -1/B Σ_b w_b·log π(a_b|s_b) over the buffer rows `index` [B], the weights w [B] held
+    fixed (stop-gradient): a linear map of pg_features (--loss-size linear), or the EPGLoss network of the
+    normalised observations and pg_features, one output per row. Its gradient is -1/B Σ_b w_b·∇log π(a_b|s_b), the
+    score-function estimator with learned weights (LPG, Oh et al. 2020, arXiv:2007.08794; this project's form in
+    EPG's setting, docs/epg.md). Hand-set w = the z-scored reward-to-go is REINFORCE (Williams 1992)."""
+    features = pg_features(buffer, args.episode_length, reward_blind)
+    if args.loss_size == "linear":
+        weight = features[index] @ loss_params["weight"]
+    else:
+        obs = obs_stats.normalize(buffer.obs) * buffer.valid[:, None]
+        weight = loss_network(args).apply(loss_params, jnp.concatenate([obs, features], axis=-1), index)
+    log_prob = policy_distribution(agent, obs_stats.normalize(buffer.obs[index])).log_prob(buffer.action[index])
+    return -jnp.mean(jax.lax.stop_gradient(weight) * log_prob)
 
 
 def window_gae(rewards, values, next_values, terminated, cuts):
@@ -321,6 +384,15 @@ def resolve_args(args: Args) -> Args:
         raise ArgsError(f"--buffer-size must be at least --update-every and {MIN_BUFFER} (the convolutions' span)")
     if args.lifetime < args.buffer_size:
         raise ArgsError(f"--lifetime {args.lifetime} is shorter than the buffer (--buffer-size {args.buffer_size})")
+    if args.loss_size == "linear" and args.loss_form != "pg-weight":
+        raise ArgsError("--loss-size linear is a size of --loss-form pg-weight only")
+    if args.balanced_tasks:
+        counts = (args.num_tasks, args.num_eval_tasks, args.num_select_tasks, args.num_sweep_tasks)
+        if args.goal_split != "sides" or any(c % 4 for c in counts):
+            raise ArgsError(
+                "--balanced-tasks needs --goal-split sides and task counts that are multiples of 4 "
+                f"(--num-tasks, --num-eval-tasks, --num-select-tasks, --num-sweep-tasks: {counts})"
+            )
     if args.test and args.load_loss is None:
         raise ArgsError("--test needs --load-loss (a run directory of epg.py or a loss .msgpack file)")
     if not args.test and args.pop_size % 2:
@@ -351,14 +423,20 @@ def goal_angles(key: jax.Array, n: int, test: bool, split: str) -> jax.Array:
     return u * (GOAL_HALF_ANGLE if split == "half" else 3.0 * QUADRANT)
 
 
-def sample_tasks(family: str, key: jax.Array, n: int, test: bool, split: str = "sides") -> dict:
+def sample_tasks(family: str, key: jax.Array, n: int, test: bool, split: str = "sides", balanced: bool = False) -> dict:
     """n tasks of a family, {"goal": [n, 2]} (m): radius uniform in GOAL_RADIUS[family], angle from
-    goal_angles(`split`) (training or `test` goals). KeyError if the family is unknown."""
+    goal_angles(`split`) (training or `test` goals). `balanced` (training goals, n a multiple of 4): n/4 goals g
+    drawn, then -g, (-g_x, g_y) and (g_x, -g_y), each a block of n/4 (this project's, docs/epg.md). KeyError if the
+    family is unknown."""
     key_radius, key_angle = jax.random.split(key)
     low, high = GOAL_RADIUS[family]
-    r = jax.random.uniform(key_radius, (n,), minval=low, maxval=high)
-    angle = goal_angles(key_angle, n, test, split)
-    return {"goal": jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)}
+    drawn = n // 4 if balanced and not test else n
+    r = jax.random.uniform(key_radius, (drawn,), minval=low, maxval=high)
+    angle = goal_angles(key_angle, drawn, test, split)
+    goal = jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)
+    if drawn < n:
+        goal = jnp.concatenate([goal, -goal, goal * jnp.array([-1.0, 1.0]), goal * jnp.array([1.0, -1.0])])
+    return {"goal": goal}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,6 +609,7 @@ class LifetimeState(NamedTuple):
     episode_return: jax.Array = None  # return of the running episode so far
     recent_returns: jax.Array = None  # [num_eval_episodes]: returns of the last finished episodes, newest last
     key: jax.Array = None
+    episode_step: jax.Array = None  # steps taken in the running episode
 
 
 class LifetimeOutput(NamedTuple):
@@ -564,9 +643,14 @@ def make_lifetime(args: Args, env) -> Callable:
         done = jnp.maximum(terminated, truncated)
         episode_return = state.episode_return + reward
         recent = jnp.where(done > 0, jnp.append(state.recent_returns[1:], episode_return), state.recent_returns)
-        step = Buffer(state.obs, action, reward, done, terminated, final_obs, jnp.float32(1.0))
+        step = Buffer(state.obs, action, reward, done, terminated, final_obs, jnp.float32(1.0), state.episode_step)
         state = state._replace(
-            env_state=env_state, obs=obs, key=key, episode_return=episode_return * (1.0 - done), recent_returns=recent
+            env_state=env_state,
+            obs=obs,
+            key=key,
+            episode_return=episode_return * (1.0 - done),
+            recent_returns=recent,
+            episode_step=(state.episode_step + 1.0) * (1.0 - done),
         )
         return state, step
 
@@ -590,8 +674,12 @@ def make_lifetime(args: Args, env) -> Callable:
             """(1 - α)·L_EPG + α·L_PPO on the minibatch rows `index`; each term computed only when its weight is > 0."""
 
             def epg():
+                if args.loss_form == "pg-weight":
+                    return pg_weight_loss(
+                        loss_params, agent, buffer, obs_stats, n - m + index, args, settings.reward_blind
+                    )
                 inputs = loss_inputs(agent, buffer, obs_stats, action_stats, settings.reward_blind)
-                return network.apply(loss_params, inputs, n - m + index)
+                return network.apply(loss_params, inputs, n - m + index).mean()
 
             def ppo():
                 return ppo_loss(agent, *jax.tree.map(lambda x: x[index], batch))
@@ -626,7 +714,12 @@ def make_lifetime(args: Args, env) -> Callable:
         obs, env_state = env.reset(key_reset, task)
         unfinished = jnp.full(args.num_eval_episodes, jnp.nan)
         return state._replace(
-            obs=obs, env_state=env_state, episode_return=jnp.float32(0.0), recent_returns=unfinished, key=key_run
+            obs=obs,
+            env_state=env_state,
+            episode_return=jnp.float32(0.0),
+            recent_returns=unfinished,
+            key=key_run,
+            episode_step=jnp.float32(0.0),
         )
 
     def fresh_episodes(state: LifetimeState, task, key):  # from a reset, no learning; at least k episodes end
@@ -640,7 +733,7 @@ def make_lifetime(args: Args, env) -> Callable:
         agent = init_agent(key_agent, args, obs_dim, action_dim)
         vectors = jnp.zeros((n, obs_dim))
         scalars = jnp.zeros(n)
-        buffer = Buffer(vectors, jnp.zeros((n, action_dim)), scalars, scalars, scalars, vectors, scalars)
+        buffer = Buffer(vectors, jnp.zeros((n, action_dim)), scalars, scalars, scalars, vectors, scalars, scalars)
         opt_state = inner_optimizer(args, settings.learning_rate).init(agent)
         state = LifetimeState(agent, opt_state, Normalizer.init(obs_dim), Normalizer.init(action_dim), buffer)
         state = new_episodes(state, task, key_reset, key_run)
@@ -662,7 +755,7 @@ def generation_key(args: Args, generation: int) -> jax.Array:
 def fixed_tasks(args: Args, env, stream: int, n: int, test: bool):
     """(tasks [n, ...], lifetime keys [n, 2]) drawn from one stream of --seed: the same on every call."""
     key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), stream))
-    tasks = sample_tasks(env.family, key_tasks, n, test, args.goal_split)
+    tasks = sample_tasks(env.family, key_tasks, n, test, args.goal_split, args.balanced_tasks)
     return tasks, jax.random.split(key_lives, n)
 
 
@@ -692,7 +785,7 @@ def make_generation(args: Args, env) -> Callable:
     def generation(theta, opt_state, key, alpha):
         key_noise, key_tasks, key_lives = jax.random.split(key, 3)
         eps = mirrored_noise(key_noise, args.pop_size, theta.shape[0])
-        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split)
+        tasks = sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split, args.balanced_tasks)
         mine = jax.lax.dynamic_slice_in_dim(eps, jax.lax.axis_index("d") * per_device, per_device)
         keys = jax.random.split(key_lives, args.num_tasks)
         returns = population(theta + args.sigma * mine, tasks, keys, InnerSettings.of(args, alpha))
@@ -821,14 +914,16 @@ def run_test(args: Args) -> str:
     start = time.time()
 
     @functools.cache
-    def runner(every: int, size: int, optimizer: str) -> Callable:  # compiled once per shape
-        cfg = dataclasses.replace(args, update_every=every, buffer_size=size, inner_optimizer=optimizer)
+    def runner(every: int, size: int, optimizer: str, form: str, loss_size: str) -> Callable:  # once per shape
+        cfg = dataclasses.replace(
+            args, update_every=every, buffer_size=size, inner_optimizer=optimizer, loss_form=form, loss_size=loss_size
+        )
         return make_runner(cfg, env)
 
     def run(cfg: Args, theta, alpha: float, tasks=tasks):
         """Lifetimes of cfg's inner loop with loss theta on tasks: a LifetimeOutput with leading axis len(tasks)."""
-        compiled = runner(cfg.update_every, cfg.buffer_size, cfg.inner_optimizer)
-        return compiled(theta, *tasks, InnerSettings.of(cfg, alpha))
+        shape = (cfg.update_every, cfg.buffer_size, cfg.inner_optimizer, cfg.loss_form, cfg.loss_size)
+        return runner(*shape)(theta, *tasks, InnerSettings.of(cfg, alpha))
 
     outputs = {
         "evolved": run(args, theta, 0.0),
@@ -840,6 +935,9 @@ def run_test(args: Args) -> str:
         if not blind.reward_blind or any(getattr(blind, k) != getattr(args, k) for k in LOSS_FILE_FIELDS[:-1]):
             raise ArgsError("--load-reward-blind-loss: not a --reward-blind loss with the evolved loss's settings")
         outputs["reward-blind"] = run(blind, blind_theta, 0.0)
+    linear = dataclasses.replace(args, loss_form="pg-weight", loss_size="linear", reward_blind=False)
+    for name, feature in REINFORCE.items():  # textbook REINFORCE in the pg-weight form, the same inner loop
+        outputs[name] = run(linear, jnp.zeros(len(PG_FEATURES)).at[feature].set(1.0), 0.0)
     sweep, configs, sweep_tasks = [], [], fixed_tasks(args, env, SWEEP_STREAM, args.num_sweep_tasks, False)
     for rollout, epochs, lr in itertools.product(args.ppo_rollouts, args.ppo_epochs, args.ppo_learning_rates):
         cfg = dataclasses.replace(

@@ -8,7 +8,10 @@ zero, the ranks of a generation are task noise and the run will be a random walk
 clearly positive (docs/epg.md: r ≥ 0.2). `--reward-blind-control` repeats it with the loss's reward input zeroed:
 a signal that survives without the reward is about a behaviour, not about learning from reward, and the
 correlation of the reward-specific part (the difference with the reward read minus the same pair's with it zeroed,
-on each set) says what reading the reward alone contributes.
+on each set) says what reading the reward alone contributes. For `--loss-form pg-weight` the gate is stricter
+(docs/epg.md): the reward-specific r at least 0.3, the pair differences' sd with the reward zeroed at most a third
+of that with it read, and hand-set REINFORCE in that form clearly above the zero loss on training tasks (printed
+last, for any form, since it says whether the inner setting lets the form learn at all).
 
 Everything after this script's own flags goes to epg.py's arguments, so the gate measures the run's own setting:
 
@@ -39,13 +42,15 @@ class Gate:
     """also measure r with the loss's reward input zeroed (doubles the time)"""
     seed: int = 0
     """seed of the noise and of the two task sets (independent of the run's --seed)"""
+    num_reinforce_tasks: int = 16
+    """training tasks on which hand-set REINFORCE (the pg-weight form) is compared with the zero loss"""
 
 
 def pair_differences(args: epg.Args, env, run, theta, eps, key, reward_blind: bool):
     """(d [num_pairs], F [2·num_pairs]) on one task set drawn from key: d_i = F(θ + σ·ε_i) - F(θ - σ·ε_i), eps
     [num_pairs, dim], run the jitted make_population of 2·num_pairs members."""
     key_tasks, key_lives = jax.random.split(key)
-    tasks = epg.sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split)
+    tasks = epg.sample_tasks(env.family, key_tasks, args.num_tasks, False, args.goal_split, args.balanced_tasks)
     settings = epg.InnerSettings.of(dataclasses.replace(args, reward_blind=reward_blind), 0.0)
     members = np.concatenate([theta + args.sigma * eps, theta - args.sigma * eps])
     fitness = np.asarray(run(members, tasks, jax.random.split(key_lives, args.num_tasks), settings)).mean(axis=1)
@@ -94,7 +99,28 @@ def main(gate: Gate, args: epg.Args):
     if gate.reward_blind_control:  # what reading the reward adds to each pair's difference, on each set
         (read_a, read_b), (blind_a, blind_b) = differences[False], differences[True]
         print(f"reward-specific part (read - zeroed): {describe(read_a - blind_a, read_b - blind_b)}")
-    print("gate: launch the long run only where r (reward read) is at least 0.2")
+        ratio = blind_a.std(ddof=1) / read_a.std(ddof=1)
+        print(f"pair differences' sd, reward zeroed / read: {ratio:.3f}")
+    reinforce_row(gate, args, env)
+    print("gate, reference form: r (reward read) at least 0.2; pg-weight form: the reward-specific r at least 0.3,")
+    print("the sd ratio at most 1/3, and hand-set REINFORCE clearly above the zero loss")
+
+
+def reinforce_row(gate: Gate, args: epg.Args, env):
+    """Can the pg-weight form express learning at this inner setting? Hand-set REINFORCE (both discounts) against
+    the zero loss on --num-reinforce-tasks training tasks, the same tasks and lifetime seeds for each."""
+    linear = dataclasses.replace(args, loss_form="pg-weight", loss_size="linear", reward_blind=False)
+    n = gate.num_reinforce_tasks
+    key_tasks, key_lives = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(gate.seed), 1))
+    tasks = epg.sample_tasks(env.family, key_tasks, n, False, args.goal_split, args.balanced_tasks)
+    run = epg.make_runner(linear, env)
+    weights = {"zero loss": np.zeros(len(epg.PG_FEATURES))}
+    weights.update({name: np.eye(len(epg.PG_FEATURES))[k] for name, k in epg.REINFORCE.items()})
+    for name, w in weights.items():
+        final = np.asarray(
+            run(w, tasks, jax.random.split(key_lives, n), epg.InnerSettings.of(linear, 0.0)).final_return
+        )
+        print(f"{name:15s} on {n} training tasks: {final.mean():.2f} ± {final.std(ddof=1):.2f}", flush=True)
 
 
 if __name__ == "__main__":

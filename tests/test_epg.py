@@ -122,6 +122,7 @@ def unit(env):
         terminated=jnp.zeros(n),
         final_obs=jnp.zeros((n, OBS_DIM)),
         valid=jnp.ones(n),
+        episode_step=jnp.zeros(n),
     )
     random_start = epg.loss_template(dataclasses.replace(ARGS, loss_init="flax"), env)  # zero-output: no gradient
     return epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM), random_start, buffer
@@ -134,7 +135,7 @@ def stats():
 
 def loss_value(loss_params, agent, buffer, index, reward_blind=False):
     inputs = epg.loss_inputs(agent, buffer, *stats(), reward_blind)
-    return epg.loss_network(ARGS).apply(loss_params, inputs, index)
+    return epg.loss_network(ARGS).apply(loss_params, inputs, index).mean()
 
 
 NEWEST = jnp.arange(32, 64)  # the minibatch: the 32 newest steps of the buffer
@@ -403,7 +404,8 @@ def test_test_mode_writes_every_trainer_to_the_summary(tmp_path, env):
     )
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    assert set(summary["trainers"]) == {"evolved", "evolved-no-reward", "ppo", "zero", "reward-blind"}
+    expected = {"evolved", "evolved-no-reward", "ppo", "zero", "reward-blind", "reinforce-0.9", "reinforce-0.99"}
+    assert set(summary["trainers"]) == expected
     for trainer in summary["trainers"].values():
         for key in ("final_return_mean", "final_return_std", "final_return_iqm", "auc_mean", "auc_std", "auc_iqm"):
             assert np.isfinite(trainer[key]), key
@@ -452,6 +454,8 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
         (["--test"], "--test needs --load-loss"),
         (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
         (["--resume", "/nonexistent/run"], "no readable args.json"),
+        (["--loss-size", "linear"], "size of --loss-form pg-weight only"),
+        (["--balanced-tasks", "--goal-split", "half"], "--balanced-tasks needs --goal-split sides"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(flags, expected, capsys):
@@ -490,3 +494,109 @@ def test_inner_optimizers_adam_ignores_the_loss_scale_and_sgd_follows_it():
         else:
             np.testing.assert_allclose(np.asarray(steps[1]), 1000 * np.asarray(steps[0]), rtol=1e-5)
             np.testing.assert_allclose(np.asarray(steps[1]), -lr, rtol=1e-6)
+
+
+# ---- The pg-weight form: L = -mean w·log π(a|s), w read from stop-gradient reward features.
+def pg_buffer(n=8):
+    """A small buffer: unfilled first row, an episode ending at row 3, rewards 1..n, random observations/actions."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    return epg.Buffer(
+        obs=jax.random.normal(keys[0], (n, OBS_DIM)),
+        action=jax.random.normal(keys[1], (n, ACTION_DIM)),
+        reward=jnp.arange(1.0, n + 1),
+        done=jnp.zeros(n).at[3].set(1.0),
+        terminated=jnp.zeros(n),
+        final_obs=jnp.zeros((n, OBS_DIM)),
+        valid=jnp.ones(n).at[0].set(0.0),
+        episode_step=jnp.concatenate([jnp.array([0.0, 0, 1, 2]), jnp.arange(n - 4.0)]),
+    )
+
+
+def reward_to_go(reward, done, gamma):
+    out, following = np.zeros(len(reward)), 0.0
+    for t in reversed(range(len(reward))):
+        following = reward[t] + gamma * (1.0 - done[t]) * following
+        out[t] = following
+    return out
+
+
+def test_pg_features_are_z_scored_rewards_to_go_cut_at_episode_ends_and_blind_to_a_zeroed_reward():
+    buffer = pg_buffer()
+    features = np.asarray(epg.pg_features(buffer, 50))
+    reward, done = np.asarray(buffer.reward) * np.asarray(buffer.valid), np.asarray(buffer.done)
+    for column, x in enumerate([reward_to_go(reward, done, 0.9), reward_to_go(reward, done, 0.99), reward]):
+        filled = x[1:]
+        np.testing.assert_allclose(features[1:, column], (filled - filled.mean()) / filled.std(), rtol=1e-5)
+    np.testing.assert_allclose(
+        features[1:, 3:], np.stack([done[1:], [0, 1, 2, 0, 1, 2, 3] / np.float32(50), np.ones(7)], -1)
+    )
+    assert not features[0].any()  # the unfilled row
+    blind = np.asarray(epg.pg_features(buffer, 50, reward_blind=True))
+    assert not blind[:, :3].any() and np.array_equal(blind[:, 3:], features[:, 3:])
+
+
+def test_pg_weight_loss_gradient_is_the_weighted_score_function_and_reinforce_by_hand(env):
+    """With the hand-set weight on the z-scored reward-to-go (γ 0.99), the form's gradient is REINFORCE's,
+    -1/B Σ_b w_b·∇log π(a_b|s_b), with w computed here independently; the weights get no gradient."""
+    args = dataclasses.replace(ARGS, loss_form="pg-weight", loss_size="linear", episode_length=50)
+    buffer, obs_stats = pg_buffer(), epg.Normalizer.init(OBS_DIM)
+    agent = epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM)
+    index = jnp.arange(1, 8)
+    weights = {"weight": jnp.zeros(6).at[epg.REINFORCE["reinforce-0.99"]].set(1.0)}
+    grads = jax.grad(epg.pg_weight_loss, argnums=(0, 1))(weights, agent, buffer, obs_stats, index, args)
+    assert not np.asarray(grads[0]["weight"]).any()  # stop-gradient: the loss does not train its own weights
+    g = reward_to_go(np.asarray(buffer.reward), np.asarray(buffer.done), 0.99)[1:]
+    w = (g - g.mean()) / g.std()
+
+    def by_hand(agent):
+        pi = epg.policy_distribution(agent, obs_stats.normalize(buffer.obs[index]))
+        return -jnp.mean(w * pi.log_prob(buffer.action[index]))
+
+    for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(jax.grad(by_hand)(agent))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", ["linear", "small"])
+def test_pg_weight_start_is_the_zero_loss_and_twins_are_opposite_weights(env, size):
+    """θ₀ gives w = 0 everywhere (the zero loss); θ₀ ± σε give opposite weights: exactly for the linear form, to
+    first order for the network (the output layer starts at zero), so the antithetic pair differs from the start."""
+    args = dataclasses.replace(ARGS, loss_form="pg-weight", loss_size=size, buffer_size=64, episode_length=50)
+    theta, unravel = jax.flatten_util.ravel_pytree(epg.loss_template(args, env))
+    buffer = pg_buffer(64)
+    obs_stats = epg.Normalizer.init(OBS_DIM)
+    agent = epg.init_agent(jax.random.PRNGKey(0), ARGS, OBS_DIM, ACTION_DIM)
+    index = jnp.arange(32, 64)
+
+    def policy_gradient(theta):  # the loss's gradient on the policy's output layer: linear in the weights w
+        grads = jax.grad(epg.pg_weight_loss, argnums=1)(unravel(theta), agent, buffer, obs_stats, index, args)
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads["policy"])])
+
+    assert not policy_gradient(theta).any()
+    eps = 1e-3 * jax.random.normal(jax.random.PRNGKey(3), theta.shape)
+    plus, minus = policy_gradient(theta + eps), policy_gradient(theta - eps)
+    assert np.abs(plus).max() > 0
+    assert np.abs(plus + minus).max() <= (1e-6 if size == "linear" else 0.05) * np.abs(plus - minus).max()
+
+
+def test_balanced_tasks_are_mirror_quartets_of_training_goals():
+    goals = np.asarray(epg.sample_tasks("goal-point", jax.random.PRNGKey(0), 8, False, balanced=True)["goal"])
+    g = goals[:2]
+    np.testing.assert_array_equal(goals[2:], np.concatenate([-g, g * [-1, 1], g * [1, -1]]))
+    np.testing.assert_allclose(goals.sum(0), 0.0, atol=1e-6)  # no fixed point gains within the set
+    angle_from_y = np.abs(np.arctan2(np.abs(goals[:, 0]), np.abs(goals[:, 1])))
+    assert (angle_from_y <= np.pi / 4 + 1e-6).all()  # every mirror stays in the training split (sides)
+
+
+def test_hand_set_reinforce_in_the_pg_weight_form_learns(env):
+    """The form can express learning: REINFORCE (w = the z-scored reward-to-go) ends above the zero loss on 8
+    balanced training goals of 2,048-step lifetimes, the same goals and seeds for both."""
+    args = dataclasses.replace(
+        ARGS, loss_form="pg-weight", loss_size="linear", balanced_tasks=True, num_eval_tasks=8, buffer_size=256
+    )
+    args = dataclasses.replace(args, update_every=256)
+    run = epg.make_runner(args, env)
+    tasks, keys = epg.fixed_tasks(args, env, epg.EVAL_STREAM, 8, False)
+    settings = epg.InnerSettings.of(args, 0.0)
+    reinforce = jnp.zeros(6).at[epg.REINFORCE["reinforce-0.99"]].set(1.0)
+    learned, still = (np.asarray(run(w, tasks, keys, settings).final_return) for w in (reinforce, 0 * reinforce))
+    assert learned.mean() > still.mean() + 1.5, (learned.mean(), still.mean())
