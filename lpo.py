@@ -118,6 +118,9 @@ class Args:
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
+    drift_start: Literal["zero", "hidden"] = "zero"
+    """LPO's ES mean at generation 0: zero (the authors', every weight 0) or hidden (hidden layers at flax's
+    LeCun-normal init, output layer 0); both are PPO, but only at hidden are an antithetic pair's drifts opposite"""
     drift_hidden: tuple[int, ...] | None = None
     """drift network hidden sizes (None: see drift_layer_sizes); the flag alone: the linear sign-split drift"""
     pop_size: int = 32
@@ -279,14 +282,22 @@ def drift_layer_sizes(ppo_init: bool, hidden: tuple[int, ...] | None = None) -> 
     return (16 if hidden == () else 8, *hidden, 1)
 
 
-def init_drift_params(key: jax.Array, ppo_init: bool = True, hidden: tuple[int, ...] | None = None) -> list:
-    """The drift network's weights, a list of matrices [in, out]: zeros for LPO (the authors' ES mean starts at
-    zero, so generation 0 is PPO), LeCun-normal for LPO-Zero."""
+def init_drift_params(
+    key: jax.Array, ppo_init: bool = True, hidden: tuple[int, ...] | None = None, start: str = "zero"
+) -> list:
+    """The drift network's weights, a list of matrices [in, out]. LPO: all zeros (start "zero", the authors' ES
+    mean, main_drift_brax.py lines 47-56 compute flax's init but start the ES at zero), or the hidden layers at
+    flax's default LeCun-normal init and the output layer at zero (start "hidden", this project's); either way
+    f̃ ≡ 0, so generation 0 is PPO. LPO-Zero: every layer normal with variance 1/fan-in."""
     sizes = drift_layer_sizes(ppo_init, hidden)
-    return [
-        jnp.zeros((m, n)) if ppo_init else jax.random.normal(k, (m, n)) / jnp.sqrt(m)
-        for k, m, n in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:])
-    ]
+    keys = jax.random.split(key, len(sizes) - 1)
+    if not ppo_init:
+        return [jax.random.normal(k, (m, n)) / jnp.sqrt(m) for k, m, n in zip(keys, sizes, sizes[1:])]
+    layers = [jnp.zeros((m, n)) for m, n in zip(sizes, sizes[1:])]
+    if start == "hidden":
+        lecun = jax.nn.initializers.lecun_normal()  # flax.linen.Dense's default kernel_init
+        layers[:-1] = [lecun(k, w.shape) for k, w in zip(keys, layers[:-1])]
+    return layers
 
 
 def lpo_drift(
@@ -302,14 +313,21 @@ def lpo_drift(
     PPO (at the same clip_coef as the PPO baseline; the authors' line 166 fixes 0.2) with a drift lowered by ξ.
     Args: net from init_drift_params; log_ratio = log r, advantage: broadcastable [...]. Returns f [...] ≥ 0.
     """
+    f_tilde = drift_network(net, log_ratio, advantage, ppo_init)
+    return jax.nn.relu(f_tilde - XI + (ppo_drift(log_ratio, advantage, clip_coef) if ppo_init else 0.0))
+
+
+def drift_network(net: list, log_ratio: jax.Array, advantage: jax.Array, ppo_init: bool = True) -> jax.Array:
+    """f̃ [...], the bias-free network of lpo_drift: tanh hidden layers (LPO) or ReLU (LPO-Zero) over
+    x = lpo_features(log r, A); a single matrix [16, 1] is the linear sign-split drift (its own weights for A ≥ 0
+    and for A < 0). f̃ = 0 at r = 1 for any weights, since x = 0 there."""
     h = lpo_features(log_ratio, advantage)
-    if len(net) == 1:  # the linear sign-split drift: its own weights for A ≥ 0 and for A < 0
+    if len(net) == 1:
         positive = jnp.broadcast_to(advantage, h.shape[:-1])[..., None] >= 0
         h = jnp.concatenate([h * positive, h * ~positive], axis=-1)
     for w in net[:-1]:
         h = (jnp.tanh if ppo_init else jax.nn.relu)(h @ w)
-    f_tilde = (h @ net[-1])[..., 0]
-    return jax.nn.relu(f_tilde - XI + (ppo_drift(log_ratio, advantage, clip_coef) if ppo_init else 0.0))
+    return (h @ net[-1])[..., 0]
 
 
 def compute_gae(rewards, values, bootstrap_value, terminated, truncated, gamma: float, gae_lambda: float):
@@ -1162,6 +1180,8 @@ def run_meta_training(args: Args) -> str:
         raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
     if args.drift_hidden is not None and min(args.drift_hidden, default=1) <= 0:
         raise ArgsError(f"--drift-hidden {args.drift_hidden} needs positive layer sizes (none: the linear drift)")
+    if args.drift_start == "hidden" and not args.ppo_init:
+        raise ArgsError("--drift-start hidden is a start of LPO; LPO-Zero (--no-ppo-init) starts at a random network")
     if args.validate_every and args.num_validation_seeds < 2:
         raise ArgsError(
             f"--num-validation-seeds {args.num_validation_seeds} must be at least 2 (or --validate-every 0)"
@@ -1171,7 +1191,7 @@ def run_meta_training(args: Args) -> str:
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
     env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in env_ids]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
-    initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
+    initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden, args.drift_start)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
     env_fields = [f"{e}_{k}" for e in env_ids for k in ("mean_return", "ppo_return", "untrained_return", "signal")]

@@ -43,7 +43,7 @@ class Gate:
 
 def main(gate: Gate, args: lpo.Args):
     args = dataclasses.replace(lpo.resolve_args(args), pop_size=2 * gate.num_pairs)
-    initial = lpo.init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden)
+    initial = lpo.init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden, args.drift_start)
     theta, unravel = ravel_pytree(initial)
     key_noise, key_runs = jax.random.split(jax.random.PRNGKey(gate.seed))
     eps = jax.random.normal(key_noise, (gate.num_pairs, theta.shape[0]))

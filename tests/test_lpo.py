@@ -340,3 +340,41 @@ def test_extreme_log_ratios_give_finite_losses_and_gradients():
         assert np.isfinite(float(loss)) and bool(jnp.all(jnp.isfinite(grad))), name
         bounded = jnp.clip(log_ratio, -lpo.LOG_RATIO_BOUND, lpo.LOG_RATIO_BOUND)  # what actor_loss passes on
         assert bool(jnp.all(jnp.isfinite(drift(bounded, advantage)))), name
+
+
+def test_hidden_start_is_ppo_and_its_twins_are_opposite_drifts_where_the_zero_start_twins_are_one():
+    """Both LPO starts give f̃ ≡ 0 (generation 0 is PPO). At the zero start f̃(-W) = f̃(W): an antithetic pair is one
+    drift and the ES gets no gradient. At the hidden start the pair's drifts are opposite to first order in σ."""
+    log_r, advantage = jnp.linspace(-0.5, 0.5, 41)[:, None], jnp.linspace(-2.0, 2.0, 9)[None, :]
+    zero = lpo.init_drift_params(jax.random.PRNGKey(0), True, None, "zero")
+    hidden = lpo.init_drift_params(jax.random.PRNGKey(0), True, None, "hidden")
+    assert [w.shape for w in hidden] == [w.shape for w in zero] == [(8, 128), (128, 1)]
+    assert not np.asarray(hidden[1]).any() and 0.25 < float(jnp.std(hidden[0])) * np.sqrt(8) < 1.5  # LeCun: 1/fan-in
+    np.testing.assert_array_equal(lpo.lpo_drift(hidden, log_r, advantage), lpo.lpo_drift(zero, log_r, advantage))
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    eps = [1e-3 * jax.random.normal(k, w.shape) for k, w in zip(keys, zero)]
+
+    def twin(net, sign):
+        return np.asarray(lpo.drift_network([w + sign * e for w, e in zip(net, eps)], log_r, advantage))
+
+    np.testing.assert_array_equal(twin(zero, 1.0), twin(zero, -1.0))
+    plus, minus = twin(hidden, 1.0), twin(hidden, -1.0)
+    assert np.abs(plus - minus).max() > 0
+    assert np.abs(plus + minus).max() <= 0.05 * np.abs(plus - minus).max()
+
+
+def test_the_zero_start_first_es_step_is_a_noise_kick_of_about_the_learning_rate():
+    """At the zero start every pair's twins score the same, so the ES gradient is zero but for rounding (evosax
+    recovers the noise as (x - mean)/σ); Adam scales that residue to a step of about the learning rate in nearly
+    every weight: the authors' start moves by noise, not by a gradient (docs/lpo.md). A linear drift's twins
+    differ and its step follows the fitness."""
+    args = lpo.Args(env_id="CartPole-v1")
+    initial = lpo.init_drift_params(jax.random.PRNGKey(1), True)
+    es = lpo.make_es(args, initial)
+    state = es.init(jax.random.PRNGKey(1), initial, es.default_params)
+    population, state = es.ask(jax.random.PRNGKey(2), state, es.default_params)
+    half = np.random.default_rng(0).normal(size=args.pop_size // 2)
+    fitness = np.concatenate([half, half])  # twins i and i + pop/2: the same drift, the same runs
+    state, _ = es.tell(jax.random.PRNGKey(3), population, -fitness, state, es.default_params)
+    step = np.concatenate([np.ravel(w) for w in jax.tree.leaves(es.get_mean(state))])
+    assert np.median(np.abs(step)) > 0.5 * args.es_lr[0], np.median(np.abs(step))
