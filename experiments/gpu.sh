@@ -58,7 +58,7 @@ else:
     print(
         f"{sys.argv[2]}: {s['total_timesteps']:,} steps x {s['num_seeds']} seed(s), {s['sps']:,.0f} env-steps/s, "
         f"{s['train_seconds']:.0f} s of training on {s['device']}; final return {s['final_return_mean']:.1f} "
-        f"± {s['final_return_std']:.1f} (sampled actions), {s['final_mode_return_mean']:.1f} (mode actions)"
+        f"± {s['final_return_std']:.1f} (sampled actions)"
     )
 EOF
 }
