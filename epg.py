@@ -119,6 +119,9 @@ class Args:
     """L2 coefficient subtracted in the ES gradient, on the scale of the rank term ranks·ε / n (no 1/σ)"""
     ppo_anneal_frac: float = 0.125
     """α of (1-α)·L_EPG + α·L_PPO falls linearly from 1 to 0 over this fraction of the generations (0: α = 0)"""
+    fix_ppo: bool = False
+    """the reference's fix_ppo: α falls from 1 to 0.5 over the first sixteenth of the generations and stays at 0.5
+    (evolution.py:115-117), instead of falling to 0 over --ppo-anneal-frac"""
     eval_every: int = 10
     """evaluate the current loss (ES mean, α = 0) every this many generations on the fixed evaluation tasks"""
     num_eval_tasks: int = 8
@@ -316,7 +319,10 @@ def ppo_loss(agent: dict, obs, action, old_pi: "DiagGaussian", advantage, target
 
 
 def ppo_alpha(args: Args, g: int) -> float:
-    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119)."""
+    """α of generation g (0-based): 1 at g = 0, linear to 0 at ppo_anneal_frac·num_generations (evolution.py:119);
+    with --fix-ppo linear to 0.5 at ⌊num_generations/16⌋ and 0.5 from there on (evolution.py:115-117)."""
+    if args.fix_ppo:
+        return max(0.5, 1.0 - 0.5 * g / max(1, args.num_generations // 16))
     return max(0.0, 1.0 - g / (args.ppo_anneal_frac * args.num_generations)) if args.ppo_anneal_frac > 0 else 0.0
 
 

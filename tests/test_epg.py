@@ -471,6 +471,15 @@ def test_unknown_task_family_is_refused_by_tyro(capsys):
     assert stop.value.code == 2 and "goal-point" in capsys.readouterr().err
 
 
+def test_ppo_alpha_anneals_to_zero_or_with_fix_ppo_to_one_half():
+    """α of (1 - α)·L_φ + α·L_PPO: from 1 to 0 over the first eighth of 160 generations (evolution.py:119); with
+    --fix-ppo from 1 to 0.5 over the first sixteenth, then held (evolution.py:115-117)."""
+    args = dataclasses.replace(ARGS, num_generations=160)
+    assert [epg.ppo_alpha(args, g) for g in (0, 10, 20, 100)] == [1.0, 0.5, 0.0, 0.0]
+    fixed = dataclasses.replace(args, fix_ppo=True)
+    assert [epg.ppo_alpha(fixed, g) for g in (0, 5, 10, 100)] == [1.0, 0.75, 0.5, 0.5]
+
+
 def test_a_generation_of_equal_fitness_gives_no_es_step():
     # At α = 1 with common random numbers every member scores the same: the update must not follow the noise.
     eps = epg.mirrored_noise(jax.random.PRNGKey(2), 16, 30)
