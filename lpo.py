@@ -125,6 +125,8 @@ class Args:
     """drift network hidden sizes (None: see drift_layer_sizes); the flag alone: the linear sign-split drift"""
     pop_size: int = 32
     """ES population (antithetic pairs)"""
+    pop_batch: int | None = None
+    """members trained in one compiled call (None: the whole population); slices bound the memory, with progress"""
     num_generations: int | None = None
     """ES generations (None: 1025, the authors' script on Brax ant); with --resume, the total to extend the run to"""
     num_rollouts: int = 1
@@ -1133,8 +1135,9 @@ def make_env_fitness(args: Args):
     """One meta-training env's compiled pieces, all on the same inner runs (common random numbers).
 
     Returns (init, fitness, validate, baselines): init(rng) -> Runner as make_train's;
-        fitness(nets [pop_size, ...], runners [R, ...], eval_keys [R, 2]) -> [pop_size, R] each member's final return
-            per run (Brax's evaluator: --num-eval-envs episodes, sampled actions);
+        fitness(nets [pop_batch, ...], runners [R, ...], eval_keys [R, 2]) -> [pop_batch, R] each member's final
+            return per run (Brax's evaluator: --num-eval-envs episodes, sampled actions), pop_batch = --pop-batch
+            or --pop-size;
         validate(net, runners, eval_keys) -> [R] one drift's final returns (the ES mean's, on validation seeds);
         baselines(runners, eval_keys) -> (PPO's final returns [R], the untrained policy's returns [R]).
     """
@@ -1160,7 +1163,7 @@ def make_env_fitness(args: Args):
         untrained = jax.vmap(lambda r, k: evaluate(r.train_state.params, r.obs_stats, k))
         return jax.vmap(lambda r, k: final_return(ppo, r, k))(runners, keys), untrained(runners, keys)
 
-    fitness = over_population(member, args.pop_size)
+    fitness = over_population(member, args.pop_batch or args.pop_size)  # one slice of --pop-batch members
     return make_train(args, ppo_drift)[0], fitness, jax.jit(member), jax.jit(baselines)
 
 
@@ -1176,8 +1179,11 @@ def run_meta_training(args: Args) -> str:
         args = dataclasses.replace(args, num_generations=1025)  # the authors' script
     if args.pop_size < 2 or args.pop_size % 2:
         raise ArgsError(f"--pop-size {args.pop_size} must be even and positive (antithetic pairs)")
-    if jax.process_count() > 1 and args.pop_size % jax.device_count():
-        raise ArgsError(f"--pop-size {args.pop_size} does not divide over the {jax.device_count()} JAX devices")
+    batch = args.pop_batch or args.pop_size
+    if batch <= 0 or args.pop_size % batch:
+        raise ArgsError(f"--pop-batch {args.pop_batch} must be positive and divide --pop-size {args.pop_size}")
+    if jax.process_count() > 1 and batch % jax.device_count():
+        raise ArgsError(f"--pop-batch/--pop-size {batch} does not divide over the {jax.device_count()} JAX devices")
     if args.drift_hidden is not None and min(args.drift_hidden, default=1) <= 0:
         raise ArgsError(f"--drift-hidden {args.drift_hidden} needs positive layer sizes (none: the linear drift)")
     if args.drift_start == "hidden" and not args.ppo_init:
@@ -1223,10 +1229,16 @@ def run_meta_training(args: Args) -> str:
         population, es_state = ask(key_ask, es_state, es.default_params)
         scores = []
         columns = []
-        for i, (_, init, fitness, _, baselines) in enumerate(envs):
+        for i, (e, init, fitness, _, baselines) in enumerate(envs):
             keys = jax.random.split(jax.random.fold_in(key_runs, i), 2 * args.num_rollouts)
             runners = init_seeds(init, keys[: args.num_rollouts])
-            per_run = np.asarray(fitness(population, runners, keys[args.num_rollouts :]), dtype=float)  # [pop, R]
+            per_run = []  # [pop, R], --pop-batch members at a time
+            for first in range(0, args.pop_size, batch):
+                nets = jax.tree.map(lambda w, first=first: w[first : first + batch], population)
+                per_run.append(np.asarray(fitness(nets, runners, keys[args.num_rollouts :]), dtype=float))
+                if batch < args.pop_size:
+                    print(f"  {e}: members {first + batch}/{args.pop_size} trained", flush=True)
+            per_run = np.concatenate(per_run)
             per_run = np.where(np.isfinite(per_run), per_run, np.min(per_run[np.isfinite(per_run)], initial=0.0))
             returns = per_run.mean(1)
             scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env

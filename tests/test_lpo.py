@@ -306,6 +306,8 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
     [
         (["--pop-size", "5", "--env-ids", "CartPole-v1"], "even"),
         (["--drift-hidden", "-4", "--env-ids", "CartPole-v1"], "positive layer sizes"),
+        (["--pop-batch", "3", "--env-ids", "CartPole-v1"], "must be positive and divide --pop-size 32"),
+        (["--drift-start", "hidden", "--no-ppo-init", "--env-ids", "CartPole-v1"], "--drift-start hidden is a start"),
         (["--num-validation-seeds", "0", "--env-ids", "CartPole-v1"], "at least 2"),
         (["--env-id", "Pong-v5"], "CartPole-v1"),
         (["--fitness-shaping", "rank"], "centered_rank"),
@@ -378,3 +380,17 @@ def test_the_zero_start_first_es_step_is_a_noise_kick_of_about_the_learning_rate
     state, _ = es.tell(jax.random.PRNGKey(3), population, -fitness, state, es.default_params)
     step = np.concatenate([np.ravel(w) for w in jax.tree.leaves(es.get_mean(state))])
     assert np.median(np.abs(step)) > 0.5 * args.es_lr[0], np.median(np.abs(step))
+
+
+def test_pop_batch_trains_the_population_in_slices_with_the_one_call_fitness(tmp_path, capsys):
+    """--pop-batch 2 of a population of 4: two compiled calls of 2 members each, progress printed between them, and
+    the generation's numbers those of one call over all 4 (generations.csv, every column but the seconds)."""
+    flags = TINY + ["--num-generations", "1", "--validate-every", "0", "--drift-hidden"]
+    rows = {}
+    for batch in ([], ["--pop-batch", "2"]):
+        run_dir = str(tmp_path / f"batch{len(batch)}")
+        lpo.main(tyro.cli(lpo.Args, args=flags + batch + ["--run-dir", run_dir]))
+        with open(os.path.join(run_dir, "generations.csv")) as f:
+            rows[len(batch)] = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+    assert "members 2/4 trained" in capsys.readouterr().out
+    assert rows[0] == rows[2], rows
