@@ -86,7 +86,7 @@ class Args:
     num_cpu_devices: int | None = None
     """CPU: JAX devices to split the cores into, each training its share of the seeds (see use_cpu_cores)"""
     run_dir: str | None = None
-    """where to write results (default: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time})"""
+    """where to write results; None: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time}"""
     resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
     num_eval_envs: int = 128
@@ -249,8 +249,30 @@ def actor_loss(log_ratio: jax.Array, advantage: jax.Array, drift: Drift) -> jax.
     return -jnp.mean(jnp.exp(log_ratio) * advantage - drift(log_ratio, advantage))
 
 
+def check_drift(drift: Drift):
+    """Check a drift on a grid before training with it: f(log r, A) ≥ 0 and finite for log r in [-2, 2] and A in
+    [-3, 3], and f = 0 and ∂f/∂log r = 0 at log r = 0 for every A of the grid (a Mirror Learning drift is zero
+    and flat at r = 1: Lu et al. 2022, section 2; Kuba et al. 2022). The drift takes log r, not r.
+
+    Raises: ArgsError naming the first condition that fails and where.
+    """
+    advantage = jnp.linspace(-3.0, 3.0, 13)
+    f = np.asarray(drift(jnp.linspace(-2.0, 2.0, 81)[:, None], advantage))
+    at_one = np.asarray(drift(jnp.zeros_like(advantage), advantage))
+    slope = np.asarray(jax.vmap(jax.grad(drift), (None, 0))(0.0, advantage))
+    if not np.isfinite(f).all() or f.min() < 0:
+        raise ArgsError(f"the drift must be finite and >= 0 for log r in [-2, 2], A in [-3, 3]; its minimum: {f.min()}")
+    for name, x in (("f", at_one), ("its slope in log r", slope)):
+        worst = int(np.abs(x).argmax())
+        if abs(x[worst]) > 1e-6:
+            raise ArgsError(
+                f"{name} must be 0 at log r = 0 (r = 1), but is {x[worst]:.3g} at A = {float(advantage[worst]):g}: "
+                "does it take r instead of log r?"
+            )
+
+
 def make_drift(args: Args) -> Drift:
-    """The drift f(r, A) chosen by --drift, with its coefficients bound."""
+    """The drift f(log r, A) chosen by --drift, with its coefficients bound."""
     if args.drift == "ppo":
         return functools.partial(ppo_drift, clip_coef=args.clip_coef)
     if args.drift == "dpo":
@@ -893,7 +915,10 @@ def make_train(args: Args, drift: Drift):
         return runner._replace(train_state=train_state, obs_stats=obs_stats, rng=rng, update=runner.update + 1), metrics
 
     def train_chunk(runner: Runner, n):
-        """n updates (n traced, at most n_chunk) in one compiled loop; metrics {name: [n_chunk]}, NaN past n."""
+        """n updates (n traced, at most n_chunk = max_chunk(args)) in one compiled loop; metrics {name: [n_chunk]},
+        NaN past n. Raises ValueError for a concrete n outside [0, n_chunk], whose metrics would not fit."""
+        if not isinstance(n, jax.core.Tracer) and not 0 <= int(n) <= n_chunk:
+            raise ValueError(f"train_chunk: {int(n)} updates do not fit one chunk of at most {n_chunk} (max_chunk)")
 
         def body(i, carry):
             runner, buffers = carry
@@ -984,16 +1009,25 @@ def evaluate_seeds(args: Args, params, obs_stats) -> dict:
 
 
 # ---- The run: train chunk by chunk, logging and checkpointing between chunks, then evaluate.
-def run_training(args: Args) -> str:
-    """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs."""
+def run_training(args: Args, drift: Drift | None = None) -> str:
+    """Train all seeds chunk by chunk; write metrics rows and a checkpoint after every chunk, then the outputs.
+
+    drift: any Drift to train with instead of --drift's, checked first (check_drift); summary.json names it by its
+    __name__, and resuming such a run means calling run_training(args, drift) again with the same drift. Returns
+    the run directory. Raises ArgsError for bad arguments (resolve_args) or an invalid drift.
+    """
+    args = resolve_args(args)
+    name = args.drift if drift is None else getattr(drift, "__name__", "custom")
+    if drift is not None:
+        check_drift(drift)
     run_dir = (
         args.resume
         or args.run_dir
-        or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.drift}__{args.seed}__{int(time.time())}")
+        or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{name}__{args.seed}__{int(time.time())}")
     )
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
-    init, train_chunk = make_train(args, make_drift(args))
+    init, train_chunk = make_train(args, make_drift(args) if drift is None else drift)
     runners = init_seeds(init, seed_keys(args)[0])
     metrics_path = os.path.join(run_dir, "metrics.csv")
     checkpoint_path = os.path.join(run_dir, "checkpoint.msgpack")
@@ -1007,7 +1041,7 @@ def run_training(args: Args) -> str:
         csv.writer(f).writerows([FIELDS] + rows)
     family = f"Brax {args.backend}" if args.env_id in BRAX_ENVS else "gymnax"
     print(
-        f"{args.env_id} ({family}), drift {args.drift}, {args.num_seeds} seed(s) on {jax.device_count()} "
+        f"{args.env_id} ({family}), drift {name}, {args.num_seeds} seed(s) on {jax.device_count()} "
         f"{jax.default_backend()} device(s): {n_updates} updates of {steps_per_update:,} steps per seed",
         flush=True,
     )
@@ -1051,7 +1085,7 @@ def run_training(args: Args) -> str:
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
     summary = dict(
         env_id=args.env_id,
-        drift=args.drift,
+        drift=name,
         total_timesteps=n_updates * steps_per_update,
         num_seeds=args.num_seeds,
         num_eval_envs=args.num_eval_envs,
@@ -1065,7 +1099,7 @@ def run_training(args: Args) -> str:
     plot_curves(
         os.path.join(run_dir, "learning_curve.png"),
         {"mean over seeds ± 1 std": (steps, mean, std)},
-        f"{args.env_id}, drift {args.drift}, {args.num_seeds} seed(s)",
+        f"{args.env_id}, drift {name}, {args.num_seeds} seed(s)",
     )
     print(
         f"final return {summary['final_return_mean']:.2f} ± {summary['final_return_std']:.2f} (sampled actions, "

@@ -494,3 +494,29 @@ def test_damaged_checkpoint_is_refused(tmp_path, capsys):
         dpo.main(dpo.Args(resume=str(tmp_path)))
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("error: ") and "damaged" in error[0]
+
+
+def test_the_own_drift_example_of_the_docs_trains_and_bad_drifts_and_chunks_are_refused(tmp_path, monkeypatch):
+    """docs/dpo.md's "Your own drift" example, run as written (in a scratch directory): the drift trains through the
+    whole pipeline and summary.json names it. A drift written in r, or a negative one, is refused before training;
+    train_chunk refuses a count its metrics cannot hold."""
+    with open(os.path.join(ROOT, "docs", "dpo.md")) as f:
+        example = f.read().split("### Your own drift")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "docs/dpo.md", "exec"), {})
+    with open(tmp_path / "runs" / "quadratic_drift" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["drift"] == "quadratic_drift" and len(summary["final_returns"]) == 2
+    assert np.isfinite(summary["final_returns"]).all()
+    args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", total_timesteps=8192))
+
+    def written_in_r(ratio, advantage):  # PPO's drift with r where log r belongs: f(log r = 0) = ReLU(-0.8·A)
+        return jax.nn.relu((ratio - jnp.clip(ratio, 0.8, 1.2)) * advantage)
+
+    with pytest.raises(dpo.ArgsError, match="does it take r instead of log r"):
+        dpo.run_training(args, drift=written_in_r)
+    with pytest.raises(dpo.ArgsError, match=">= 0"):
+        dpo.check_drift(lambda log_ratio, advantage: -(log_ratio**2) * jnp.abs(advantage))
+    init, train_chunk = dpo.make_train(args, dpo.dpo_drift)
+    with pytest.raises(ValueError, match="do not fit"):
+        train_chunk(init(jax.random.PRNGKey(0)), dpo.max_chunk(args) + 1)
