@@ -55,7 +55,7 @@ class Args:
     seed: int = 1
     """seed of the experiment: ES noise, tasks and lifetimes of generation g all derive from (seed, g)"""
     run_dir: str | None = None
-    """where to write results (default: runs/{task_family}__{exp_name}__{seed}__{unix time})"""
+    """where to write results; None: runs/{task_family}__{exp_name}__{seed}__{unix time}"""
     resume: str | None = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
     # several processes (JAX's multi-controller runtime, docs/distributed.md)
@@ -110,11 +110,11 @@ class Args:
     """training goals in mirror quartets {g, -g, (-g_x, g_y), (g_x, -g_y)} (with --goal-split sides):
     no fixed point gains within a set, to first order"""
     num_generations: int | None = None
-    """ES generations (default 500; on --resume, the saved run's unless given)"""
+    """ES generations; None: 500 (on --resume, the saved run's unless given)"""
     sigma: float = 0.01
     """ES noise standard deviation σ"""
     es_learning_rate: float | None = None
-    """Adam (β1 = 0) learning rate of the ES update, ÷10 at half the generations (default σ/(2·√num_generations))"""
+    """Adam (β1 = 0) learning rate of the ES update, ÷10 at half the generations; None: σ/(2·√num_generations)"""
     weight_decay: float = 1e-3
     """L2 coefficient subtracted in the ES gradient, on the scale of the rank term ranks·ε / n (no 1/σ)"""
     ppo_anneal_frac: float = 0.125

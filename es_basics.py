@@ -66,7 +66,7 @@ class Args:
     seed: int = 1
     """seed: generation g draws everything from fold_in(PRNGKey(seed), g); a policy's initial weights too"""
     run_dir: str | None = None
-    """where to write results (default: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time})"""
+    """where to write results; None: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time}"""
     resume: str | None = None
     """continue the run in this run directory from its checkpoint (its args.json; --num-generations may extend it)"""
 
@@ -85,13 +85,13 @@ class Args:
     problem: ProblemName = "sphere"
     """test function or gymnax env id (ite and poet bring their own: the arm, the track)"""
     num_dims: int | None = None
-    """test functions: dimension of x (default 10); policies: set by the network"""
+    """test functions: dimension of x (None: 10); policies: set by the network"""
     num_eval_episodes: int = 10
     """policies: episodes of the noiseless centre (mean policy, MAP-Elites' best elite) every generation"""
     hidden: tuple[int, ...] = (32, 32)
     """policies: hidden layer sizes of the deterministic tanh MLP"""
     normalize_observations: bool | None = None
-    """policies: normalise observations by running statistics (default: on for openai-es, off otherwise)"""
+    """policies: normalise observations by running statistics (None: on for openai-es, off otherwise)"""
     obs_stats_fraction: float = 0.01
     """policies: fraction of the population's episodes whose observations update the statistics (Salimans et al.)"""
 

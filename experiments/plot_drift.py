@@ -1,8 +1,8 @@
 """The drift pictures of docs/dpo.md and docs/lpo.md: a learned lpo.py drift beside PPO's and DPO's (not collected).
 
 The paper's Fig. 1 and 3: ∂/∂r of the objective r·A - f(r, A) over r ∈ [0.01, 2] and A ∈ [-2, 2], one panel per
-drift, the learned drift's PPO term at --clip-coef. Writes <out>/drift.png (by default beside the drift file, or
-into the meta-training run directory it names).
+drift, the learned drift's PPO term at --clip-coef. Writes <out>/drift.png (by default into the meta-training run
+directory it names, else into the current directory, never into the shipped drifts/ folder).
 
     python experiments/plot_drift.py --drift drifts/lpo_classic_v1.msgpack --out docs/lpo
 """
@@ -29,7 +29,7 @@ class Plot:
     drift: str = "drifts/lpo_classic.msgpack"
     """a learned drift: a .msgpack written by lpo.py or a meta-training run directory"""
     out: str | None = None
-    """folder of drift.png (default: the run directory, or the drift file's folder)"""
+    """folder of drift.png; None: the run directory --drift names, or the current directory for a drift file"""
     clip_coef: float = 0.2
     """PPO's ε, in PPO's drift and in the learned drift's PPO term"""
 
@@ -45,7 +45,7 @@ def plot_drift(plot: Plot) -> str:
         "DPO": lpo.dpo_drift,
         "learned": functools.partial(lpo.lpo_drift, net, ppo_init=ppo_init, clip_coef=plot.clip_coef),
     }
-    folder = plot.out or (plot.drift if os.path.isdir(plot.drift) else os.path.dirname(plot.drift) or ".")
+    folder = plot.out or (plot.drift if os.path.isdir(plot.drift) else ".")
     os.makedirs(folder, exist_ok=True)
     ratios = jnp.linspace(0.01, 2.0, 200)
     advantages = jnp.linspace(-2.0, 2.0, 161)
