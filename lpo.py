@@ -1406,18 +1406,22 @@ def load_tree(path: str, template):
 FIELDS = ("global_step", "episodic_return_mean", "episodic_return_std", *LOSS_METRICS, "sps")
 
 
+METHOD_COLORS = {"PPO": "C0", "DPO": "C1", "LPO": "C2"}  # one colour per method in every figure, as in docs/
+
+
 def plot_curves(
     path: str, curves: dict, title: str, xlabel: str = "environment steps (per seed)", ylabel: str = "episodic return"
 ):
-    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}."""
+    """PNG with one line and a shaded band per label: curves = {label: (x [n], y [n], band half-width [n])}; a
+    method's label (METHOD_COLORS) keeps its colour whatever the order."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), layout="tight")
     ax = fig.subplots()
     for label, (x, y, band) in curves.items():
         x, y, band = (np.asarray(v, dtype=float) for v in (x, y, band))
-        ax.plot(x, y, label=label)
-        ax.fill_between(x, y - band, y + band, alpha=0.25)
+        line = ax.plot(x, y, label=label, color=METHOD_COLORS.get(label))[0]
+        ax.fill_between(x, y - band, y + band, alpha=0.25, color=line.get_color())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     if jax.process_index() == 0:
