@@ -85,6 +85,8 @@ class Args:
     """where to write results; None: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time}"""
     resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
+    overwrite: bool = False
+    """write a new run into a --run-dir that already holds one (its files are replaced); without it that is refused"""
     num_eval_envs: int = 128
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
 
@@ -901,6 +903,7 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         or args.run_dir
         or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{name}__{args.seed}__{int(time.time())}")
     )
+    refuse_occupied(run_dir, args)
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args) if drift is None else drift)
@@ -935,6 +938,13 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         train_seconds += seconds
         sps = n * steps_per_update * args.num_seeds / seconds
         metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(runners.train_state.params)):
+            last = f"{rows[-1][1]:.2f}" if rows else "none yet"
+            kept = f"checkpoint.msgpack keeps update {updates_done}" if updates_done else "no checkpoint was written"
+            raise ArgsError(
+                f"the run diverged: non-finite parameters after update {updates_done + n} (last logged return "
+                f"{last}); {kept}. A smaller --learning-rate may help"
+            )
         with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
             warnings.simplefilter("ignore", RuntimeWarning)
             returns = metrics["episodic_return"]
@@ -1100,13 +1110,18 @@ def run_comparison(args: Args) -> str:
     every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
     name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
     base = args.run_dir or os.path.join("runs", name)
+    if os.path.exists(os.path.join(base, "args.json")):  # a single run's directory, not a comparison's
+        refuse_occupied(base, args)
     summary = dict(env_id=args.env_id, drifts={})
     curves = {}
     for drift in args.compare:
         run_dir = os.path.join(base, drift)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
-            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
+            # this comparison's own subdirectory: resumed from its checkpoint, or restarted if it has none yet
+            run_training(
+                dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume, overwrite=True)
+            )
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary["drifts"][drift] = json.load(f)
         steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
@@ -1126,6 +1141,19 @@ def run_comparison(args: Args) -> str:
         verdict = "different at p < 0.05" if p < 0.05 else f"no difference detected at n = {args.num_seeds}"
         print(f"Welch's t-test {args.compare[0].upper()} vs {args.compare[1].upper()}: p = {p:.3g} ({verdict})")
     return base
+
+
+def refuse_occupied(run_dir: str, args: Args):
+    """Raises ArgsError if run_dir already holds a run (an args.json, a summary.json or a checkpoint) and this
+    command neither continues it (--resume) nor asks to replace it (--overwrite): a repeated command must not mix
+    its files into another run, or destroy a finished one."""
+    if args.resume or args.overwrite or not os.path.isdir(run_dir):
+        return
+    held = sorted(f for f in os.listdir(run_dir) if f in ("args.json", "summary.json") or "checkpoint" in f)
+    if held:
+        raise ArgsError(
+            f"--run-dir {run_dir} holds a run ({held[0]}): continue it with --resume {run_dir}, or add --overwrite"
+        )
 
 
 def resumed_args(args: Args) -> Args:

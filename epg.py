@@ -58,6 +58,8 @@ class Args:
     """where to write results; None: runs/{task_family}__{exp_name}__{seed}__{unix time}"""
     resume: str | None = None
     """continue meta-training from this run directory's checkpoint, with its saved arguments"""
+    overwrite: bool = False
+    """write a new run into a --run-dir that already holds one (its files are replaced); without it that is refused"""
     # several processes (JAX's multi-controller runtime, docs/distributed.md)
     coordinator_address: str | None = None
     """host:port where process 0 serves the coordinator (give every process the same command), or auto: the
@@ -831,6 +833,7 @@ def run_meta_training(args: Args) -> str:
     best_loss.msgpack, is the evaluated ES mean that scores best on --num-select-tasks tasks drawn for this choice
     alone. Writes the run directory (checkpoints every --save-every generations and on Ctrl-C) and returns it."""
     run_dir = args.run_dir
+    refuse_occupied(run_dir, args)
     env = make_task_env(args)
     theta = ravel_pytree(loss_template(args, env))[0]
     candidates = np.zeros((0, theta.shape[0]), np.float32)  # the ES mean at each evaluation
@@ -855,6 +858,12 @@ def run_meta_training(args: Args) -> str:
             t0, alpha = time.time(), ppo_alpha(args, g)
             new_theta, new_opt_state, fitness, _ = generation(theta, opt_state, generation_key(args, g), alpha)
             fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+            if np.isnan(fitness).all() or not np.isfinite(np.asarray(new_theta)).all():
+                what = "every member's fitness" if np.isnan(fitness).all() else "the ES mean"
+                raise ArgsError(
+                    f"generation {g + 1}: {what} became non-finite (the run diverges); checkpoint.msgpack keeps "
+                    f"generation {len(rows) - len(rows) % args.save_every}"
+                )
             seconds = time.time() - t0  # the generation alone, without the evaluation below
             eval_fitness, new_candidates = float("nan"), candidates
             if (g + 1) % args.eval_every == 0 or g + 1 == args.num_generations:
@@ -915,6 +924,7 @@ def run_test(args: Args) -> str:
     if theta.shape[0] != size:  # a damaged file, or one of an earlier epg.py whose settings had no --loss-size
         raise ArgsError(f"{args.load_loss}: a loss of {theta.shape[0]:,} parameters, its settings give {size:,}")
     run_dir = args.run_dir
+    refuse_occupied(run_dir, args)
     write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
     tasks = fixed_tasks(args, env, TEST_STREAM, args.num_seeds, True)
     start = time.time()
@@ -1023,6 +1033,19 @@ def start_processes(args: Args):
         raise ArgsError(f"process {differ[0]} was launched with other flags than process 0 (--process-id aside)")
     if jax.process_index() > 0:
         sys.stdout = open(os.devnull, "w")
+
+
+def refuse_occupied(run_dir: str, args: Args):
+    """Raises ArgsError if run_dir already holds a run (an args.json, a summary.json or a checkpoint) and this
+    command neither continues it (--resume) nor asks to replace it (--overwrite): a repeated command must not mix
+    its files into another run, or destroy a finished one."""
+    if args.resume or args.overwrite or not os.path.isdir(run_dir):
+        return
+    held = sorted(f for f in os.listdir(run_dir) if f in ("args.json", "summary.json") or "checkpoint" in f)
+    if held:
+        raise ArgsError(
+            f"--run-dir {run_dir} holds a run ({held[0]}): continue it with --resume {run_dir}, or add --overwrite"
+        )
 
 
 def resumed_args(args: Args) -> Args:

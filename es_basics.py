@@ -69,6 +69,8 @@ class Args:
     """where to write results; None: runs/{problem}__{algo}__{exp_name}__{seed}__{unix time}"""
     resume: str | None = None
     """continue the run in this run directory from its checkpoint (its args.json; --num-generations may extend it)"""
+    overwrite: bool = False
+    """write a new run into a --run-dir that already holds one (its files are replaced); without it that is refused"""
 
     # several processes (JAX's multi-controller runtime, docs/distributed.md)
     coordinator_address: str | None = None
@@ -1604,6 +1606,19 @@ def run_poet(args: Args, run_dir: str) -> dict:
 LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id", "init_timeout")
 
 
+def refuse_occupied(run_dir: str, args: Args):
+    """Raises ArgsError if run_dir already holds a run (an args.json, a summary.json or a checkpoint) and this
+    command neither continues it (--resume) nor asks to replace it (--overwrite): a repeated command must not mix
+    its files into another run, or destroy a finished one."""
+    if args.resume or args.overwrite or not os.path.isdir(run_dir):
+        return
+    held = sorted(f for f in os.listdir(run_dir) if f in ("args.json", "summary.json") or "checkpoint" in f)
+    if held:
+        raise ArgsError(
+            f"--run-dir {run_dir} holds a run ({held[0]}): continue it with --resume {run_dir}, or add --overwrite"
+        )
+
+
 def resumed_args(args: Args) -> Args:
     """The Args saved in the run directory --resume names (its args.json: lists back to tuples, keys this version
     does not know dropped), with this command's LAUNCH_FIELDS, resume and run_dir set to --resume, and this
@@ -1631,6 +1646,7 @@ def main(args: Args) -> str:
         run_dir = args.run_dir or os.path.join(
             "runs", f"{problem}__{args.algo.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
+        refuse_occupied(run_dir, args)
         write_json(os.path.join(run_dir, "args.json"), dataclasses.asdict(args))
         dict(ite=run_ite, poet=run_poet).get(args.algo, run)(args, run_dir)
     except ArgsError as e:

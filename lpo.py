@@ -89,6 +89,8 @@ class Args:
     """where to write results; None: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time}"""
     resume: str | None = None
     """a run directory whose checkpoint to continue; its args.json is used (other flags are ignored)"""
+    overwrite: bool = False
+    """write a new run into a --run-dir that already holds one (its files are replaced); without it that is refused"""
     num_eval_envs: int = 128
     """evaluation episodes per seed, run in parallel, each to its end or the time limit (Brax PPO: 128)"""
 
@@ -1025,6 +1027,7 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         or args.run_dir
         or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{name}__{args.seed}__{int(time.time())}")
     )
+    refuse_occupied(run_dir, args)
     n_updates = num_updates(args)
     steps_per_update = batch_size(args) * args.action_repeat
     init, train_chunk = make_train(args, make_drift(args) if drift is None else drift)
@@ -1059,6 +1062,13 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         train_seconds += seconds
         sps = n * steps_per_update * args.num_seeds / seconds
         metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(runners.train_state.params)):
+            last = f"{rows[-1][1]:.2f}" if rows else "none yet"
+            kept = f"checkpoint.msgpack keeps update {updates_done}" if updates_done else "no checkpoint was written"
+            raise ArgsError(
+                f"the run diverged: non-finite parameters after update {updates_done + n} (last logged return "
+                f"{last}); {kept}. A smaller --learning-rate may help"
+            )
         with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN returns before any episode ended
             warnings.simplefilter("ignore", RuntimeWarning)
             returns = metrics["episodic_return"]
@@ -1229,6 +1239,7 @@ def run_meta_training(args: Args) -> str:
     env_ids = args.env_ids or (args.env_id,)
     name = f"{'+'.join(env_ids)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
+    refuse_occupied(run_dir, args)
     env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in env_ids]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden, args.drift_start)
@@ -1273,6 +1284,11 @@ def run_meta_training(args: Args) -> str:
                 if batch < args.pop_size:
                     print(f"  {e}: members {first + batch}/{args.pop_size} trained", flush=True)
             per_run = np.concatenate(per_run)
+            if not np.isfinite(per_run).any():
+                raise ArgsError(
+                    f"generation {g + 1}: no member's inner run on {e} ended with a finite return (the inner runs "
+                    f"diverge); es_checkpoint.msgpack keeps generation {g}"
+                )
             per_run = np.where(np.isfinite(per_run), per_run, np.min(per_run[np.isfinite(per_run)], initial=0.0))
             returns = per_run.mean(1)
             scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env
@@ -1280,6 +1296,10 @@ def run_meta_training(args: Args) -> str:
             columns += [returns.mean(), float(np.mean(ppo)), float(np.mean(untrained)), es_signal(per_run)]
         es_state, _ = tell(key_tell, population, -np.mean(scores, 0), es_state, es.default_params)  # evosax minimises
         mean = es.get_mean(es_state)
+        if not all(bool(jnp.isfinite(w).all()) for w in jax.tree.leaves(mean)):
+            raise ArgsError(
+                f"generation {g + 1}: the ES mean became non-finite; es_checkpoint.msgpack keeps generation {g}"
+            )
         validated = args.validate_every and (g + 1) % args.validate_every == 0
         for i, (_, _, _, validate, _) in enumerate(envs):
             columns.append(np.mean(validate(mean, validation_runners[i], validation_keys[v:])) if validated else "")
@@ -1434,13 +1454,18 @@ def run_comparison(args: Args) -> str:
     every drift's summary and learning_curves.png their curves (mean ± standard error over seeds)."""
     name = f"{args.env_id}__{args.exp_name}__compare__{args.seed}__{int(time.time())}"
     base = args.run_dir or os.path.join("runs", name)
+    if os.path.exists(os.path.join(base, "args.json")):  # a single run's directory, not a comparison's
+        refuse_occupied(base, args)
     summary = dict(env_id=args.env_id, drifts={})
     curves = {}
     for drift in args.compare:
         run_dir = os.path.join(base, drift)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")) else None
-            run_training(dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume))
+            # this comparison's own subdirectory: resumed from its checkpoint, or restarted if it has none yet
+            run_training(
+                dataclasses.replace(args, drift=drift, compare=(), run_dir=run_dir, resume=resume, overwrite=True)
+            )
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary["drifts"][drift] = json.load(f)
         steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
@@ -1460,6 +1485,19 @@ def run_comparison(args: Args) -> str:
         verdict = "different at p < 0.05" if p < 0.05 else f"no difference detected at n = {args.num_seeds}"
         print(f"Welch's t-test {args.compare[0].upper()} vs {args.compare[1].upper()}: p = {p:.3g} ({verdict})")
     return base
+
+
+def refuse_occupied(run_dir: str, args: Args):
+    """Raises ArgsError if run_dir already holds a run (an args.json, a summary.json or a checkpoint) and this
+    command neither continues it (--resume) nor asks to replace it (--overwrite): a repeated command must not mix
+    its files into another run, or destroy a finished one."""
+    if args.resume or args.overwrite or not os.path.isdir(run_dir):
+        return
+    held = sorted(f for f in os.listdir(run_dir) if f in ("args.json", "summary.json") or "checkpoint" in f)
+    if held:
+        raise ArgsError(
+            f"--run-dir {run_dir} holds a run ({held[0]}): continue it with --resume {run_dir}, or add --overwrite"
+        )
 
 
 def resumed_args(args: Args) -> Args:

@@ -520,3 +520,29 @@ def test_the_own_drift_example_of_the_docs_trains_and_bad_drifts_and_chunks_are_
     init, train_chunk = dpo.make_train(args, dpo.dpo_drift)
     with pytest.raises(ValueError, match="do not fit"):
         train_chunk(init(jax.random.PRNGKey(0)), dpo.max_chunk(args) + 1)
+
+
+def occupied_run_dir(path):
+    """A directory that holds a run (its args.json), at path."""
+    path.mkdir(parents=True)
+    (path / "args.json").write_text("{}")
+    return str(path)
+
+
+def test_an_occupied_run_dir_is_refused_and_a_diverging_run_stops(tmp_path, capsys):
+    """A new run into a directory that holds one is refused in one line pointing to --resume (nothing compiled),
+    for one run and for a comparison; a run whose parameters become non-finite stops after that chunk with one
+    line and exit 2, and writes no checkpoint."""
+    single = dpo.Args(env_id="CartPole-v1", run_dir=occupied_run_dir(tmp_path / "single"))
+    comparison = dpo.Args(env_id="CartPole-v1", compare=("dpo", "ppo"), run_dir=occupied_run_dir(tmp_path / "both"))
+    for args in (single, comparison):
+        with pytest.raises(SystemExit) as stop:
+            dpo.main(args)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    diverging = dpo.Args(env_id="CartPole-v1", learning_rate=float("nan"), total_timesteps=2048)
+    with pytest.raises(SystemExit) as stop:
+        dpo.main(dataclasses.replace(diverging, run_dir=str(tmp_path / "nan")))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "diverged" in err and "update 1" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "nan" / "checkpoint.msgpack").exists()

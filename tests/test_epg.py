@@ -609,3 +609,18 @@ def test_hand_set_reinforce_in_the_pg_weight_form_learns(env):
     reinforce = jnp.zeros(6).at[epg.REINFORCE["reinforce-0.99"]].set(1.0)
     learned, still = (np.asarray(run(w, tasks, keys, settings).final_return) for w in (reinforce, 0 * reinforce))
     assert learned.mean() > still.mean() + 1.5, (learned.mean(), still.mean())
+
+
+def test_an_occupied_run_dir_is_refused_and_a_diverging_meta_training_stops(tmp_path, capsys):
+    """A new run into a directory that holds one: one line pointing to --resume, exit 2. An inner learning rate of
+    inf makes every member's fitness non-finite: the run stops at generation 1 with one line, exit 2."""
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        epg.main(epg_args(FLAGS + ["--run-dir", str(tmp_path / "occupied")]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--resume" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit) as stop:
+        epg.main(epg_args(FLAGS + ["--inner-learning-rate", "inf", "--run-dir", str(tmp_path / "inf")]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "generation 1" in err and "non-finite" in err and len(err.splitlines()) == 1, err

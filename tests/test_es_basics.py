@@ -559,3 +559,15 @@ def test_bad_launches_end_in_one_line_and_exit_code_2_without_hanging():
         for code, err in outcomes:
             lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
             assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), (expected, code, err[-2000:])
+
+
+def test_an_occupied_run_dir_is_refused(tmp_path, capsys):
+    """A new run into a directory that holds another's run (an epg.py run's summary.json here) is refused in one
+    line pointing to --resume, exit 2, and writes nothing into it."""
+    (tmp_path / "epg_run").mkdir()
+    (tmp_path / "epg_run" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        eb.main(tyro.cli(eb.Args, args=["--run-dir", str(tmp_path / "epg_run")]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--resume" in err and len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path / "epg_run") == ["summary.json"]

@@ -394,3 +394,14 @@ def test_pop_batch_trains_the_population_in_slices_with_the_one_call_fitness(tmp
             rows[len(batch)] = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
     assert "members 2/4 trained" in capsys.readouterr().out
     assert rows[0] == rows[2], rows
+
+
+def test_an_occupied_run_dir_is_refused_for_meta_training_and_evaluation(tmp_path, capsys):
+    """Meta-training and --eval-drift into a directory that holds a run: one line pointing to --resume, exit 2."""
+    for name, flags in (("meta", TINY), ("eval", ["--eval-drift", SHIPPED, "--num-seeds", "2"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text("{}")
+        with pytest.raises(SystemExit) as stop:
+            lpo.main(tyro.cli(lpo.Args, args=flags + ["--run-dir", str(tmp_path / name)]))
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "--resume" in err and len(err.splitlines()) == 1, err
