@@ -68,7 +68,7 @@ train() {  # train NAME FLAGS...: dpo.py under the time limit, resumed when its 
   local dir="$RUNS/$name"
   if [ -f "$dir/summary.json" ]; then :
   elif [ -f "$dir/checkpoint.msgpack" ]; then timeout "$LIMIT" python3 dpo.py --resume "$dir"
-  else timeout "$LIMIT" python3 dpo.py "$@" --run-dir "$dir"; fi
+  else timeout "$LIMIT" python3 dpo.py "$@" --run-dir "$dir" --overwrite; fi  # no checkpoint: start again
   report "$name"
 }
 
@@ -84,5 +84,5 @@ done
 echo "== one LPO generation on ant at the paper's inner budget, ${LPO_POP:-4} members"
 start=$(date +%s)
 timeout "$LIMIT" python3 lpo.py --env-ids ant --pop-size "${LPO_POP:-4}" --num-generations 1 \
-  --validate-every 0 "${ant_budget[@]}" --run-dir "$RUNS/lpo_generation"
+  --validate-every 0 "${ant_budget[@]}" --run-dir "$RUNS/lpo_generation" --overwrite
 echo "lpo generation: exit code $?, $(($(date +%s) - start)) s of wall time, compilation included"

@@ -10,7 +10,7 @@ run() {  # run NAME FLAGS...
     local dir=runs/compare/${name}__${drift}
     if [ -f "$dir/summary.json" ]; then continue; fi
     if [ -f "$dir/checkpoint.msgpack" ]; then python dpo.py --resume "$dir"; else
-      python dpo.py "$@" --drift $drift --num-seeds 10 --seed 1 --num-cpu-devices 1 --run-dir "$dir"; fi
+      python dpo.py "$@" --drift $drift --num-seeds 10 --seed 1 --num-cpu-devices 1 --run-dir "$dir" --overwrite; fi
   done
 }
 run Pendulum-v1 --env-id Pendulum-v1 --total-timesteps 500000

@@ -16,13 +16,13 @@ for size in linear small; do
     if [ -f $dir/checkpoint.msgpack ]; then
       python epg.py --resume $dir
     else
-      python epg.py $COMMON --loss-size $size $extra --run-dir $dir
+      python epg.py $COMMON --loss-size $size $extra --run-dir $dir --overwrite  # no checkpoint: start again
     fi
   done
   for s in 1 2; do  # held-out test: 32 goals of the -x quadrant, a seed not used above
     dir=$OUT/${size}_seed${s}_test
     [ -f $dir/summary.json ] && continue
     python epg.py --task-family goal-point --test --seed 2026 --num-seeds 32 --load-loss $OUT/${size}_seed$s \
-      --load-reward-blind-loss $OUT/${size}_blind --run-dir $dir
+      --load-reward-blind-loss $OUT/${size}_blind --run-dir $dir --overwrite
   done
 done

@@ -13,7 +13,7 @@ for seed in 1 2; do
       python lpo.py --resume "runs/$name"
     else
       python lpo.py --env-ids CartPole-v1 --total-timesteps 65536 --no-ppo-init --drift-hidden $hidden \
-        --num-generations "$GENERATIONS" --seed "$seed" --run-dir "runs/$name"
+        --num-generations "$GENERATIONS" --seed "$seed" --run-dir "runs/$name" --overwrite
     fi
     python lpo.py --eval-drift "runs/$name" --env-id CartPole-v1 --total-timesteps 65536 --num-seeds 10 --seed 1 \
       --compare lpo ppo --run-dir "runs/${name}_eval"
