@@ -331,17 +331,42 @@ class ArgsError(ValueError):
     """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
 
 
+RANGES = (  # every numeric flag's valid values (a tuple flag: each entry), checked by resolve_args; None: unset
+    (("gamma", "gae_lambda"), lambda x: 0 <= x <= 1, "in [0, 1]"),
+    (("learning_rate", "clip_coef", "adam_eps", "reward_scaling"), lambda x: x > 0, "finite and > 0"),
+    (
+        ("ent_coef", "vf_coef", "max_grad_norm", "seed", "num_cpu_devices", "log_frequency"),
+        lambda x: x >= 0,
+        "finite and >= 0",
+    ),
+    (
+        ("num_seeds", "num_eval_envs", "episode_length", "action_repeat", "total_timesteps", "num_envs", "num_steps")
+        + ("num_unrolls", "num_minibatches", "update_epochs", "actor_hidden", "critic_hidden"),
+        lambda x: x >= 1,
+        ">= 1",
+    ),
+)
+
+
+def check_ranges(args, ranges) -> None:
+    """Raises ArgsError naming the first flag of `ranges` ((names, valid(x), description) rows) whose value, or an
+    entry of its tuple, is NaN, infinite or outside its range."""
+    for names, valid, description in ranges:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not all(math.isfinite(x) and valid(x) for x in np.atleast_1d(value)):
+                raise ArgsError(f"--{name.replace('_', '-')} {value} must be {description}")
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the None fields with the env family's defaults and check what would otherwise run silently wrong.
 
-    Raises: ArgsError naming the problem: a non-positive size, a batch whose unrolls (brax loop) or samples
-        (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update.
+    Raises: ArgsError naming the problem: a value outside its range (RANGES), a batch whose unrolls (brax loop)
+        or samples (purejaxrl loop) do not split into --num-minibatches, fewer --total-timesteps than one update.
     """
     args = dataclasses.replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
+    check_ranges(args, RANGES)
     items = args.num_envs * args.num_unrolls if args.ppo_loop == "brax" else batch_size(args)  # shuffled units
-    sizes = ("num_seeds", "num_eval_envs", "num_envs", "num_steps", "num_unrolls", "num_minibatches", "update_epochs")
-    if min(getattr(args, k) for k in sizes + ("action_repeat",)) <= 0:
-        raise ArgsError("seeds, envs, steps, unrolls, minibatches, epochs and action repeat must be positive")
     if items % args.num_minibatches:
         raise ArgsError(
             f"the batch's {items} {'unrolls' if args.ppo_loop == 'brax' else 'samples'}"

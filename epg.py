@@ -381,6 +381,8 @@ def resolve_args(args: Args) -> Args:
     if args.es_learning_rate is None and args.num_generations > 0:
         args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
     for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
+        if type(value) in (int, float, tuple) and not np.all(np.isfinite(np.asarray(value, dtype=float))):
+            raise ArgsError(f"--{name.replace('_', '-')} must be finite, got {value}")
         if type(value) in (int, float, tuple) and name not in NON_NEGATIVE and not np.all(np.asarray(value) > 0):
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:

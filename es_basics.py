@@ -887,6 +887,8 @@ def resolve_args(args: Args) -> Args:
         filled["normalize_observations"] = twin == "openai-es" and not on_function
     args = dataclasses.replace(args, **filled)
     for name, value in dataclasses.asdict(args).items():  # pop_size is still None for CMA-ES and SNES on functions
+        if type(value) in (int, float, tuple) and not np.all(np.isfinite(np.asarray(value, dtype=float))):
+            raise ArgsError(f"--{name.replace('_', '-')} must be finite, got {value}")
         if name in POSITIVE and not all(v is None or v > 0 for v in (value if isinstance(value, tuple) else [value])):
             raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋

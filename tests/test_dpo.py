@@ -455,11 +455,30 @@ BAD_INPUTS = {
         "15 samples do not divide",
     ),
     "indivisible batch of unrolls": (["--env-id", "ant", "--num-envs", "3"], "48 unrolls do not divide"),
-    "non-positive size": (["--env-id", "CartPole-v1", "--num-envs", "0"], "must be positive"),
+    "non-positive size": (["--env-id", "CartPole-v1", "--num-envs", "0"], "--num-envs 0 must be >= 1"),
     "too few steps": (["--env-id", "CartPole-v1", "--total-timesteps", "100"], "less than one update"),
     "missing run": (["--resume", "/nonexistent/run"], "no readable args.json"),
-    "negative CPU devices": (["--env-id", "CartPole-v1", "--num-cpu-devices", "-1"], "is negative"),
+    "negative CPU devices": (["--env-id", "CartPole-v1", "--num-cpu-devices", "-1"], "must be finite and >= 0"),
 }
+for flag, value, rule in (  # every rule of dpo.RANGES, a value or two each
+    ("--gamma", "1.5", "in [0, 1]"),
+    ("--gae-lambda", "2", "in [0, 1]"),
+    ("--gamma", "nan", "in [0, 1]"),
+    ("--clip-coef", "-0.2", "finite and > 0"),
+    ("--learning-rate", "inf", "finite and > 0"),
+    ("--learning-rate", "nan", "finite and > 0"),
+    ("--max-grad-norm", "-1", "finite and >= 0"),
+    ("--adam-eps", "0", "finite and > 0"),
+    ("--reward-scaling", "-1", "finite and > 0"),
+    ("--ent-coef", "nan", "finite and >= 0"),
+    ("--vf-coef", "-0.5", "finite and >= 0"),
+    ("--seed", "-1", "finite and >= 0"),
+    ("--log-frequency", "-1", "finite and >= 0"),
+    ("--total-timesteps", "-5", ">= 1"),
+    ("--update-epochs", "0", ">= 1"),
+    ("--actor-hidden", "0 64", ">= 1"),
+):
+    BAD_INPUTS[f"{flag} {value}"] = (["--env-id", "CartPole-v1", flag, *value.split()], f"must be {rule}")
 
 
 def test_cpu_devices_recorded_are_those_that_run_once_jax_has_started():

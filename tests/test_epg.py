@@ -455,6 +455,9 @@ def test_damaged_checkpoint_and_loss_file_are_refused(tmp_path, capsys):
         (["--test", "--load-loss", "/nonexistent/loss.msgpack"], "not found"),
         (["--resume", "/nonexistent/run"], "no readable args.json"),
         (["--loss-size", "linear"], "size of --loss-form pg-weight only"),
+        (["--sigma", "inf"], "--sigma must be finite"),
+        (["--weight-decay", "nan"], "--weight-decay must be finite"),
+        (["--inner-learning-rate", "-0.001"], "--inner-learning-rate must be positive"),
         (["--balanced-tasks", "--goal-split", "half"], "--balanced-tasks needs --goal-split sides"),
     ],
 )
@@ -613,7 +616,7 @@ def test_hand_set_reinforce_in_the_pg_weight_form_learns(env):
 
 def test_an_occupied_run_dir_is_refused_and_a_diverging_meta_training_stops(tmp_path, capsys):
     """A new run into a directory that holds one: one line pointing to --resume, exit 2. An inner learning rate of
-    inf makes every member's fitness non-finite: the run stops at generation 1 with one line, exit 2."""
+    1e38 makes every member's fitness non-finite: the run stops at generation 1 with one line, exit 2."""
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "summary.json").write_text("{}")
     with pytest.raises(SystemExit) as stop:
@@ -621,6 +624,6 @@ def test_an_occupied_run_dir_is_refused_and_a_diverging_meta_training_stops(tmp_
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "--resume" in err and len(err.splitlines()) == 1, err
     with pytest.raises(SystemExit) as stop:
-        epg.main(epg_args(FLAGS + ["--inner-learning-rate", "inf", "--run-dir", str(tmp_path / "inf")]))
+        epg.main(epg_args(FLAGS + ["--inner-learning-rate", "1e38", "--run-dir", str(tmp_path / "inf")]))
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "generation 1" in err and "non-finite" in err and len(err.splitlines()) == 1, err

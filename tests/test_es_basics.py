@@ -350,6 +350,8 @@ def test_tyro_refuses_an_unknown_method_or_problem_without_a_traceback(flags, ex
         (["--algo", "evosax:Open_ES", "--pop-size", "7"], "even"),
         (["--algo", "map-elites", "--problem", "Pendulum-v1"], "descriptor"),
         (["--num-dims", "0"], "--num-dims"),
+        (["--sigma-init", "nan"], "--sigma-init must be finite"),
+        (["--learning-rate", "inf", "--algo", "openai-es"], "--learning-rate must be finite"),
         (["--algo", "poet", "--pop-size", "7"], "even"),
         (["--algo", "poet", "--poet-max-pairs", "1"], "--poet-max-pairs"),
         (["--algo", "ite", "--ite-max-trials", "0"], "--ite-max-trials"),
