@@ -559,7 +559,7 @@ def test_an_occupied_run_dir_is_refused_and_a_diverging_run_stops(tmp_path, caps
             dpo.main(args)
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
-    diverging = dpo.Args(env_id="CartPole-v1", learning_rate=float("nan"), total_timesteps=2048)
+    diverging = dpo.Args(env_id="CartPole-v1", learning_rate=1e38, total_timesteps=2048)  # Adam steps of 1e38
     with pytest.raises(SystemExit) as stop:
         dpo.main(dataclasses.replace(diverging, run_dir=str(tmp_path / "nan")))
     err = capsys.readouterr().err.strip()
