@@ -49,19 +49,23 @@ def plot_drift(plot: Plot) -> str:
     os.makedirs(folder, exist_ok=True)
     ratios = jnp.linspace(0.01, 2.0, 200)
     advantages = jnp.linspace(-2.0, 2.0, 161)
-    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
-    for ax, (name, drift) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], drifts.items()):
+    grads = {}
+    for name, drift in drifts.items():
 
         def objective(r, a, drift=drift):
             return r * a - drift(jnp.log(r), a)
 
-        grad = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
-        bound = max(float(np.percentile(np.abs(grad), 98)), 1e-6)  # log r's blow-up near r = 0 would swamp it
+        grads[name] = np.asarray(jax.vmap(jax.vmap(jax.grad(objective), (0, None)), (None, 0))(ratios, advantages))
+    # one colour scale for every panel, so that their colours compare; the 98th percentile over all of them, since
+    # DPO's log r term blows up near r = 0 and would swamp the rest
+    bound = max(float(np.percentile(np.abs(np.stack(list(grads.values()))), 98)), 1e-6)
+    fig = Figure(figsize=(4.2 * len(drifts), 3.6), layout="tight")
+    for ax, (name, grad) in zip(fig.subplots(1, len(drifts), squeeze=False)[0], grads.items()):
         image = ax.imshow(
             grad, origin="lower", aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, extent=(0.01, 2.0, -2.0, 2.0)
         )
-        ax.set(title=f"{name}: ∂/∂r (r·A - f)", xlabel="ratio r", ylabel="advantage A")
-        fig.colorbar(image, ax=ax)
+        ax.set(title=name, xlabel="ratio r", ylabel="advantage A")
+        fig.colorbar(image, ax=ax, label="∂/∂r (r·A - f), shared scale (clipped)")
     path = os.path.join(folder, "drift.png")
     fig.savefig(path)
     return path
