@@ -1024,7 +1024,8 @@ def run_generations(
     With a checkpoint path, the loop state and the outputs so far are saved there every 2% of the run; with
     resume, a run that finds the file continues from it: generation g's key depends on (seed, g) alone and the
     chunks end where an uninterrupted run's do, so the numbers are an uninterrupted run's. The restored outputs
-    are reported first, as one chunk. Raises ArgsError if the checkpoint is damaged or from other settings."""
+    are reported first, as one chunk. Raises ArgsError if the checkpoint is damaged or from other settings, or at
+    a generation in which no member's fitness is finite or σ is not."""
     generations = make_generations(args, problem)
     loop = init_loop_state(args, problem)
     outputs = []
@@ -1044,6 +1045,12 @@ def run_generations(
         )
         loop, out = generations(loop, generation_keys(args.seed, generations_done, count))
         out = jax.tree.map(np.asarray, out)
+        diverged = np.flatnonzero(~np.isfinite(out.fitness).any(axis=1) | ~np.isfinite(out.sigma))
+        if diverged.size:  # a single non-finite member only ranks last; a whole generation of them stops the run
+            raise ArgsError(
+                f"generation {generations_done + int(diverged[0]) + 1}: no member's fitness is finite, or σ is not "
+                "(the run diverges); the last checkpoint is kept"
+            )
         stops = np.flatnonzero(out.stop)
         stopped = bool(stops.size)
         if stopped:  # keep the generations up to and including the one that stopped

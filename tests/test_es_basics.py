@@ -573,3 +573,13 @@ def test_an_occupied_run_dir_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "--resume" in err and len(err.splitlines()) == 1, err
     assert os.listdir(tmp_path / "epg_run") == ["summary.json"]
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path, capsys):
+    """σ₀ = 1e30 on the sphere: every member's f overflows float32, so generation 1 has no finite fitness and the
+    run stops there in one line, exit 2 (a single non-finite member would only rank last)."""
+    flags = ["--algo", "cma-es", "--problem", "sphere", "--sigma-init", "1e30", "--num-generations", "5"]
+    with pytest.raises(SystemExit) as stop:
+        eb.main(tyro.cli(eb.Args, args=flags + ["--run-dir", str(tmp_path / "run")]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "generation 1:" in err and len(err.splitlines()) == 1, err
