@@ -1387,11 +1387,8 @@ def use_cpu_cores(args: Args) -> Args:
     one CPU device. JAX reads the setting when it starts, so after its first operation (or with XLA_FLAGS' device
     count) the devices stay as they are: the returned args name the count that runs, since a seed's float rounding
     differs between device counts; on an accelerator the CPU split has no effect and they name none (None).
-
-    Raises: ArgsError if --num-cpu-devices is negative.
+    resolve_args has checked --num-cpu-devices (RANGES: >= 0).
     """
-    if (args.num_cpu_devices or 0) < 0:
-        raise ArgsError(f"--num-cpu-devices {args.num_cpu_devices} is negative")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n = args.num_cpu_devices or max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
