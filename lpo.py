@@ -83,8 +83,9 @@ class Args:
     """seed of the experiment; seed i of --num-seeds gets an independent key split from it"""
     num_seeds: int = 1
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
-    num_cpu_devices: int | None = None
-    """CPU: JAX devices to split the cores into, each training its share of the seeds (see use_cpu_cores)"""
+    num_cpu_devices: int | None = 1
+    """CPU: JAX devices to split the cores into, each training its share of the seeds; 1 gives the same numbers on
+    any machine, more can be faster but changes the float rounding (see use_cpu_cores)"""
     run_dir: str | None = None
     """where to write results; None: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time}"""
     resume: str | None = None
@@ -459,12 +460,21 @@ RANGES = (  # every numeric flag's valid values (a tuple flag: each entry), chec
     (("gamma", "gae_lambda"), lambda x: 0 <= x <= 1, "in [0, 1]"),
     (("learning_rate", "clip_coef", "adam_eps", "reward_scaling"), lambda x: x > 0, "finite and > 0"),
     (
-        ("ent_coef", "vf_coef", "max_grad_norm", "seed", "num_cpu_devices", "log_frequency"),
+        ("ent_coef", "vf_coef", "max_grad_norm", "seed", "log_frequency"),
         lambda x: x >= 0,
         "finite and >= 0",
     ),
     (
-        ("num_seeds", "num_eval_envs", "episode_length", "action_repeat", "total_timesteps", "num_envs", "num_steps")
+        (
+            "num_seeds",
+            "num_cpu_devices",
+            "num_eval_envs",
+            "episode_length",
+            "action_repeat",
+            "total_timesteps",
+            "num_envs",
+            "num_steps",
+        )
         + ("num_unrolls", "num_minibatches", "update_epochs", "actor_hidden", "critic_hidden"),
         lambda x: x >= 1,
         ">= 1",
@@ -968,11 +978,19 @@ def seed_keys(args: Args):
     return jax.random.split(key_train, args.num_seeds), jax.random.split(key_eval, args.num_seeds)
 
 
-def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
+def seed_devices(num_seeds: int, num_cpu_devices: int | None = 1) -> int:
+    """How many devices over_seeds shards num_seeds seeds over: the largest divisor of num_seeds up to the devices
+    it may use, on a CPU num_cpu_devices of JAX's (1 or None: one device, whatever the process has, so a seed's
+    numbers do not depend on the machine), on accelerators all of JAX's."""
+    cpu = jax.default_backend() == "cpu"
+    return math.gcd(num_seeds, min(num_cpu_devices or 1, jax.device_count()) if cpu else jax.device_count())
+
+
+def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...], num_cpu_devices: int | None = 1):
     """jit of fn mapped over a leading seed axis (of the arguments whose seed_axes entry is 0, and of every output).
 
     One seed is not vmapped (the axis is dropped and restored; vmapped, its float rounding differs); several are
-    vmapped and sharded over the largest number of JAX devices that divides num_seeds.
+    vmapped and sharded over seed_devices(num_seeds, num_cpu_devices) devices.
     """
     if num_seeds == 1:
 
@@ -982,7 +1000,7 @@ def over_seeds(fn, num_seeds: int, seed_axes: tuple[int | None, ...]):
 
         return jax.jit(single)
     mapped = jax.vmap(fn, in_axes=seed_axes)
-    n = math.gcd(num_seeds, jax.device_count())
+    n = seed_devices(num_seeds, num_cpu_devices)
     if n == 1:
         return jax.jit(mapped)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seed",))
@@ -1031,7 +1049,7 @@ def make_evaluate(args: Args):
 
 def evaluate_seeds(args: Args, params, obs_stats) -> dict:
     """Each seed's policy evaluated with sampled actions (as Brax's evaluator): seed_statistics' final_return_*."""
-    evaluate = over_seeds(make_evaluate(args), args.num_seeds, (0, 0, 0))
+    evaluate = over_seeds(make_evaluate(args), args.num_seeds, (0, 0, 0), args.num_cpu_devices)
     return seed_statistics(evaluate(params, obs_stats, seed_keys(args)[1]), "final_return")
 
 
@@ -1068,13 +1086,16 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
     with open(metrics_path, "w", newline="") as f:
         csv.writer(f).writerows([FIELDS] + rows)
     family = f"Brax {args.backend}" if args.env_id in BRAX_ENVS else "gymnax"
+    devices = seed_devices(args.num_seeds, args.num_cpu_devices)
     print(
-        f"{args.env_id} ({family}), drift {name}, {args.num_seeds} seed(s) on {jax.device_count()} "
+        f"{args.env_id} ({family}), drift {name}, {args.num_seeds} seed(s) on {devices} "
         f"{jax.default_backend()} device(s): {n_updates} updates of {steps_per_update:,} steps per seed",
         flush=True,
     )
     start = time.time()
-    chunk_fn = over_seeds(train_chunk, args.num_seeds, (0, None)).lower(runners, jnp.int32(1)).compile()
+    chunk_fn = (
+        over_seeds(train_chunk, args.num_seeds, (0, None), args.num_cpu_devices).lower(runners, jnp.int32(1)).compile()
+    )
     print(f"compiled in {time.time() - start:.0f}s", flush=True)
     first = updates_done = int(runners.update[0])
     chunk = 1
@@ -1127,13 +1148,14 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         **evaluate_seeds(args, params, obs_stats),
         train_seconds=train_seconds,
         sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
-        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        device=f"{devices} x {jax.devices()[0].device_kind}",
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    steps, mean, std = np.array(rows, dtype=float).T[:3]
+    steps, mean, std = np.array(rows, dtype=float).T[:3]  # std over seeds with ddof 0, as metrics.csv logs it
+    sample_std = std * np.sqrt(args.num_seeds / max(args.num_seeds - 1, 1))
     plot_curves(
         os.path.join(run_dir, "learning_curve.png"),
-        {"mean over seeds ± 1 std": (steps, mean, std)},
+        {"mean over seeds ± 1 sample std": (steps, mean, sample_std)},
         f"{args.env_id}, drift {name}, {args.num_seeds} seed(s)",
     )
     print(
@@ -1380,24 +1402,24 @@ def run_meta_training(args: Args) -> str:
 
 # ---- Plumbing: run directories, resume, logs, plots, reports, launch. Nothing below changes a number.
 def use_cpu_cores(args: Args) -> Args:
-    """args with --num-cpu-devices filled in, after splitting the host CPU into that many JAX devices.
+    """args with --num-cpu-devices set to the count that runs, after splitting the host CPU into that many devices.
 
-    With one device per core, over_seeds runs each device's seeds on its own core (docs/dpo.md, "The command
-    against PureJaxRL"). The default is the largest divisor of --num-seeds up to the number of cores; 1 keeps JAX's
-    one CPU device. JAX reads the setting when it starts, so after its first operation (or with XLA_FLAGS' device
-    count) the devices stay as they are: the returned args name the count that runs, since a seed's float rounding
-    differs between device counts; on an accelerator the CPU split has no effect and they name none (None).
-    resolve_args has checked --num-cpu-devices (RANGES: >= 0).
+    JAX gives a whole CPU one device and splits each operation over every core. With --num-cpu-devices N, over_seeds
+    trains each device's share of the seeds on its own core, which can be faster (docs/dpo.md, item 14), but a
+    seed's float rounding then differs from the default's. The default, 1, keeps JAX's one device, so the same
+    command gives the same numbers on any CPU machine. JAX reads the setting when it starts: after its first
+    operation (or with XLA_FLAGS' device count) the devices stay as they are, and the returned args name the count
+    over_seeds uses, at most the devices there are; on an accelerator the CPU split has no effect and they name none.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = args.num_cpu_devices or max(d for d in range(1, cores + 1) if args.num_seeds % d == 0)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
-            jax.config.update("jax_num_cpu_devices", n)
+            jax.config.update("jax_num_cpu_devices", args.num_cpu_devices or 1)
         except RuntimeError:  # JAX has already started in this process
             pass
     cpu = jax.default_backend() == "cpu"  # jax.devices("cpu") fails where JAX_PLATFORMS names accelerators only
-    return dataclasses.replace(args, num_cpu_devices=jax.device_count() if cpu else None)  # the count that runs
+    return dataclasses.replace(
+        args, num_cpu_devices=min(args.num_cpu_devices or 1, jax.device_count()) if cpu else None
+    )
 
 
 def seed_statistics(x, prefix: str) -> dict:
@@ -1506,7 +1528,7 @@ def run_comparison(args: Args) -> str:
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary["drifts"][drift] = json.load(f)
         steps, mean, std = np.loadtxt(os.path.join(run_dir, "metrics.csv"), delimiter=",", skiprows=1, ndmin=2).T[:3]
-        curves[drift.upper()] = (steps, mean, std / np.sqrt(args.num_seeds))
+        curves[drift.upper()] = (steps, mean, std / np.sqrt(max(args.num_seeds - 1, 1)))  # std: ddof 0
     write_json(os.path.join(base, "summary.json"), summary)
     title = f"{args.env_id}, {args.num_seeds} seed(s)"
     plot_curves(os.path.join(base, "learning_curves.png"), curves, title, ylabel="episodic return (mean ± s.e.)")

@@ -1,7 +1,5 @@
 #!/usr/bin/env bash
 # PPO vs DPO, 10 seeds each, identical hyperparameters (docs/dpo.md, "Results"). Resumable: rerun to continue.
-# One CPU device, as the documented runs had (before --num-cpu-devices existed): without it each seed's run differs
-# from theirs from the first float rounding on.
 set -u
 cd "$(dirname "$0")/.."
 run() {  # run NAME FLAGS...
@@ -10,7 +8,7 @@ run() {  # run NAME FLAGS...
     local dir=runs/compare/${name}__${drift}
     if [ -f "$dir/summary.json" ]; then continue; fi
     if [ -f "$dir/checkpoint.msgpack" ]; then python dpo.py --resume "$dir"; else
-      python dpo.py "$@" --drift $drift --num-seeds 10 --seed 1 --num-cpu-devices 1 --run-dir "$dir" --overwrite; fi
+      python dpo.py "$@" --drift $drift --num-seeds 10 --seed 1 --run-dir "$dir" --overwrite; fi
   done
 }
 run Pendulum-v1 --env-id Pendulum-v1 --total-timesteps 500000
