@@ -366,7 +366,18 @@ class ArgsError(ValueError):
     """A user's mistake in the arguments or files: main prints it as one line and exits with code 2 (as tyro)."""
 
 
-NON_NEGATIVE = ("seed", "process_id", "memory_units", "weight_decay", "ppo_anneal_frac")  # other numbers: > 0
+RANGES = (  # every numeric flag's valid values (a tuple flag: each entry), checked by resolve_args; None: unset
+    (("seed", "process_id", "memory_units", "weight_decay"), lambda x: x >= 0, ">= 0"),
+    (("ppo_anneal_frac",), lambda x: 0 <= x <= 1, "in [0, 1]"),
+    (
+        ("num_processes", "init_timeout", "lifetime", "buffer_size", "update_every", "minibatch_size")
+        + ("update_epochs", "inner_learning_rate", "num_eval_episodes", "episode_length", "pop_size", "num_tasks")
+        + ("num_generations", "sigma", "es_learning_rate", "eval_every", "num_eval_tasks", "num_select_tasks")
+        + ("save_every", "num_seeds", "ppo_rollouts", "ppo_epochs", "ppo_learning_rates", "num_sweep_tasks"),
+        lambda x: x > 0,
+        "> 0",
+    ),
+)
 
 
 def resolve_args(args: Args) -> Args:
@@ -380,13 +391,12 @@ def resolve_args(args: Args) -> Args:
         args = dataclasses.replace(args, run_dir=os.path.join("runs", name))
     if args.es_learning_rate is None and args.num_generations > 0:
         args = dataclasses.replace(args, es_learning_rate=args.sigma / (2.0 * math.sqrt(args.num_generations)))
-    for name, value in dataclasses.asdict(args).items():  # numbers and tuples of numbers (every entry)
-        if type(value) in (int, float, tuple) and not np.all(np.isfinite(np.asarray(value, dtype=float))):
-            raise ArgsError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        if type(value) in (int, float, tuple) and name not in NON_NEGATIVE and not np.all(np.asarray(value) > 0):
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if min(args.memory_units, args.weight_decay) < 0 or not 0 <= args.ppo_anneal_frac <= 1:
-        raise ArgsError("--memory-units and --weight-decay must be >= 0, --ppo-anneal-frac in [0, 1]")
+    for names, valid, text in RANGES:
+        for name in names:
+            value = getattr(args, name)
+            entries = value if isinstance(value, tuple) else () if value is None else (value,)
+            if not all(math.isfinite(v) and valid(v) for v in entries):
+                raise ArgsError(f"--{name.replace('_', '-')} {value} must be finite and {text}")
     for rollout in (args.update_every,) + (args.ppo_rollouts if args.test else ()):
         if rollout % args.minibatch_size or args.lifetime % rollout:
             raise ArgsError(f"a rollout of {rollout} must be a multiple of --minibatch-size and divide --lifetime")

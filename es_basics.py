@@ -860,9 +860,18 @@ DEFAULTS["own"] = {  # the methods that bring their own problem: the planar arm 
 EVOSAX_TWIN = {"CMA_ES": "cma-es", "Sep_CMA_ES": "cma-es", "SNES": "snes", "xNES": "snes", "Open_ES": "openai-es"}
 
 
-POSITIVE = ("num_dims", "pop_size", "num_generations", "num_eval_episodes", "hidden", "num_bins")
-POSITIVE += ("sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "elite_ratio", "ite_max_trials")
-POSITIVE += ("ite_length_scale", "poet_mutate_every", "poet_transfer_every")
+RANGES = (  # every numeric flag's valid values (a tuple flag: each entry), checked by resolve_args; None: unset
+    (("seed", "process_id", "weight_decay", "cem_noise"), lambda x: x >= 0, ">= 0"),
+    (("obs_stats_fraction", "elite_ratio", "ite_stop_fraction"), lambda x: 0 < x <= 1, "in (0, 1]"),
+    (("poet_max_pairs",), lambda x: x >= 2, ">= 2 (transfers need another pair)"),
+    (
+        ("num_dims", "pop_size", "num_generations", "num_eval_episodes", "hidden", "num_bins", "num_processes")
+        + ("init_timeout", "sigma_init", "sigma_decay", "sigma_limit", "learning_rate", "lr_decay", "ite_max_trials")
+        + ("ite_length_scale", "poet_mutate_every", "poet_transfer_every"),
+        lambda x: x > 0,
+        "> 0",
+    ),
+)
 
 
 class ArgsError(ValueError):
@@ -873,7 +882,7 @@ def resolve_args(args: Args) -> Args:
     """Fill the None fields with the defaults of this method and problem, and check what tyro cannot.
 
     Raises:
-        ArgsError: a non-positive size or scale; a population too small for CEM's elite fraction or
+        ArgsError: a number outside its range (RANGES); a population too small for CEM's elite fraction or
             CMA-ES's parents, odd where antithetic pairs need it, or not dividing over the devices;
             MAP-Elites on a problem without a behaviour descriptor.
     """
@@ -886,16 +895,15 @@ def resolve_args(args: Args) -> Args:
     if args.normalize_observations is None:
         filled["normalize_observations"] = twin == "openai-es" and not on_function
     args = dataclasses.replace(args, **filled)
-    for name, value in dataclasses.asdict(args).items():  # pop_size is still None for CMA-ES and SNES on functions
-        if type(value) in (int, float, tuple) and not np.all(np.isfinite(np.asarray(value, dtype=float))):
-            raise ArgsError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        if name in POSITIVE and not all(v is None or v > 0 for v in (value if isinstance(value, tuple) else [value])):
-            raise ArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for names, valid, text in RANGES:  # pop_size is still None for CMA-ES and SNES on functions
+        for name in names:
+            value = getattr(args, name)
+            entries = value if isinstance(value, tuple) else () if value is None else (value,)
+            if not all(math.isfinite(v) and valid(v) for v in entries):
+                raise ArgsError(f"--{name.replace('_', '-')} {value} must be finite and {text}")
     if args.pop_size is None:  # CMA-ES and SNES on a test function: 4 + ⌊3 ln n⌋
         args = dataclasses.replace(args, pop_size=4 + int(3 * math.log(args.num_dims)))
-    if args.poet_max_pairs < 2:
-        raise ArgsError(f"--poet-max-pairs must be at least 2 (transfers need another pair), got {args.poet_max_pairs}")
-    if args.algo == "cem" and not (args.elite_ratio <= 1 and int(args.elite_ratio * args.pop_size) >= 2):
+    if args.algo == "cem" and int(args.elite_ratio * args.pop_size) < 2:
         raise ArgsError(
             f"--pop-size {args.pop_size} with --elite-ratio {args.elite_ratio} leaves "
             f"{int(args.elite_ratio * args.pop_size)} elites; CEM needs 2 to pop_size to fit a variance"
