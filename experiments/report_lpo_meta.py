@@ -1,11 +1,12 @@
-"""The pre-registered in-distribution test of an lpo.py meta-training run (docs/lpo.md, issue 21; not collected).
+"""The pre-registered in-distribution test of an lpo.py meta-training run (docs/lpo.md; not collected).
 
 The run's best validated ES mean (best_drift.msgpack) trains --num-seeds fresh agents at the settings the drift file
 records (its meta-training env and inner loop), on seeds that neither the ES nor the choice of the best mean drew,
-beside PPO and DPO on the same seeds and, as the null, --num-random drifts of the same form whose weights point in
-random directions with the learned drift's norm. Prints the table (mean ± sample std, IQM with its bootstrap 95%
-interval, the paired t-test against PPO on the shared seeds, Welch's p against the null's pooled agents) and the
-command of every row; writes the figure of final returns per seed and the ES mean's validation curve.
+beside PPO and DPO on the same seeds and, as the null, --num-random drifts of the same form displaced from the ES's
+start (zero, or the hidden start's) by as much as the learned drift, in random directions. Prints the table (mean
+± sample std, IQM with its bootstrap 95% interval, the paired t-test against PPO on the shared seeds, Welch's p
+against the null's pooled agents) and the command of every row; writes the figure of final returns per seed and the
+ES mean's validation curve.
 
     python experiments/report_lpo_meta.py --run runs/lpo_linear --out docs/lpo/linear
 """
@@ -91,16 +92,22 @@ def main(report: Report):
     net, ppo_init, settings = lpo.load_drift(best)
     results = evaluate(report, best, ("lpo", "dpo", "ppo"), "learned")
     finals = {k: np.array(v["final_returns"]) for k, v in results.items()}
-    norm = float(np.sqrt(sum(np.sum(np.square(w)) for w in net)))
+    saved = lpo.resumed_args(lpo.Args(resume=report.run))
+    # The null moves the ES's start by as much as the ES did, in random directions (the zero start: the learned norm).
+    start = lpo.init_drift_params(jax.random.PRNGKey(saved.seed), saved.ppo_init, saved.drift_hidden, saved.drift_start)
+    norm = float(np.sqrt(sum(np.sum(np.square(w - w0)) for w, w0 in zip(net, start))))
     for i in range(report.num_random):
         keys = jax.random.split(jax.random.PRNGKey(10_000 + i), len(net))
         random = [np.asarray(jax.random.normal(k, w.shape)) for k, w in zip(keys, net)]
         scale = norm / np.sqrt(sum(np.sum(np.square(w)) for w in random))
         path = os.path.join(report.run, f"random_drift_{i}.msgpack")
-        lpo.save_drift(path, [w * scale for w in random], ppo_init, settings)
+        lpo.save_drift(path, [np.asarray(w0) + w * scale for w, w0 in zip(random, start)], ppo_init, settings)
         finals[f"random {i}"] = np.array(evaluate(report, path, ("lpo",), f"random_{i}")["lpo"]["final_returns"])
     null = np.concatenate([finals[f"random {i}"] for i in range(report.num_random)])
-    print(f"\nlearned drift: {best} (weight norm {norm:.3f}); {report.num_seeds} seeds from --seed {report.seed}\n")
+    print(
+        f"\nlearned drift: {best} (distance from the ES's start {norm:.3f}, --drift-start {saved.drift_start}); "
+        f"{report.num_seeds} seeds from --seed {report.seed}\n"
+    )
     print("| drift | final return mean ± std | IQM [95% CI] | paired vs PPO: mean diff., t-test p | Welch p vs null |")
     print("| --- | --- | --- | --- | --- |")
     for name, x in finals.items():
@@ -124,7 +131,6 @@ def main(report: Report):
     right.plot(
         table["generation"][checked], table[f"{env}_validation_return"][checked], "o-", label="ES mean, validation"
     )
-    saved = lpo.resumed_args(lpo.Args(resume=report.run))
     args = lpo.resolve_args(dataclasses.replace(saved, env_id=settings["env_id"]))
     v = args.num_validation_seeds  # PPO on the validation seeds, drawn as run_meta_training draws them
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), lpo.VALIDATION_STREAM), 2 * v)
