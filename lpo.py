@@ -119,6 +119,9 @@ class Args:
     agents on --env-id with it and with --compare's drifts"""
     env_ids: tuple[EnvId, ...] = ()
     """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
+    env_flags: tuple[str, ...] = ()
+    """meta-training: an inner-loop flag for one env only, as ENV:FLAG=VALUE (Pendulum-v1:learning-rate=1e-3); the
+    command's other flags apply to every env, and flags left unset take each env's family defaults"""
     ppo_init: bool = True
     """LPO: the network adds to PPO's drift and the ES mean starts at zero (PPO); --no-ppo-init: LPO-Zero"""
     drift_start: Literal["zero", "hidden"] = "zero"
@@ -1265,6 +1268,28 @@ def make_env_fitness(args: Args):
     return make_train(args, ppo_drift)[0], fitness, jax.jit(member), jax.jit(baselines)
 
 
+def env_inner_args(args: Args, env_id: str) -> Args:
+    """The resolved Args of env_id's inner runs in meta-training: the command's flags, then the --env-flags entries
+    for env_id, then env_id's family defaults for what is still unset. Raises ArgsError for an entry that is not
+    ENV:FLAG=VALUE with ENV a meta-training env and FLAG an inner-loop flag (INNER_FIELDS), or a bad value."""
+    given = []
+    for entry in args.env_flags:
+        env, _, setting = entry.partition(":")
+        flag, equals, value = setting.partition("=")
+        field = flag.removeprefix("--").replace("-", "_")
+        if not equals or env not in (args.env_ids or (args.env_id,)) or field not in INNER_FIELDS or "env_id" in field:
+            raise ArgsError(
+                f"--env-flags {entry}: expected ENV:FLAG=VALUE, ENV one of the meta-training envs and FLAG an "
+                "inner-loop flag (learning-rate, total-timesteps, update-epochs, ...)"
+            )
+        if env == env_id:
+            given += [f"--{field.replace('_', '-')}", *value.split()]
+    try:
+        return resolve_args(tyro.cli(Args, args=given, default=dataclasses.replace(args, env_id=env_id)))
+    except SystemExit:  # tyro has printed what is wrong with the value
+        raise ArgsError(f"--env-flags: a bad value for {env_id} ({' '.join(given)})") from None
+
+
 def run_meta_training(args: Args) -> str:
     """ES over the drift network, one generation at a time; writes the run directory and an atomic checkpoint after
     every generation, so an interrupted run resumes (--resume) to exactly an uninterrupted run's numbers.
@@ -1302,8 +1327,9 @@ def run_meta_training(args: Args) -> str:
     name = f"{'+'.join(env_ids)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or args.run_dir or os.path.join("runs", name)
     refuse_occupied(run_dir, args)
-    env_args = [resolve_args(dataclasses.replace(args, env_id=e)) for e in env_ids]
+    env_args = [env_inner_args(args, e) for e in env_ids]
     envs = [(a.env_id, *make_env_fitness(a)) for a in env_args]
+    recorded = dict(dataclasses.asdict(env_args[0]), env_settings={a.env_id: dataclasses.asdict(a) for a in env_args})
     initial = init_drift_params(jax.random.PRNGKey(args.seed), args.ppo_init, args.drift_hidden, args.drift_start)
     es = make_es(args, initial)
     es_state = es.init(jax.random.PRNGKey(args.seed), initial, es.default_params)
@@ -1373,7 +1399,7 @@ def run_meta_training(args: Args) -> str:
         # generation and rewrites them all.
         gains = [np.mean(np.array(r[-len(envs) :], dtype=float) - validation_ppo) for r in rows if r[-1] != ""]
         for file in ("drift.msgpack", "best_drift.msgpack")[: 1 + bool(validated and gains[-1] == max(gains))]:
-            save_drift(os.path.join(run_dir, file), mean, args.ppo_init, dataclasses.asdict(env_args[0]))
+            save_drift(os.path.join(run_dir, file), mean, args.ppo_init, recorded)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
         progress = "".join(
             f"  {e} {c[0]:.1f} ({c[1]:.1f}) signal {c[3]:+.2f}"
@@ -1588,15 +1614,23 @@ envs"""
 
 def save_drift(path: str, net: list, ppo_init: bool, settings: dict | None = None):
     """A drift file: the network's weights, its form (LPO or LPO-Zero) and the INNER_FIELDS of settings (the first
-    meta-training env's resolved Args), msgpack, written atomically."""
-    inner = json.dumps({k: settings[k] for k in INNER_FIELDS if k in (settings or {})})
+    meta-training env's resolved Args), and of each env's in settings["env_settings"] ({env_id: Args as a dict},
+    if given), msgpack, written atomically."""
+    settings = settings or {}
+    inner = {k: settings[k] for k in INNER_FIELDS if k in settings}
+    if "env_settings" in settings:
+        inner["env_settings"] = {
+            e: {k: s[k] for k in INNER_FIELDS if k in s} for e, s in settings["env_settings"].items()
+        }
+    inner = json.dumps(inner)
     state = {"net": {str(i): np.asarray(w) for i, w in enumerate(net)}, "ppo_init": ppo_init, "settings": inner}
     atomic_write(path, flax.serialization.msgpack_serialize(state))
 
 
 def load_drift(path: str) -> tuple[list, bool, dict]:
     """(net, ppo_init, settings) from a drift file, or from a meta-training run directory's drift.msgpack (the ES
-    mean); settings are the recorded inner-loop flags ({} in files written before they were recorded).
+    mean); settings are the recorded inner-loop flags of the first meta-training env ({} in files written before they
+    were recorded) and, in files written since 2026-12-07, settings["env_settings"]: every meta-training env's.
 
     Raises ArgsError if the file is missing, damaged or not a drift network's weights.
     """
@@ -1609,9 +1643,9 @@ def load_drift(path: str) -> tuple[list, bool, dict]:
         sizes = drift_layer_sizes(ppo_init, tuple(w.shape[0] for w in net[1:]))
         if [w.shape for w in net] != list(zip(sizes, sizes[1:])):
             raise ValueError("shapes differ")
-        settings = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(state.get("settings", "{}")).items()
-        }
+        settings = json.loads(state.get("settings", "{}"))
+        for recorded in [settings, *settings.get("env_settings", {}).values()]:
+            recorded.update({k: tuple(v) for k, v in recorded.items() if isinstance(v, list)})  # JSON has no tuples
     except Exception as e:  # missing file, msgpack, key and shape errors all mean the same thing to the user
         raise ArgsError(f"drift {file} is missing or not a drift written by lpo.py ({type(e).__name__})") from None
     return net, ppo_init, settings
@@ -1619,10 +1653,13 @@ def load_drift(path: str) -> tuple[list, bool, dict]:
 
 def eval_drift_args(args: Args) -> Args:
     """--eval-drift's Args: the drift file's recorded inner-run settings (INNER_FIELDS) for each flag this command
-    leaves at its default, unless --env-id names another env than the file's (that env's family defaults then), and
-    the file's absolute path. Raises ArgsError if the file is missing or damaged, before any training."""
+    leaves at its default: the first meta-training env's without --env-id, the named env's if it was a meta-training
+    env, none (its family defaults) for another env; and the file's absolute path. Raises ArgsError if the file is
+    missing or damaged, before any training."""
     settings = load_drift(args.eval_drift)[2]
-    settings = settings if args.env_id in (Args().env_id, settings.get("env_id")) else {}  # another env
+    per_env = settings.pop("env_settings", {})
+    if args.env_id != Args().env_id:  # --env-id given: its recorded settings, if the drift met it
+        settings = per_env.get(args.env_id, settings if args.env_id == settings.get("env_id") else {})
     recorded = {k: v for k, v in settings.items() if getattr(args, k) == getattr(Args(), k)}  # given flags win
     return dataclasses.replace(args, **recorded, eval_drift=os.path.abspath(args.eval_drift))
 

@@ -215,6 +215,32 @@ def test_eval_drift_runs_at_the_settings_the_drift_file_records(tmp_path):
     # the run itself: test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit
 
 
+def test_env_flags_set_one_envs_inner_loop_and_the_drift_file_records_every_env(tmp_path):
+    flags = ["--env-ids", "CartPole-v1", "Pendulum-v1", "--update-epochs", "3"]
+    flags += ["--env-flags", "Pendulum-v1:learning-rate=1e-3", "Pendulum-v1:actor-hidden=32 32"]
+    args = tyro.cli(lpo.Args, args=flags)
+    cartpole, pendulum = (lpo.env_inner_args(args, e) for e in args.env_ids)
+    assert (pendulum.learning_rate, pendulum.actor_hidden, pendulum.update_epochs) == (1e-3, (32, 32), 3)
+    default = lpo.resolve_args(dataclasses.replace(args, env_id="CartPole-v1"))
+    assert cartpole == default and cartpole.update_epochs == 3  # the other env: the command's flags and its defaults
+    for entry in ("Acrobot-v1:learning-rate=1e-3", "Pendulum-v1:sigma=0.1", "Pendulum-v1:learning-rate"):
+        with pytest.raises(lpo.ArgsError, match="ENV:FLAG=VALUE"):
+            lpo.env_inner_args(dataclasses.replace(args, env_flags=(entry,)), "Pendulum-v1")
+    with pytest.raises(lpo.ArgsError, match="a bad value for Pendulum-v1"):
+        lpo.env_inner_args(dataclasses.replace(args, env_flags=("Pendulum-v1:update-epochs=two",)), "Pendulum-v1")
+    # the file records every env's settings; --eval-drift on one of them runs at that env's
+    net = lpo.init_drift_params(jax.random.PRNGKey(0), True, ())
+    settings = dict(
+        dataclasses.asdict(cartpole), env_settings={a.env_id: dataclasses.asdict(a) for a in (cartpole, pendulum)}
+    )
+    lpo.save_drift(str(tmp_path / "drift.msgpack"), net, True, settings)
+    evaluate = ["--eval-drift", str(tmp_path / "drift.msgpack")]
+    ran = lpo.eval_drift_args(tyro.cli(lpo.Args, args=evaluate + ["--env-id", "Pendulum-v1"]))
+    assert (ran.learning_rate, ran.actor_hidden, ran.update_epochs) == (1e-3, (32, 32), 3)
+    ran = lpo.eval_drift_args(tyro.cli(lpo.Args, args=evaluate))  # no --env-id: the first env's
+    assert (ran.env_id, ran.learning_rate) == ("CartPole-v1", cartpole.learning_rate)
+
+
 TWO_PROCESSES = """
 import dataclasses, json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
