@@ -118,7 +118,7 @@ class Args:
     """a learned drift: a .msgpack written by lpo.py (drifts/ ships one) or a meta-training run directory; train fresh
     agents on --env-id with it and with --compare's drifts"""
     env_ids: tuple[EnvId, ...] = ()
-    """meta-train on these envs jointly, fitness z-scored per env and averaged; empty: on --env-id alone"""
+    """meta-train on these envs jointly, fitness shaped per env (--fitness-shaping) and averaged; empty: --env-id"""
     env_flags: tuple[str, ...] = ()
     """meta-training: an inner-loop flag for one env only, as ENV:FLAG=VALUE (Pendulum-v1:learning-rate=1e-3); the
     command's other flags apply to every env, and flags left unset take each env's family defaults"""
@@ -1268,6 +1268,15 @@ def make_env_fitness(args: Args):
     return make_train(args, ppo_drift)[0], fitness, jax.jit(member), jax.jit(baselines)
 
 
+def shape_within_env(returns: np.ndarray, shaping: str) -> np.ndarray:
+    """One env's member returns [pop_size] as scores on a common scale, so that every env weighs the same in the
+    average over --env-ids: z-scores (shaping "z_score"), or centered ranks in [-0.5, 0.5] (ties share their mean
+    rank), which one collapsed run cannot dominate. Either keeps the members' order."""
+    if shaping == "z_score":
+        return (returns - returns.mean()) / (returns.std() + 1e-8)
+    return (scipy.stats.rankdata(returns) - 1) / (len(returns) - 1) - 0.5
+
+
 def env_inner_args(args: Args, env_id: str) -> Args:
     """The resolved Args of env_id's inner runs in meta-training: the command's flags, then the --env-flags entries
     for env_id, then env_id's family defaults for what is still unset. Raises ArgsError for an entry that is not
@@ -1294,9 +1303,11 @@ def run_meta_training(args: Args) -> str:
     """ES over the drift network, one generation at a time; writes the run directory and an atomic checkpoint after
     every generation, so an interrupted run resumes (--resume) to exactly an uninterrupted run's numbers.
 
-    A member's fitness is its agents' final return z-scored over the population within each env, averaged over
-    --env-ids (with one env, the authors' z-scored return). PPO's and the untrained policy's returns on the same
-    inner runs are logged beside the members' mean, to show where the population stands.
+    A member's fitness is its agents' final return shaped over the population within each env (--fitness-shaping:
+    z-scored, or centered ranks in [-0.5, 0.5], which a collapsed run cannot dominate), averaged over --env-ids and
+    shaped once more by evosax (with one env, that changes nothing: the authors' z-scored return). PPO's and the
+    untrained policy's returns on the same inner runs are logged beside the members' mean, to show where the
+    population stands.
     """
     if args.num_generations is None:
         args = dataclasses.replace(args, num_generations=1025)  # the authors' script
@@ -1379,7 +1390,7 @@ def run_meta_training(args: Args) -> str:
                 )
             per_run = np.where(np.isfinite(per_run), per_run, np.min(per_run[np.isfinite(per_run)], initial=0.0))
             returns = per_run.mean(1)
-            scores.append((returns - returns.mean()) / (returns.std() + 1e-8))  # z-score within this env
+            scores.append(shape_within_env(returns, args.fitness_shaping))
             ppo, untrained = baselines(runners, keys[args.num_rollouts :])
             columns += [returns.mean(), float(np.mean(ppo)), float(np.mean(untrained)), es_signal(per_run)]
         es_state, _ = tell(key_tell, population, -np.mean(scores, 0), es_state, es.default_params)  # evosax minimises

@@ -215,6 +215,20 @@ def test_eval_drift_runs_at_the_settings_the_drift_file_records(tmp_path):
     # the run itself: test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit
 
 
+def test_centered_ranks_within_an_env_resist_a_collapsed_run():
+    returns = np.array([-1500.0, -200.0, -190.0, -180.0])  # one member's Pendulum runs collapsed
+    z = lpo.shape_within_env(returns, "z_score")
+    ranks = lpo.shape_within_env(returns, "centered_rank")
+    np.testing.assert_allclose(ranks, [-0.5, -1 / 6, 1 / 6, 0.5])  # the survivors keep their spread
+    assert np.ptp(z[1:]) < 0.05 * np.ptp(z)  # the z-scores squeeze them together
+    for shaping in ("z_score", "centered_rank"):  # one env: evosax's shaping of the scores is its shaping of returns
+        shape = lpo.make_es(
+            lpo.Args(fitness_shaping=shaping), lpo.init_drift_params(jax.random.PRNGKey(0))
+        ).fitness_shaping_fn
+        scores = lpo.shape_within_env(returns, shaping)
+        np.testing.assert_allclose(shape(None, scores, None, None), shape(None, returns, None, None), atol=1e-6)
+
+
 def test_env_flags_set_one_envs_inner_loop_and_the_drift_file_records_every_env(tmp_path):
     flags = ["--env-ids", "CartPole-v1", "Pendulum-v1", "--update-epochs", "3"]
     flags += ["--env-flags", "Pendulum-v1:learning-rate=1e-3", "Pendulum-v1:actor-hidden=32 32"]
