@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Transfer test of issue 21's learned linear drift (docs/lpo.md): three held-out envs, 10 seeds each, the learned
+# Transfer test of the learned linear drift (docs/lpo.md): three held-out envs, 10 seeds each, the learned
 # drift beside DPO, PPO and the three random drifts of its weight norm that experiments/report_lpo_meta.py wrote. Each env
 # keeps its family defaults except the inner regime the drift was discovered in: 10 epochs, constant learning rate.
 # Rerun to resume (finished drifts are kept). Then: python experiments/report_lpo_transfer.py --transfer runs/lpo_linear/transfer

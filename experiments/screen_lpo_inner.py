@@ -1,4 +1,4 @@
-"""Screen of inner-loop settings for LPO meta-training (issue 21): where does the drift change the inner run?
+"""Screen of inner-loop settings for LPO meta-training: where does the drift change the inner run?
 
 A drift can only be discovered where drifts differ in their effect. For each candidate inner setting (epochs,
 learning rate, annealing) on each meta-training env, this trains 16 seeds each of PPO at ε 0.2 (the baseline and
