@@ -42,8 +42,10 @@ class Report:
     num_random: int = 3
     """random drifts of the learned drift's norm (the null)"""
     transfer: bool = False
-    """instead: the table of experiments/run_lpo_linear_transfer.sh's runs under <run>/transfer and
-    <run>/transfer_random_*"""
+    """instead: the table of the transfer runs under <run>/<transfer-name> and <run>/<transfer-name>_random_*
+    (experiments/run_lpo_linear_transfer.sh, run_lpo_network_transfer.sh)"""
+    transfer_name: str = "transfer"
+    """the transfer runs' directory name inside the run"""
 
 
 def evaluate(report: Report, drift_file: str, compare: tuple[str, ...], name: str) -> dict:
@@ -71,11 +73,12 @@ def transfer_table(report: Report):
     against PPO and against the null (the pre-registered criterion in docs/lpo.md)."""
     print("| env | learned | DPO | PPO | null (random drifts, pooled) | Welch p learned vs PPO | vs null |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for env in sorted(os.listdir(os.path.join(report.run, "transfer"))):
-        runs = {d: final_returns(os.path.join(report.run, "transfer", env, d)) for d in ("lpo", "dpo", "ppo")}
+    name = report.transfer_name
+    for env in sorted(os.listdir(os.path.join(report.run, name))):
+        runs = {d: final_returns(os.path.join(report.run, name, env, d)) for d in ("lpo", "dpo", "ppo")}
         null = np.concatenate(
             [
-                final_returns(os.path.join(report.run, f"transfer_random_{i}", env, "lpo"))
+                final_returns(os.path.join(report.run, f"{name}_random_{i}", env, "lpo"))
                 for i in range(report.num_random)
             ]
         )
