@@ -6,8 +6,8 @@ numerical change of variables, Brax's optimiser without clipping, reacher's upda
 PPO and DPO learn CartPole-v1 and Pendulum-v1 (squashed policy); chunks of updates compose exactly; a seed
 reproduces its numbers. CLI tests: run directories for a Brax, a MinAtar and a continuous gymnax env; a run
 killed with SIGKILL and resumed ends with the numbers of an uninterrupted run; seeds sharded over two devices give
-one device's numbers, and the CLI splits a multi-core CPU into one device per seed; bad input gives one line and a
-non-zero exit.
+one device's numbers to float rounding; the same command gives the same numbers in a process with one and with two
+CPU devices (one device unless --num-cpu-devices asks for more); bad input gives one line and a non-zero exit.
 """
 
 import csv
@@ -420,8 +420,10 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 SHARDED_RUN = """
 import json, sys
 sys.path.insert(0, {root!r})
-import jax, numpy as np, dpo
+import jax, numpy as np, dpo, lpo
 assert jax.device_count() == 2, jax.devices()
+# Both scripts train seeds on one device by default, whatever devices the process has; the split is asked for.
+assert [m.seed_devices(2, n) for m in (dpo, lpo) for n in (1, 2)] == [1, 2, 1, 2]
 args = dpo.resolve_args(dpo.Args(env_id="CartPole-v1", num_seeds=2, total_timesteps=4096))
 init, train_chunk = dpo.make_train(args, dpo.make_drift(args))
 runners = dpo.init_seeds(init, dpo.seed_keys(args)[0])
