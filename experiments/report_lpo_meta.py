@@ -121,25 +121,26 @@ def main(report: Report):
     print(f"| the null's {len(null)} agents pooled | {cell(null)} | - | - |")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for j, x in enumerate(finals.values()):
-        left.scatter(np.full(len(x), j) + np.linspace(-0.2, 0.2, len(x)), x, s=8)
+    for j, (name, x) in enumerate(finals.items()):  # PPO, DPO, LPO in their colours everywhere; the null in grey
+        color = lpo.METHOD_COLORS.get(name.upper(), "grey")
+        left.scatter(np.full(len(x), j) + np.linspace(-0.2, 0.2, len(x)), x, s=8, color=color)
         left.plot([j - 0.3, j + 0.3], [x.mean(), x.mean()], color="black")
     left.set_xticks(range(len(finals)), [n.upper() if len(n) == 3 else n for n in finals], rotation=30)
     left.set(ylabel="final return (sampled actions)", title=f"{report.num_seeds} fresh seeds, the recorded setting")
     table = np.genfromtxt(os.path.join(report.run, "generations.csv"), delimiter=",", names=True)
     env = settings["env_id"].replace("-", "")
     checked = np.isfinite(table[f"{env}_validation_return"])
-    right.plot(table["generation"], table[f"{env}_mean_return"], label="members' mean", alpha=0.6)
-    right.plot(table["generation"], table[f"{env}_ppo_return"], label="PPO, same runs", alpha=0.6)
-    right.plot(
-        table["generation"][checked], table[f"{env}_validation_return"][checked], "o-", label="ES mean, validation"
-    )
+    lpo_color, ppo_color = lpo.METHOD_COLORS["LPO"], lpo.METHOD_COLORS["PPO"]
+    right.plot(table["generation"], table[f"{env}_mean_return"], label="members' mean", alpha=0.4, color=lpo_color)
+    right.plot(table["generation"], table[f"{env}_ppo_return"], label="PPO, same runs", alpha=0.4, color=ppo_color)
+    validation = table[f"{env}_validation_return"][checked]
+    right.plot(table["generation"][checked], validation, "o-", label="ES mean, validation", color=lpo_color)
     args = lpo.resolve_args(dataclasses.replace(saved, env_id=settings["env_id"]))
     v = args.num_validation_seeds  # PPO on the validation seeds, drawn as run_meta_training draws them
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), lpo.VALIDATION_STREAM), 2 * v)
     init, _, _, baselines = lpo.make_env_fitness(args)
     ppo_validation = float(np.mean(baselines(lpo.init_seeds(init, keys[:v]), keys[v:])[0]))
-    right.axhline(ppo_validation, color="black", linestyle="--", label="PPO, validation")
+    right.axhline(ppo_validation, color=ppo_color, linestyle="--", label="PPO, validation")
     right.set(xlabel="generation", ylabel="final return", title="meta-training")
     right.legend()
     fig.tight_layout()
