@@ -855,9 +855,9 @@ def seed_keys(args: Args):
 
 
 def seed_devices(num_seeds: int, num_cpu_devices: int | None = 1) -> int:
-    """How many devices over_seeds shards num_seeds seeds over: the largest divisor of num_seeds up to the devices
-    it may use, on a CPU num_cpu_devices of JAX's (1 or None: one device, whatever the process has, so a seed's
-    numbers do not depend on the machine), on accelerators all of JAX's."""
+    """How many devices over_seeds shards num_seeds seeds over: the greatest common divisor of num_seeds and the
+    devices it may use, on a CPU num_cpu_devices of JAX's (1 or None: one device, whatever the process has, so a
+    seed's numbers do not depend on the machine), on accelerators all of JAX's."""
     cpu = jax.default_backend() == "cpu"
     return math.gcd(num_seeds, min(num_cpu_devices or 1, jax.device_count()) if cpu else jax.device_count())
 
