@@ -1050,7 +1050,7 @@ def use_cpu_cores(args: Args) -> Args:
     seed's float rounding then differs from the default's. The default, 1, keeps JAX's one device, so the same
     command gives the same numbers on any CPU machine. JAX reads the setting when it starts: after its first
     operation (or with XLA_FLAGS' device count) the devices stay as they are, and the returned args name the count
-    over_seeds uses, at most the devices there are; on an accelerator the CPU split has no effect and they name none.
+    over_seeds may use, at most the devices there are; on an accelerator the CPU split has no effect and they name none.
     """
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
