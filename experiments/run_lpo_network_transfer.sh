@@ -4,7 +4,9 @@
 # experiments/report_lpo_meta.py wrote (random displacements from the ES's start). Each env keeps its family
 # defaults except the inner regime the drift was discovered in (10 epochs, constant learning rate), and runs
 # 128 updates, as many as each meta-training inner run (primary: transfer/); HORIZON=500k runs 500,000 steps
-# instead (secondary: transfer_500k/). Rerun to resume (finished drifts are kept). Then:
+# instead (secondary: transfer_500k/). Rerun to resume (finished drifts are kept). PPO's and DPO's agents do not
+# depend on the learned drift (same seeds, same flags), so BASELINES=runs/OTHER_SEED copies that run's finished
+# PPO and DPO rows instead of training them again. Then:
 #   python experiments/report_lpo_meta.py --run $RUN --transfer --transfer-name transfer   # or transfer_500k
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,12 @@ for env in Acrobot-v1 Pendulum-v1 Breakout-MinAtar SpaceInvaders-MinAtar; do
     steps=${MATCHED[$env]}
     [ "$HORIZON" = 500k ] && steps=500000
     flags=(--env-id "$env" --total-timesteps "$steps" --update-epochs 10 --anneal-lr False --num-seeds 10 --seed 1)
+    for drift in dpo ppo; do
+        from=${BASELINES:-}/$name/$env/$drift
+        if [ -n "${BASELINES:-}" ] && [ -f "$from/summary.json" ] && [ ! -e "$RUN/$name/$env/$drift" ]; then
+            mkdir -p "$RUN/$name/$env" && cp -r "$from" "$RUN/$name/$env/$drift"
+        fi
+    done
     python lpo.py --eval-drift "$RUN/best_drift.msgpack" "${flags[@]}" --compare lpo dpo ppo --run-dir "$RUN/$name/$env"
     for i in 0 1 2; do
         python lpo.py --eval-drift "$RUN/random_drift_$i.msgpack" "${flags[@]}" --compare lpo \
