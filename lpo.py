@@ -1100,15 +1100,13 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         over_seeds(train_chunk, args.num_seeds, (0, None), args.num_cpu_devices).lower(runners, jnp.int32(1)).compile()
     )
     print(f"compiled in {time.time() - start:.0f}s", flush=True)
-    first = updates_done = int(runners.update[0])
+    updates_done = int(runners.update[0])
     chunk = 1
-    train_seconds = 0.0
     while updates_done < n_updates:
         n = min(chunk, max_chunk(args), n_updates - updates_done)
         t0 = time.time()
         runners, metrics = jax.block_until_ready(chunk_fn(runners, jnp.int32(n)))
         seconds = time.time() - t0
-        train_seconds += seconds
         sps = n * steps_per_update * args.num_seeds / seconds
         metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
         if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(runners.train_state.params)):
@@ -1141,6 +1139,8 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         )
         chunk = max(1, int(30.0 * n / seconds))  # the next chunk takes about 30 s
     params, obs_stats = runners.train_state.params, runners.obs_stats
+    # every update's seconds from its logged speed: a resumed run's total counts the earlier sessions too
+    train_seconds = float(np.sum(steps_per_update * args.num_seeds / np.array(rows, dtype=float)[:, -1]))
     atomic_write(os.path.join(run_dir, "params.msgpack"), flax.serialization.to_bytes((params, obs_stats)))
     summary = dict(
         env_id=args.env_id,
@@ -1150,7 +1150,7 @@ def run_training(args: Args, drift: Drift | None = None) -> str:
         num_eval_envs=args.num_eval_envs,
         **evaluate_seeds(args, params, obs_stats),
         train_seconds=train_seconds,
-        sps=(n_updates - first) * steps_per_update * args.num_seeds / train_seconds,
+        sps=n_updates * steps_per_update * args.num_seeds / train_seconds,
         device=f"{devices} x {jax.devices()[0].device_kind}",
     )
     write_json(os.path.join(run_dir, "summary.json"), summary)

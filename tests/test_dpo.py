@@ -415,6 +415,14 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
         assert [[r[k] for k in columns] for r in csv.DictReader(a)] == [
             [r[k] for k in columns] for r in csv.DictReader(b)
         ]
+    # the resumed run's training time counts the killed session's updates too (each row's seconds from its speed)
+    with open(os.path.join(killed, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    steps_per_update = int(rows[0]["global_step"])
+    seconds = sum(steps_per_update * 2 / float(r["sps"]) for r in rows)
+    summary = read_summary(killed)
+    assert summary["train_seconds"] == pytest.approx(seconds, rel=1e-6)
+    assert summary["sps"] == pytest.approx(int(rows[-1]["global_step"]) * 2 / seconds, rel=1e-6)
 
 
 SHARDED_RUN = """
