@@ -1277,6 +1277,16 @@ def shape_within_env(returns: np.ndarray, shaping: str) -> np.ndarray:
     return (scipy.stats.rankdata(returns) - 1) / (len(returns) - 1) - 0.5
 
 
+def validation_gain(means: np.ndarray, ppo_returns: list[np.ndarray]) -> float:
+    """The ES mean's gain over PPO on the validation seeds, one number over several envs: each env's mean return
+    (means [n_envs]) minus PPO's mean (ppo_returns: n_envs arrays [seeds]), in units of PPO's sample std over those
+    seeds, averaged over envs, so that Pendulum's spread of hundreds does not outweigh CartPole's. For one env it
+    orders generations as the raw difference does. best_drift.msgpack is the mean with the highest gain so far."""
+    ppo_means = np.array([np.mean(r) for r in ppo_returns])
+    ppo_stds = np.array([max(float(np.std(r, ddof=1)), 1e-6) for r in ppo_returns])  # 1e-6: PPO with no spread
+    return float(np.mean((means - ppo_means) / ppo_stds))
+
+
 def env_inner_args(args: Args, env_id: str) -> Args:
     """The resolved Args of env_id's inner runs in meta-training: the command's flags, then the --env-flags entries
     for env_id, then env_id's family defaults for what is still unset. Raises ArgsError for an entry that is not
@@ -1349,7 +1359,7 @@ def run_meta_training(args: Args) -> str:
     v = args.num_validation_seeds
     validation_keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), VALIDATION_STREAM), 2 * v)
     validation_runners = [init_seeds(env[1], validation_keys[:v]) for env in envs] if args.validate_every else []
-    validation_ppo = [float(np.mean(e[4](r, validation_keys[v:])[0])) for e, r in zip(envs, validation_runners)]
+    ppo_validation = [np.asarray(e[4](r, validation_keys[v:])[0], float) for e, r in zip(envs, validation_runners)]
     checkpoint_path = os.path.join(run_dir, "es_checkpoint.msgpack")
     log_path = os.path.join(run_dir, "generations.csv")
     rows = []
@@ -1408,7 +1418,7 @@ def run_meta_training(args: Args) -> str:
         atomic_write(log_path, table.getvalue().encode())
         # The drift files first (the mean; the best validated mean): a run killed before the checkpoint redoes this
         # generation and rewrites them all.
-        gains = [np.mean(np.array(r[-len(envs) :], dtype=float) - validation_ppo) for r in rows if r[-1] != ""]
+        gains = [validation_gain(np.array(r[-len(envs) :], dtype=float), ppo_validation) for r in rows if r[-1] != ""]
         for file in ("drift.msgpack", "best_drift.msgpack")[: 1 + bool(validated and gains[-1] == max(gains))]:
             save_drift(os.path.join(run_dir, file), mean, args.ppo_init, recorded)
         atomic_write(checkpoint_path, flax.serialization.to_bytes(es_state))
@@ -1416,7 +1426,10 @@ def run_meta_training(args: Args) -> str:
             f"  {e} {c[0]:.1f} ({c[1]:.1f}) signal {c[3]:+.2f}"
             for e, c in zip(env_ids, np.reshape(columns[: 4 * len(envs)], (-1, 4)))
         )
-        checked = f"  ES mean − PPO on validation seeds {gains[-1]:+.1f}" if validated else ""
+        checked = ""
+        if validated:
+            differences = (f"{float(c) - np.mean(p):+.1f}" for c, p in zip(columns[-len(envs) :], ppo_validation))
+            checked = f"  ES mean − PPO on validation seeds {' '.join(differences)}"
         print(
             f"generation {g + 1}/{args.num_generations}  σ {sigma:.4f}  {rows[-1][2]:.0f}s  members' return (PPO's):"
             f"{progress}{checked}  ETA {(args.num_generations - g - 1) * rows[-1][2] / 60:.0f} min",
@@ -1432,7 +1445,7 @@ def run_meta_training(args: Args) -> str:
         if args.validate_every:
             at = gen[checked]
             curves["ES mean, validation seeds"] = (at, table[f"{e}_validation_return"][checked], 0 * at)
-            curves["PPO, validation seeds"] = (at, validation_ppo[i] + 0 * at, 0 * at)
+            curves["PPO, validation seeds"] = (at, np.mean(ppo_validation[i]) + 0 * at, 0 * at)
         plot_curves(os.path.join(run_dir, f"fitness_{e}.png"), curves, e, "generation", "final return")
     return run_dir
 

@@ -229,6 +229,25 @@ def test_centered_ranks_within_an_env_resist_a_collapsed_run():
         np.testing.assert_allclose(shape(None, scores, None, None), shape(None, returns, None, None), atol=1e-6)
 
 
+def test_validation_gain_weighs_envs_by_ppos_spread_and_keeps_one_envs_order():
+    rng = np.random.default_rng(0)
+    cartpole, pendulum = 400 + 20 * rng.standard_normal(16), -400 + 200 * rng.standard_normal(16)
+    ppo = [cartpole, pendulum]
+    small_sure_gain = np.array(
+        [cartpole.mean() + 20, pendulum.mean() - 40]
+    )  # about +1 sd on CartPole, -0.2 sd on Pendulum
+    large_noisy_gain = np.array(
+        [cartpole.mean() - 10, pendulum.mean() + 60]
+    )  # about -0.5 sd, +0.3 sd: more in raw units
+    assert np.mean(large_noisy_gain - [c.mean() for c in ppo]) > np.mean(small_sure_gain - [c.mean() for c in ppo])
+    assert lpo.validation_gain(small_sure_gain, ppo) > lpo.validation_gain(large_noisy_gain, ppo)
+    expected = (20 / np.std(cartpole, ddof=1) - 40 / np.std(pendulum, ddof=1)) / 2  # the sample stds, ddof 1
+    np.testing.assert_allclose(lpo.validation_gain(small_sure_gain, ppo), expected)
+    means = cartpole.mean() + np.array([-30.0, 5.0, 12.0, 40.0])  # one env: the raw difference's order
+    gains = [lpo.validation_gain(np.array([m]), [cartpole]) for m in means]
+    assert np.all(np.diff(gains) > 0)
+
+
 def test_env_flags_set_one_envs_inner_loop_and_the_drift_file_records_every_env(tmp_path):
     flags = ["--env-ids", "CartPole-v1", "Pendulum-v1", "--update-epochs", "3"]
     flags += ["--env-flags", "Pendulum-v1:learning-rate=1e-3", "Pendulum-v1:actor-hidden=32 32"]
