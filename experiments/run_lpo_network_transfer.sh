@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Transfer test of a learned drift network (docs/lpo.md, "The drift network, started with a gradient"): four envs
-# the drift never met, 10 seeds each, the learned drift beside DPO, PPO and the three null drifts that
+# Transfer test of a learned drift network (docs/lpo.md, "The drift network, started with a gradient"): envs the
+# drift never met (ENVS; by default the four of the CartPole-v1 drifts), 10 seeds each, the learned drift beside
+# DPO, PPO and the three null drifts that
 # experiments/report_lpo_meta.py wrote (random displacements from the ES's start). Each env keeps its family
 # defaults except the inner regime the drift was discovered in (10 epochs, constant learning rate), and runs
 # 128 updates, as many as each meta-training inner run (primary: transfer/); HORIZON=500k runs 500,000 steps
@@ -12,10 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/lpo_network_s1}
 HORIZON=${HORIZON:-matched}
-declare -A MATCHED=([Acrobot-v1]=65536 [Pendulum-v1]=131072 [Breakout-MinAtar]=1048576 [SpaceInvaders-MinAtar]=1048576)
+ENVS=${ENVS:-Acrobot-v1 Pendulum-v1 Breakout-MinAtar SpaceInvaders-MinAtar}  # the held-out envs
+declare -A MATCHED=([Acrobot-v1]=65536 [Pendulum-v1]=131072 [MountainCarContinuous-v0]=131072
+    [Breakout-MinAtar]=1048576 [SpaceInvaders-MinAtar]=1048576)
 name=transfer
 [ "$HORIZON" = 500k ] && name=transfer_500k
-for env in Acrobot-v1 Pendulum-v1 Breakout-MinAtar SpaceInvaders-MinAtar; do
+for env in $ENVS; do
     steps=${MATCHED[$env]}
     [ "$HORIZON" = 500k ] && steps=500000
     flags=(--env-id "$env" --total-timesteps "$steps" --update-epochs 10 --anneal-lr False --num-seeds 10 --seed 1)
