@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Transfer test of a learned drift network (docs/lpo.md, "The drift network, started with a gradient"): envs the
-# drift never met (ENVS; by default the four of the CartPole-v1 drifts), 10 seeds each, the learned drift beside
-# DPO, PPO and the three null drifts that experiments/report_lpo_meta.py wrote (random displacements from the
-# ES's start). Each env keeps its family defaults except the inner regime the drift was discovered in (10 epochs,
-# constant learning rate), and runs 128 updates, as many as each meta-training inner run (primary: transfer/);
-# HORIZON=500k runs 500,000 steps instead (secondary: transfer_500k/). Rerun to resume (finished drifts are kept). PPO's and DPO's agents do not
-# depend on the learned drift (same seeds, same flags), so BASELINES=runs/OTHER_SEED copies that run's finished
-# PPO and DPO rows instead of training them again. Then:
+# Transfer test of a learned drift network (docs/lpo.md, "The drift network, started with a gradient"): envs the drift
+# never met (ENVS; by default the four of the CartPole-v1 drifts), 10 seeds each, the learned drift beside DPO, PPO
+# and the three null drifts that experiments/report_lpo_meta.py wrote (random displacements from the ES's start). Each
+# env keeps its family defaults except the inner regime the drift was discovered in (10 epochs, constant learning
+# rate), and runs 128 updates, as many as each meta-training inner run (primary: transfer/); HORIZON=500k runs 500,000
+# steps instead (secondary: transfer_500k/). Rerun to resume (finished drifts are kept). PPO's and DPO's agents do not
+# depend on the learned drift (same seeds, same flags), so BASELINES=runs/OTHER_SEED copies that run's finished PPO
+# and DPO rows instead of training them again. Then:
 #   python experiments/report_lpo_meta.py --run $RUN --transfer --transfer-name transfer   # or transfer_500k
 set -euo pipefail
 cd "$(dirname "$0")/.."
