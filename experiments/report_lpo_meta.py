@@ -41,6 +41,9 @@ class Report:
     """agent seed of the test (the ES drew its runs from --seed of the run, the validation from a stream of it)"""
     num_random: int = 3
     """random drifts of the learned drift's norm (the null)"""
+    env_id: str = ""
+    """the meta-training env to test at (its recorded settings; runs under <run>/test_<env-id>/); empty: the run's
+    first env (under <run>/test/)"""
     transfer: bool = False
     """instead: the table of the transfer runs under <run>/<transfer-name> and <run>/<transfer-name>_random_*
     (experiments/run_lpo_linear_transfer.sh, run_lpo_network_transfer.sh)"""
@@ -51,7 +54,9 @@ class Report:
 def evaluate(report: Report, drift_file: str, compare: tuple[str, ...], name: str) -> dict:
     """--eval-drift on drift_file at its recorded settings; returns {drift: summary} and prints the command."""
     flags = ["--eval-drift", drift_file, "--num-seeds", str(report.num_seeds), "--seed", str(report.seed)]
-    flags += ["--compare", *compare, "--run-dir", os.path.join(report.run, "test", name)]
+    flags += ["--env-id", report.env_id] if report.env_id else []
+    test = f"test_{report.env_id}" if report.env_id else "test"
+    flags += ["--compare", *compare, "--run-dir", os.path.join(report.run, test, name)]
     print("python lpo.py " + " ".join(flags), flush=True)
     with open(os.path.join(lpo.main(tyro.cli(lpo.Args, args=flags)), "summary.json")) as f:
         return json.load(f)["drifts"]
@@ -93,6 +98,7 @@ def main(report: Report):
         return transfer_table(report)
     best = os.path.join(report.run, "best_drift.msgpack")
     net, ppo_init, settings = lpo.load_drift(best)
+    env_id = report.env_id or settings["env_id"]
     results = evaluate(report, best, ("lpo", "dpo", "ppo"), "learned")
     finals = {k: np.array(v["final_returns"]) for k, v in results.items()}
     saved = lpo.resumed_args(lpo.Args(resume=report.run))
@@ -126,16 +132,18 @@ def main(report: Report):
         left.scatter(np.full(len(x), j) + np.linspace(-0.2, 0.2, len(x)), x, s=8, color=color)
         left.plot([j - 0.3, j + 0.3], [x.mean(), x.mean()], color="black")
     left.set_xticks(range(len(finals)), [n.upper() if len(n) == 3 else n for n in finals], rotation=30)
-    left.set(ylabel="final return (sampled actions)", title=f"{report.num_seeds} fresh seeds, the recorded setting")
+    left.set(
+        ylabel="final return (sampled actions)", title=f"{env_id}: {report.num_seeds} fresh seeds, its recorded setting"
+    )
     table = np.genfromtxt(os.path.join(report.run, "generations.csv"), delimiter=",", names=True)
-    env = settings["env_id"].replace("-", "")
+    env = env_id.replace("-", "")
     checked = np.isfinite(table[f"{env}_validation_return"])
     lpo_color, ppo_color = lpo.METHOD_COLORS["LPO"], lpo.METHOD_COLORS["PPO"]
     right.plot(table["generation"], table[f"{env}_mean_return"], label="members' mean", alpha=0.4, color=lpo_color)
     right.plot(table["generation"], table[f"{env}_ppo_return"], label="PPO, same runs", alpha=0.4, color=ppo_color)
     validation = table[f"{env}_validation_return"][checked]
     right.plot(table["generation"][checked], validation, "o-", label="ES mean, validation", color=lpo_color)
-    args = lpo.resolve_args(dataclasses.replace(saved, env_id=settings["env_id"]))
+    args = lpo.env_inner_args(saved, env_id)  # the env's inner loop in meta-training, --env-flags included
     v = args.num_validation_seeds  # PPO on the validation seeds, drawn as run_meta_training draws them
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), lpo.VALIDATION_STREAM), 2 * v)
     init, _, _, baselines = lpo.make_env_fitness(args)
