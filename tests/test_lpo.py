@@ -360,6 +360,22 @@ def test_eval_drift_on_the_shipped_drift_and_its_ppo_run_is_dpo_py_bit_for_bit(t
     assert ppo_init and float(jnp.abs(lpo.lpo_drift(net, jnp.log(r), a) - lpo.ppo_drift(jnp.log(r), a)).max()) > 1e-2
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "drifts"))))
+def test_every_shipped_drift_is_a_valid_drift_that_records_its_check(name):
+    """Each file under drifts/ loads; `--eval-drift FILE --num-seeds 16` alone runs at the env and inner loop it
+    records (the first meta-training env's); and its drift is one of eq. 8's (zero at r = 1, non-negative)."""
+    path = os.path.join(ROOT, "drifts", name)
+    net, ppo_init, settings = lpo.load_drift(path)
+    ran = lpo.eval_drift_args(tyro.cli(lpo.Args, args=["--eval-drift", path, "--num-seeds", "16"]))
+    assert ran.env_id == settings["env_id"] and ran.num_seeds == 16
+    for field in ("total_timesteps", "learning_rate", "update_epochs", "anneal_lr", "num_envs"):
+        assert getattr(ran, field) == settings[field], field
+    r, a = jnp.meshgrid(jnp.linspace(0.5, 1.5, 101), jnp.linspace(-2.0, 2.0, 81), indexing="ij")
+    assert float(lpo.lpo_drift(net, jnp.log(r), a, ppo_init).min()) >= 0.0
+    assert float(jnp.abs(lpo.lpo_drift(net, jnp.zeros(81), a[0], ppo_init)).max()) == 0.0  # r = 1: f = 0
+    assert float(jnp.abs(lpo.drift_network(net, jnp.log(r), a, ppo_init)).max()) > 1e-3  # it left the start's zero
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
