@@ -80,13 +80,13 @@ def transfer_table(report: Report):
     print("| --- | --- | --- | --- | --- | --- | --- |")
     name = report.transfer_name
     for env in sorted(os.listdir(os.path.join(report.run, name))):
-        runs = {d: final_returns(os.path.join(report.run, name, env, d)) for d in ("lpo", "dpo", "ppo")}
-        null = np.concatenate(
-            [
-                final_returns(os.path.join(report.run, f"{name}_random_{i}", env, "lpo"))
-                for i in range(report.num_random)
-            ]
-        )
+        paths = [os.path.join(report.run, name, env, d) for d in ("lpo", "dpo", "ppo")]
+        paths += [os.path.join(report.run, f"{name}_random_{i}", env, "lpo") for i in range(report.num_random)]
+        if not all(os.path.isfile(os.path.join(p, "summary.json")) for p in paths):
+            print(f"| {env} | not finished yet | | | | | |")
+            continue
+        runs = {d: final_returns(p) for d, p in zip(("lpo", "dpo", "ppo"), paths)}
+        null = np.concatenate([final_returns(p) for p in paths[3:]])
         p_ppo = scipy.stats.ttest_ind(runs["lpo"], runs["ppo"], equal_var=False).pvalue
         p_null = scipy.stats.ttest_ind(runs["lpo"], null, equal_var=False).pvalue
         cells = " | ".join(cell(x).replace(" | ", " (IQM ") + ")" for x in (*runs.values(), null))
