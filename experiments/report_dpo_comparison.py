@@ -23,7 +23,7 @@ import tyro
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"ppo": "C0", "dpo": "C1"}  # as in lpo.py's figures
+COLORS = {"ppo": "C0", "dpo": "C1"}  # dpo.py's METHOD_COLORS, without importing JAX for two colours
 
 
 @dataclasses.dataclass
@@ -38,13 +38,12 @@ class Report:
 
 def run_dirs(runs: str) -> dict[str, dict[str, str]]:
     """{env: {drift: run directory}} of the runs in `runs`: its {env}__{drift} folders, or its ppo/ and dpo/."""
-    if any(os.path.isfile(os.path.join(runs, drift, "args.json")) for drift in ("ppo", "dpo")):
-        drift = next(d for d in ("ppo", "dpo") if os.path.isfile(os.path.join(runs, d, "args.json")))
-        with open(os.path.join(runs, drift, "args.json")) as f:
+    started = [d for d in ("ppo", "dpo") if os.path.isfile(os.path.join(runs, d, "args.json"))]
+    if started:
+        with open(os.path.join(runs, started[0], "args.json")) as f:
             env = json.load(f)["env_id"]
         return {env: {d: os.path.join(runs, d) for d in ("ppo", "dpo")}}
-    names = sorted(name for name in os.listdir(runs) if "__" in name)
-    envs = sorted({name.rsplit("__", 1)[0] for name in names})
+    envs = sorted({name.rsplit("__", 1)[0] for name in os.listdir(runs) if "__" in name})
     return {env: {d: os.path.join(runs, f"{env}__{d}") for d in ("ppo", "dpo")} for env in envs}
 
 
