@@ -85,7 +85,7 @@ class Args:
     """independent training runs, vmapped in one process and sharded over the devices (the paper reports 10)"""
     num_cpu_devices: int | None = 1
     """CPU: JAX devices to split the cores into, each training its share of the seeds; 1 gives the same numbers on
-    any machine, more can be faster but changes the float rounding (see use_cpu_cores)"""
+    any core count, more can be faster but changes the float rounding (see use_cpu_cores)"""
     run_dir: str | None = None
     """where to write results; None: runs/{env_id}__{exp_name}__{drift}__{seed}__{unix time}"""
     resume: str | None = None
@@ -1457,9 +1457,10 @@ def use_cpu_cores(args: Args) -> Args:
     JAX gives a whole CPU one device and splits each operation over every core. With --num-cpu-devices N, over_seeds
     trains each device's share of the seeds on its own core, which can be faster (docs/dpo.md, item 14), but a
     seed's float rounding then differs from the default's. The default, 1, keeps JAX's one device, so the same
-    command gives the same numbers on any CPU machine. JAX reads the setting when it starts: after its first
-    operation (or with XLA_FLAGS' device count) the devices stay as they are, and the returned args name the count
-    over_seeds may use, at most the devices there are; on an accelerator the CPU split has no effect and they name none.
+    command gives the same numbers on any core count (another CPU model can still round differently). JAX reads
+    the setting when it starts: after its first operation (or with XLA_FLAGS' device count) the devices stay as
+    they are, and the returned args name the count over_seeds may use, at most the devices there are; on an
+    accelerator the CPU split has no effect and they name none.
     """
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:

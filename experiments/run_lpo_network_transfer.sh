@@ -8,6 +8,8 @@
 # depend on the learned drift (same seeds, same flags), so BASELINES=runs/OTHER_SEED copies that run's finished PPO
 # and DPO rows instead of training them again. Then:
 #   python experiments/report_lpo_meta.py --run $RUN --transfer --transfer-name transfer   # or transfer_500k
+# runs/ does not outlive a session on this project's machines: the small files of RUN (its drifts, and each run's
+# args.json, metrics.csv and summary.json) are kept under docs/lpo/runs/ after every run and restored first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/lpo_network_s1}
@@ -16,6 +18,8 @@ ENVS=${ENVS:-Acrobot-v1 Pendulum-v1 Breakout-MinAtar SpaceInvaders-MinAtar}  # t
 declare -A MATCHED=([Acrobot-v1]=65536 [Pendulum-v1]=131072 [MountainCarContinuous-v0]=131072
     [Breakout-MinAtar]=1048576 [SpaceInvaders-MinAtar]=1048576)
 name=transfer
+keep() { find "$RUN" \( -name '*.json' -o -name metrics.csv -o -name '*drift*.msgpack' \) -exec cp --parents {} docs/lpo/ \; ; }
+[ -d "docs/lpo/$RUN" ] && cp -rn "docs/lpo/$RUN/." "$RUN/"
 [ "$HORIZON" = 500k ] && name=transfer_500k
 for env in $ENVS; do
     steps=${MATCHED[$env]}
@@ -28,8 +32,10 @@ for env in $ENVS; do
         fi
     done
     python lpo.py --eval-drift "$RUN/best_drift.msgpack" "${flags[@]}" --compare lpo dpo ppo --run-dir "$RUN/$name/$env"
+    keep
     for i in 0 1 2; do
         python lpo.py --eval-drift "$RUN/random_drift_$i.msgpack" "${flags[@]}" --compare lpo \
             --run-dir "$RUN/${name}_random_$i/$env"
+        keep
     done
 done
