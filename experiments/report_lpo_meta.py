@@ -73,24 +73,27 @@ def final_returns(path: str) -> np.ndarray:
         return np.array(json.load(f)["final_returns"])
 
 
+def welch_p(a: np.ndarray | None, b: np.ndarray | None) -> str:
+    """Welch's two-sided p of a against b, or a dash where either is missing."""
+    return "-" if a is None or b is None else f"{scipy.stats.ttest_ind(a, b, equal_var=False).pvalue:.2g}"
+
+
 def transfer_table(report: Report):
     """Per held-out env: the learned drift, DPO, PPO and the null's pooled agents, with Welch's p of the learned drift
-    against PPO and against the null (the pre-registered criterion in docs/lpo.md)."""
+    against PPO and against the null (the pre-registered criterion in docs/lpo.md); a run not finished yet is a
+    dash, and the null's cells wait for all its drifts."""
     print("| env | learned | DPO | PPO | null (random drifts, pooled) | Welch p learned vs PPO | vs null |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     name = report.transfer_name
     for env in sorted(os.listdir(os.path.join(report.run, name))):
         paths = [os.path.join(report.run, name, env, d) for d in ("lpo", "dpo", "ppo")]
         paths += [os.path.join(report.run, f"{name}_random_{i}", env, "lpo") for i in range(report.num_random)]
-        if not all(os.path.isfile(os.path.join(p, "summary.json")) for p in paths):
-            print(f"| {env} | not finished yet | | | | | |")
-            continue
-        runs = {d: final_returns(p) for d, p in zip(("lpo", "dpo", "ppo"), paths)}
-        null = np.concatenate([final_returns(p) for p in paths[3:]])
-        p_ppo = scipy.stats.ttest_ind(runs["lpo"], runs["ppo"], equal_var=False).pvalue
-        p_null = scipy.stats.ttest_ind(runs["lpo"], null, equal_var=False).pvalue
-        cells = " | ".join(cell(x).replace(" | ", " (IQM ") + ")" for x in (*runs.values(), null))
-        print(f"| {env} | {cells} | {p_ppo:.2g} | {p_null:.2g} |")
+        finals = [final_returns(p) if os.path.isfile(os.path.join(p, "summary.json")) else None for p in paths]
+        runs = dict(zip(("lpo", "dpo", "ppo", "null"), finals[:3] + [None]))
+        if all(x is not None for x in finals[3:]):
+            runs["null"] = np.concatenate(finals[3:])
+        cells = " | ".join("-" if x is None else cell(x).replace(" | ", " (IQM ") + ")" for x in runs.values())
+        print(f"| {env} | {cells} | {welch_p(runs['lpo'], runs['ppo'])} | {welch_p(runs['lpo'], runs['null'])} |")
 
 
 def main(report: Report):
