@@ -37,7 +37,11 @@ def run_dir(report: Report, env: str, drift: str) -> str:
 
 
 def main(report: Report):
-    envs = sorted(os.listdir(report.transfer))
+    envs = [  # those with a finished run
+        env
+        for env in sorted(os.listdir(report.transfer))
+        if any(os.path.isfile(os.path.join(run_dir(report, env, d), "summary.json")) for d in ("lpo", "dpo", "ppo"))
+    ]
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
     print(
         "| env | steps per seed | seeds | LPO mean ± std (IQM) | DPO mean ± std (IQM) | PPO mean ± std (IQM) "
