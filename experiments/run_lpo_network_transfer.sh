@@ -18,9 +18,9 @@ ENVS=${ENVS:-Acrobot-v1 Pendulum-v1 Breakout-MinAtar SpaceInvaders-MinAtar}  # t
 declare -A MATCHED=([Acrobot-v1]=65536 [Pendulum-v1]=131072 [MountainCarContinuous-v0]=131072
     [Breakout-MinAtar]=1048576 [SpaceInvaders-MinAtar]=1048576)
 name=transfer
-keep() { find "$RUN" \( -name '*.json' -o -name metrics.csv -o -name '*drift*.msgpack' \) -exec cp --parents {} docs/lpo/ \; ; }
-[ -d "docs/lpo/$RUN" ] && cp -rn "docs/lpo/$RUN/." "$RUN/"
 [ "$HORIZON" = 500k ] && name=transfer_500k
+keep() { find "$RUN" \( -name '*.json' -o -name metrics.csv -o -name '*drift*.msgpack' \) -exec cp --parents {} docs/lpo/ \; ; }
+if [ -d "docs/lpo/$RUN" ]; then cp -rn "docs/lpo/$RUN/." "$RUN/" || true; fi  # newer coreutils: non-zero on a skip
 for env in $ENVS; do
     steps=${MATCHED[$env]}
     [ "$HORIZON" = 500k ] && steps=500000
