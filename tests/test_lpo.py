@@ -119,6 +119,7 @@ SHARED = (
     "max_chunk",
     "make_evaluate",
     "seed_keys",
+    "seed_devices",
     "over_seeds",
     "init_seeds",
     "seed_statistics",
