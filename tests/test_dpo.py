@@ -428,7 +428,8 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 def test_same_numbers_whatever_the_devices(tmp_path):
     """The same 2-seed command gives the same per-seed numbers in a process with 1 and with 2 CPU devices (a machine
     with 1 or 2 cores), since by default over_seeds uses one device; --num-cpu-devices 2 asks for the split, whose
-    seeds, one per device, give the one-device numbers to float rounding (XLA compiles a per-device program apart)."""
+    seeds, one per device, give the one-device losses (metrics.csv's means over seeds) to float rounding: XLA
+    compiles a per-device program apart."""
     flags = ("--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "4096", "--update-epochs", "10")
     runs = {}
     for name, devices, extra in [("one", 1, ()), ("two", 2, ()), ("split", 2, ("--num-cpu-devices", "2"))]:
