@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -428,8 +429,8 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 def test_same_numbers_whatever_the_devices(tmp_path):
     """The same 2-seed command gives the same per-seed numbers in a process with 1 and with 2 CPU devices (a machine
     with 1 or 2 cores), since by default over_seeds uses one device; --num-cpu-devices 2 asks for the split, whose
-    seeds, one per device, give the one-device losses (metrics.csv's means over seeds) to float rounding: XLA
-    compiles a per-device program apart."""
+    seeds, one per device, give the one-device numbers to float rounding (XLA compiles a per-device program apart):
+    the logged losses (means over seeds) and each seed's trained parameters, in seed order."""
     flags = ("--env-id", "CartPole-v1", "--num-seeds", "2", "--total-timesteps", "4096", "--update-epochs", "10")
     runs = {}
     for name, devices, extra in [("one", 1, ()), ("two", 2, ()), ("split", 2, ("--num-cpu-devices", "2"))]:
@@ -448,6 +449,10 @@ def test_same_numbers_whatever_the_devices(tmp_path):
     for column in ("policy_loss", "value_loss", "entropy", "approx_kl"):
         one, split = ([float(r[column]) for r in runs[name][1]] for name in ("one", "split"))
         np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6, err_msg=column)
+    one, split = (
+        flax.serialization.msgpack_restore((tmp_path / n / "params.msgpack").read_bytes()) for n in ("one", "split")
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5), one, split)
 
 
 BAD_INPUTS = {
