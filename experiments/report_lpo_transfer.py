@@ -19,6 +19,7 @@ import tyro
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -61,6 +62,7 @@ def main(report: Report):
             ax.plot(steps, mean, label=drift.upper())
             ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
         ax.set(title=env, xlabel="environment steps per seed", ylabel="episodic return (training)")
+        ax.xaxis.set_major_formatter(EngFormatter())  # 100k, 1M: long tick labels run into each other
         ax.legend()
 
         def cell(d, finals=finals):
